@@ -39,6 +39,22 @@ def gaussian_data(
     return acts, labels, stats
 
 
+def one_range_map(
+    concept: str, lo: list[float], metadata: dict[str, object] | None = None
+) -> RangeMap:
+    """A hand-made map with one concept; ``lo`` sets the number of salient neurons."""
+    k = len(lo)
+    return RangeMap(
+        [concept],
+        np.zeros((1, k), dtype=np.int64),
+        np.array([lo]),
+        np.ones((1, k)),
+        np.full((1, k), 0.5),
+        np.full((1, k), 0.1),
+        metadata or {},
+    )
+
+
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray, ConceptStats]:
     centres = np.random.default_rng(3).normal(scale=2.0, size=(3, 10))
@@ -137,7 +153,7 @@ def test_save_load_roundtrip_is_exact(data, tmp_path: Path) -> None:
 
 
 def test_save_rejects_unserialisable_metadata_before_writing(tmp_path: Path) -> None:
-    ranges = RangeMap(["a"], [[0]], [[0.0]], [[1.0]], [[0.5]], [[0.1]], {"bad": object()})
+    ranges = one_range_map("a", [0.0], {"bad": object()})
     with pytest.raises(TypeError):
         ranges.save(tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -155,8 +171,9 @@ def test_load_rejects_missing_files_and_unknown_formats(data, tmp_path: Path) ->
 
 
 def test_range_map_rejects_mismatched_shapes() -> None:
+    ranges = one_range_map("a", [0.0, 1.0])
     with pytest.raises(ValueError, match=r"lo has shape \(1, 2\); expected \(1, 1\)"):
-        RangeMap(["a"], [[0]], [[0.0, 1.0]], [[1.0]], [[0.5]], [[0.1]])
+        RangeMap(["a"], ranges.neurons[:, :1], ranges.lo, ranges.hi, ranges.mean, ranges.std)
 
 
 def test_ranges_concept_lookup_and_frame(data) -> None:
@@ -252,6 +269,6 @@ def test_distribution_summary_has_concepts_and_overall(data) -> None:
 
 def test_distribution_table_requires_matching_concepts(data) -> None:
     _, _, stats = data
-    ranges = RangeMap(["x"], [[0]], [[0.0]], [[1.0]], [[0.5]], [[0.1]])
+    ranges = one_range_map("x", [0.0])
     with pytest.raises(ValueError, match="differ from the stats concepts"):
         distribution_table(stats, ranges)

@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from rangelens.errors import RangelensError, choices
 
@@ -181,7 +182,11 @@ def load_model(
         ) from err
     kind = kind or _infer_kind(config)
     loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
-    model = loader.from_pretrained(path, dtype=DTYPES[dtype])
+    hf_logging.disable_progress_bar()  # loading local safetensors takes well under a second
+    try:
+        model = loader.from_pretrained(path, dtype=DTYPES[dtype])
+    finally:
+        hf_logging.enable_progress_bar()
     model.to(torch_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

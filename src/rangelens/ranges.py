@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
@@ -236,7 +237,7 @@ def fit_ranges(
 
 
 def bhattacharyya(
-    mu1: np.ndarray | float, s1: np.ndarray | float, mu2: np.ndarray | float, s2: np.ndarray | float
+    mu1: npt.ArrayLike, s1: npt.ArrayLike, mu2: npt.ArrayLike, s2: npt.ArrayLike
 ) -> np.ndarray:
     """Bhattacharyya coefficient ``BC = exp(-BD)`` of two univariate Gaussians, elementwise.
 
@@ -326,9 +327,9 @@ def distribution_summary(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("concept").reset_index()
 
 
-def _summary_row(frame: pd.DataFrame) -> dict[str, float]:
+def _summary_row(frame: pd.DataFrame) -> dict[str, float | int]:
     return {
-        "n_neurons": float(len(frame)),
+        "n_neurons": len(frame),
         "median_skew": float(frame["skew"].median()),
         "median_excess_kurtosis": float(frame["excess_kurtosis"].median()),
         "median_bhattacharyya_max": float(frame["bhattacharyya_max"].median()),

@@ -34,7 +34,8 @@ def rank(
     """Salience scores ``(C, d)`` of every neuron for every concept in ``stats``, by ``method``.
 
     ``features`` ``(n, d)`` and integer ``labels`` ``(n,)`` (indices into ``stats.concepts``) are
-    only needed by ``"probe"``; ``seed`` makes the probe deterministic.
+    only needed by ``"probe"``; ``seed`` makes the probe deterministic. Concepts without rows score
+    0 under every method.
     """
     if method == "mean_abs":
         return mean_abs_scores(stats)
@@ -67,12 +68,13 @@ def probeless_scores(stats: ConceptStats) -> np.ndarray:
 
     Score of neuron j for concept c: ``sum over c' != c of |mu_cj - mu_c'j|``, i.e. how far the
     concept's mean sits from every other concept's mean, with no probe to overfit. Concepts without
-    rows are skipped as comparison partners.
+    rows score 0 and are skipped as comparison partners.
     """
     mean = np.asarray(stats.mean, dtype=np.float64)
     present = np.asarray(stats.count) > 0
-    gaps = np.abs(mean[:, None, :] - mean[None, present, :])
-    return gaps.sum(axis=1)
+    scores: np.ndarray = np.abs(mean[:, None, :] - mean[None, present, :]).sum(axis=1)
+    scores[~present] = 0.0
+    return scores
 
 
 def dprime_scores(stats: ConceptStats) -> np.ndarray:
@@ -81,7 +83,7 @@ def dprime_scores(stats: ConceptStats) -> np.ndarray:
     ``rest`` is every row not of concept c (``stats.complement``). A zero denominator gives 0 when
     the means are equal; when they differ, the denominator is floored at ``eps * (|mu_c| +
     |mu_rest|)``, so perfectly separated point masses score large (at most ``1 / eps``, about
-    4.5e15) but finite.
+    4.5e15) but finite. Concepts without rows score 0.
     """
     mean = np.asarray(stats.mean, dtype=np.float64)
     std = np.asarray(stats.std, dtype=np.float64)
@@ -94,6 +96,7 @@ def dprime_scores(stats: ConceptStats) -> np.ndarray:
         floor = eps * (np.abs(mean[c]) + np.abs(rest_mean))
         with np.errstate(divide="ignore", invalid="ignore"):
             scores[c] = np.where(gap == 0.0, 0.0, gap / np.maximum(spread, floor))
+    scores[np.asarray(stats.count) == 0] = 0.0
     return scores
 
 
@@ -183,4 +186,5 @@ def polysemanticity(top: np.ndarray) -> np.ndarray:
     member = np.zeros((top.shape[0], int(top.max()) + 1), dtype=bool)
     member[np.arange(top.shape[0])[:, None], top] = True
     n_concepts_per_neuron = member.sum(axis=0)
-    return (n_concepts_per_neuron[top] > 1).mean(axis=1)
+    shared: np.ndarray = (n_concepts_per_neuron[top] > 1).mean(axis=1)
+    return shared

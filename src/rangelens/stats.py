@@ -1,20 +1,21 @@
 """Streaming, exactly mergeable per-(concept, neuron) activation statistics (NeuronLens recording).
 
-:class:`ConceptStats` keeps, for every concept and neuron, the row count, the mean and the central moment
-sums ``M2..M4`` (float64, combined with the pairwise update of Chan et al. 1979 / Pébay 2008), min, max,
-the sum of ``|x|`` and a histogram. However the rows are split into ``add`` batches and ``merge`` calls,
-in any order, the result is the statistics of the union: counts, min, max and histograms bit for bit,
-moments to floating-point precision. Memory does not grow with the number of rows.
+:class:`ConceptStats` keeps, for every concept and neuron, the row count, the mean and the central
+moment sums ``M2..M4`` (float64, combined with the pairwise update of Chan et al. 1979 and Pébay
+2008), min, max, the sum of ``|x|`` and a histogram. However the rows are split into ``add``
+batches and ``merge`` calls, in any order, the result is the statistics of the union: counts, min,
+max and histograms bit for bit, moments to floating-point precision. Memory does not grow with the
+number of rows.
 
-Histogram grid, shared by all concepts of a neuron so their histograms are directly comparable: bins of
-width ``2**exp`` anchored at integer multiples of the width (absolute bin ``i`` covers
+Histogram grid, shared by all concepts of a neuron so their histograms are directly comparable: bins
+of width ``2**exp`` anchored at integer multiples of the width (absolute bin ``i`` covers
 ``[i * 2**exp, (i + 1) * 2**exp)``), ``n_bins`` of them from absolute bin ``start``. ``exp`` is the
 smallest integer, at least ``max(MIN_EXP, frexp_exponent(max |x|) - 52)``, at which the neuron's
-[min, max] over all rows fits in ``n_bins`` bins; ``start`` is the bin of that min. Both are functions
-of the union's [min, max] alone, and a wider range never needs a finer grid, so new rows only ever
-coarsen the grid (absolute bin ``i`` goes to ``i >> k``, exactly): a histogram never depends on how its
-rows were batched or merged. The floor on ``exp`` gives constant neurons a tiny but finite bin width and
-keeps absolute bin indices below ``2**52``, exact in int64 and float64.
+[min, max] over all rows fits in ``n_bins`` bins; ``start`` is the bin of that min. Both are
+functions of the union's [min, max] alone, and a wider range never needs a finer grid, so new rows
+only ever coarsen the grid (absolute bin ``i`` goes to ``i >> k``, exactly): a histogram never
+depends on how its rows were batched or merged. The floor on ``exp`` gives constant neurons a tiny
+but finite bin width and keeps absolute bin indices below ``2**52``, exact in int64 and float64.
 """
 
 from __future__ import annotations
@@ -89,39 +90,25 @@ class ConceptStats:
         acts: np.ndarray | torch.Tensor,
         labels: np.ndarray | torch.Tensor | Sequence[int],
     ) -> None:
-        """Add rows ``acts`` ``(n, n_neurons)`` (any float dtype) of concepts ``labels`` ``(n,)``."""
+        """Add rows ``acts`` ``(n, n_neurons)`` (any float dtype) of concepts ``labels`` (n,)."""
         x, y = self._check_batch(acts, labels)
         if len(y) == 0:
             return
-        # Rows sorted by concept make every per-concept reduction one vectorised reduceat.
-        order = np.argsort(y, kind="stable")
-        xs = x[order]
-        present, first, n = np.unique(y[order], return_index=True, return_counts=True)
-
-        def per_concept(values: F64, fill: float) -> F64:
-            out = np.full(self._mean.shape, fill)
-            out[present] = values
-            return out
-
-        mean = np.add.reduceat(xs, first, axis=0) / n[:, None]
-        dev = xs - np.repeat(mean, n, axis=0)
+        # Per-concept sums as one-hot matmuls, extrema per concept present: no loop over neurons.
+        onehot = (y == np.arange(len(self.concepts))[:, None]).astype(np.float64)
+        count = onehot.sum(axis=1).astype(np.int64)
+        mean = onehot @ x / np.maximum(count, 1)[:, None]
+        dev = x - mean[y]
         dev2 = dev * dev
-        count = np.zeros_like(self._count)
-        count[present] = n
-        moments = (
-            per_concept(mean, 0.0),
-            per_concept(np.add.reduceat(dev2, first, axis=0), 0.0),
-            per_concept(np.add.reduceat(dev2 * dev, first, axis=0), 0.0),
-            per_concept(np.add.reduceat(dev2 * dev2, first, axis=0), 0.0),
-        )
-        self._absorb(
-            count,
-            moments,
-            per_concept(np.minimum.reduceat(xs, first, axis=0), np.inf),
-            per_concept(np.maximum.reduceat(xs, first, axis=0), -np.inf),
-            per_concept(np.add.reduceat(np.abs(xs), first, axis=0), 0.0),
-        )
+        lo = np.full(self._mean.shape, np.inf)
+        hi = np.full(self._mean.shape, -np.inf)
+        for c in np.flatnonzero(count):
+            rows = x[y == c]
+            lo[c], hi[c] = rows.min(axis=0), rows.max(axis=0)
+        moments = (mean, onehot @ dev2, onehot @ (dev2 * dev), onehot @ (dev2 * dev2))
+        self._absorb(count, moments, lo, hi, onehot @ np.abs(x))
         bins = _bin_index(x, self._hist_exp) - self._hist_start
+        # Flat indices into the (always C-contiguous) counts: far faster than a tuple index.
         flat = (y[:, None] * self.n_neurons + np.arange(self.n_neurons)) * self.n_bins + bins
         np.add.at(self._hist_counts.reshape(-1), flat.ravel(), 1)
 
@@ -138,13 +125,9 @@ class ConceptStats:
         out = self._copy()
         if other._count.any():
             out._absorb(other._count, other._moments(), other._min, other._max, other._abs_sum)
-            out._hist_counts += _regrid(
-                other._hist_counts,
-                other._hist_exp,
-                other._hist_start,
-                out._hist_exp,
-                out._hist_start,
-            )
+            theirs = other._hist_counts.copy()
+            _regrid(theirs, other._hist_exp, other._hist_start, out._hist_exp, out._hist_start)
+            out._hist_counts += theirs
         return out
 
     def pooled(self) -> ConceptStats:
@@ -228,10 +211,10 @@ class ConceptStats:
     def mass_in(self, lo: npt.ArrayLike, hi: npt.ArrayLike) -> F64:
         """Estimated number of each concept's rows with ``lo <= x <= hi``, ``(C, n_neurons)``.
 
-        ``lo`` and ``hi`` broadcast to ``(C, n_neurons)``. Within a bin, a concept's rows are taken as
-        uniform over the part of the bin inside that concept's [min, max] (a part that shrinks to a
-        point is a point mass, counted when inside ``[lo, hi]``). Exact when ``lo`` and ``hi`` are bin
-        edges and no row equals ``hi`` (such rows sit in the bin starting at ``hi``).
+        ``lo`` and ``hi`` broadcast to ``(C, n_neurons)``. Within a bin, a concept's rows are taken
+        as uniform over the part of the bin inside that concept's [min, max] (a part that shrinks to
+        a point is a point mass, counted when inside ``[lo, hi]``). Exact when ``lo`` and ``hi`` are
+        bin edges and no row equals ``hi`` (such rows sit in the bin starting at ``hi``).
         """
         shape = (len(self.concepts), self.n_neurons)
         try:
@@ -243,33 +226,29 @@ class ConceptStats:
             ) from None
         if np.isnan(low).any() or np.isnan(high).any():
             raise RangelensError("lo and hi must not contain NaN")
-        knots, _ = self._cdf_knots()
-        left, right = knots[..., :-1], knots[..., 1:]
-        low, high = low[..., None], high[..., None]
-        overlap = np.clip(np.minimum(high, right) - np.maximum(low, left), 0.0, None)
-        point = ((low <= left) & (left <= high)).astype(np.float64)
-        share = _divide(overlap, right - left, right > left, point)
-        return np.asarray((self._hist_counts * share).sum(axis=-1))
+        cum = self._hist_counts.cumsum(axis=-1)
+        return np.maximum(self._below(high, cum, True) - self._below(low, cum, False), 0.0)
 
     def quantile(self, q: float | Sequence[float] | np.ndarray) -> F64:
         """Approximate per-(concept, neuron) quantiles from the histograms.
 
-        Inverts the piecewise-linear CDF described in :meth:`mass_in`, so results lie in the concept's
-        [min, max]; error below one bin width. Shape ``(C, n_neurons)`` for a scalar ``q``, else
-        ``(len(q), C, n_neurons)``; NaN for concepts without rows.
+        Inverts the piecewise-linear CDF described in :meth:`mass_in`, so results lie in the
+        concept's [min, max]; error below one bin width. Shape ``(C, n_neurons)`` for a scalar
+        ``q``, else ``(len(q), C, n_neurons)``; NaN for concepts without rows.
         """
         qs = np.asarray(q, dtype=np.float64)
         if qs.ndim > 1 or not np.all((qs >= 0.0) & (qs <= 1.0)):
             raise RangelensError(f"q must be a number or 1-D sequence in [0, 1]; got {q!r}")
-        knots, cum = self._cdf_knots()
-        out = np.empty((qs.size, *knots.shape[:2]))
+        cum = self._hist_counts.cumsum(axis=-1)
+        out = np.empty((qs.size, len(self.concepts), self.n_neurons))
         for i, qi in enumerate(qs.ravel()):
-            target = qi * self._count[:, None, None].astype(np.float64)
-            # Knot k is the first with cum >= target; for target 0 that yields knot 0 (the min).
-            k = np.maximum((cum < target).sum(axis=-1, keepdims=True), 1)
-            c0, c1 = np.take_along_axis(cum, k - 1, -1), np.take_along_axis(cum, k, -1)
-            x0, x1 = np.take_along_axis(knots, k - 1, -1), np.take_along_axis(knots, k, -1)
-            out[i] = (x0 + _divide(target - c0, c1 - c0, c1 > c0, 0.0) * (x1 - x0))[..., 0]
+            target = qi * self._count[:, None].astype(np.float64)
+            # The bin where the CDF reaches target; bin 0 (left end: the min) for target 0.
+            k = np.minimum((cum < target[..., None]).sum(axis=-1), self.n_bins - 1)
+            left, right = self._support(k)
+            n_k = _at(self._hist_counts, k)
+            share = _divide(target - (_at(cum, k) - n_k), n_k.astype(np.float64), n_k > 0, 0.0)
+            out[i] = left + share * (right - left)
         out[:, self._count == 0] = np.nan
         return out[0] if qs.ndim == 0 else out
 
@@ -297,11 +276,11 @@ class ConceptStats:
                     f"expected {shape} and {np.dtype(dtype)}"
                 )
         for name in layout:
-            setattr(self, f"_{name}", np.array(state[name]))
+            setattr(self, f"_{name}", np.array(state[name], order="C"))
 
     def save(self, path: str | Path) -> None:
-        """Write one safetensors file (the :meth:`state_dict` arrays) with string metadata ``format``
-        (``"rangelens.stats/1"``), ``concepts`` (a JSON list), ``n_neurons`` and ``n_bins``.
+        """Write one safetensors file: the :meth:`state_dict` arrays, and string metadata
+        ``format`` (``"rangelens.stats/1"``), ``concepts`` (a JSON list), ``n_neurons``, ``n_bins``.
 
         Written to a temporary file in the same directory and moved into place with ``os.replace``,
         so readers never see a partial file.
@@ -365,7 +344,9 @@ class ConceptStats:
         """Fold in other rows' statistics (at least one row) and move the histogram to the grid of
         the union; the caller adds those rows' histogram counts."""
         had_rows = self._count.any()
-        stacked = (np.stack([mine, theirs]) for mine, theirs in zip(self._moments(), moments))
+        stacked = (
+            np.stack([mine, theirs]) for mine, theirs in zip(self._moments(), moments, strict=True)
+        )
         self._mean, self._m2, self._m3, self._m4 = _pool_moments(
             np.stack([self._count, count]), *stacked
         )
@@ -375,9 +356,7 @@ class ConceptStats:
         self._abs_sum = self._abs_sum + abs_sum
         exp, start = _grid(self._min.min(axis=0), self._max.max(axis=0), self.n_bins)
         if had_rows:
-            self._hist_counts = _regrid(
-                self._hist_counts, self._hist_exp, self._hist_start, exp, start
-            )
+            _regrid(self._hist_counts, self._hist_exp, self._hist_start, exp, start)
         self._hist_exp, self._hist_start = exp, start
 
     def _pool(self, keep: npt.NDArray[np.bool_], name: str) -> ConceptStats:
@@ -397,18 +376,26 @@ class ConceptStats:
         offsets = self._hist_start[:, None] + np.arange(self.n_bins + 1)
         return np.ldexp(offsets.astype(np.float64), self._hist_exp[:, None])
 
-    def _cdf_knots(self) -> tuple[F64, I64]:
-        """Each concept's CDF as knots ``(C, d, n_bins + 1)``: bin edges clipped to the concept's
-        [min, max], and the cumulative counts at them."""
-        present = self._count[:, None, None] > 0
-        lo = np.where(present, self._min[..., None], 0.0)
-        hi = np.where(present, self._max[..., None], 0.0)
-        knots = np.clip(self._edges()[None], lo, hi)
-        cum = np.concatenate(
-            [np.zeros((*self._mean.shape, 1), dtype=np.int64), self._hist_counts.cumsum(axis=-1)],
-            axis=-1,
-        )
-        return knots, cum
+    def _support(self, k: I64) -> tuple[F64, F64]:
+        """Ends of the part of bin ``k`` ``(C, d)`` inside each concept's [min, max], where the
+        concept's rows in that bin are modelled as uniform (a point mass when the ends meet)."""
+        present = self._count[:, None] > 0
+        lo, hi = np.where(present, self._min, 0.0), np.where(present, self._max, 0.0)
+        left = np.ldexp((self._hist_start + k).astype(np.float64), self._hist_exp)
+        right = np.ldexp((self._hist_start + k + 1).astype(np.float64), self._hist_exp)
+        return np.clip(left, lo, hi), np.clip(right, lo, hi)
+
+    def _below(self, v: F64, cum: I64, inclusive: bool) -> F64:
+        """Modelled number of each concept's rows with ``x <= v`` (``x < v`` if not
+        ``inclusive``), for ``v`` ``(C, d)`` (may be infinite); ``cum``: cumulative bin counts."""
+        edges = self._edges()
+        inside = np.clip(v, edges[:, 0], edges[:, -1])
+        k = np.clip(_bin_index(inside, self._hist_exp) - self._hist_start, 0, self.n_bins - 1)
+        left, right = self._support(k)
+        point = (v >= left) if inclusive else (v > left)
+        share = np.clip(_divide(v - left, right - left, right > left, point.astype(float)), 0, 1)
+        n_k = _at(self._hist_counts, k)
+        return _at(cum, k) - n_k + n_k * share
 
     def _check_batch(
         self,
@@ -455,7 +442,12 @@ def _check_index(value: int, size: int, what: str) -> int:
     return int(value)
 
 
-def _divide(num: F64, den: npt.ArrayLike, where: npt.ArrayLike, fill: float | F64) -> F64:
+def _at(values: I64, k: I64) -> I64:
+    """``values[c, j, k[c, j]]`` for every (c, j)."""
+    return np.take_along_axis(values, k[..., None], axis=-1)[..., 0]
+
+
+def _divide(num: F64, den: npt.ArrayLike, where: npt.NDArray[np.bool_], fill: float | F64) -> F64:
     """``num / den`` where ``where`` holds, else ``fill``, without division warnings."""
     out = np.array(np.broadcast_to(fill, np.broadcast_shapes(np.shape(num), np.shape(den))))
     return np.divide(num, den, out=out.astype(np.float64), where=where)
@@ -464,40 +456,37 @@ def _divide(num: F64, den: npt.ArrayLike, where: npt.ArrayLike, fill: float | F6
 def _pool_moments(count: I64, mean: F64, m2: F64, m3: F64, m4: F64) -> Moments:
     """Combine groups along axis 0 (``count`` broadcasts against ``mean[..., 0]``).
 
-    Central sums about the pooled mean: with ``delta_g = mean_g - mean``,
+    Central sums about the pooled mean, with ``delta_g = mean_g - mean``:
     ``M2 = sum M2_g + n_g delta^2``, ``M3 = sum M3_g + 3 delta M2_g + n_g delta^3``,
-    ``M4 = sum M4_g + 4 delta M3_g + 6 delta^2 M2_g + n_g delta^4`` (Pébay 2008, eq. 3.1-3.4 for two
-    groups). A group holding all rows is returned unchanged, so merging with nothing is exact.
+    ``M4 = sum M4_g + 4 delta M3_g + 6 delta^2 M2_g + n_g delta^4``; for two groups this is the
+    pairwise update of Chan et al. / Pébay. A group holding all rows gets weight exactly 1 and
+    delta 0 (empty groups hold zeros), so merging with nothing changes nothing, bit for bit.
     """
     n = count[..., None].astype(np.float64)
     total = n.sum(axis=0)
-    pooled_mean = (n * mean).sum(axis=0) / np.maximum(total, 1.0)
+    pooled_mean = (n / np.maximum(total, 1.0) * mean).sum(axis=0)
     delta = mean - pooled_mean
     d2 = delta * delta
-    sole = np.argmax(count, axis=0)[None, ..., None]
-    alone = n.max(axis=0) == total
-
-    def unless_alone(part: F64, pooled: F64) -> F64:
-        return np.where(alone, np.take_along_axis(part, sole, axis=0)[0], pooled)
-
     return (
-        unless_alone(mean, pooled_mean),
-        unless_alone(m2, (m2 + n * d2).sum(axis=0)),
-        unless_alone(m3, (m3 + 3.0 * delta * m2 + n * d2 * delta).sum(axis=0)),
-        unless_alone(m4, (m4 + 4.0 * delta * m3 + 6.0 * d2 * m2 + n * d2 * d2).sum(axis=0)),
+        pooled_mean,
+        (m2 + n * d2).sum(axis=0),
+        (m3 + 3.0 * delta * m2 + n * d2 * delta).sum(axis=0),
+        (m4 + 4.0 * delta * m3 + 6.0 * d2 * m2 + n * d2 * d2).sum(axis=0),
     )
 
 
 def _bin_index(x: F64, exp: I64) -> I64:
-    """Absolute bin ``floor(x / 2**exp)``; exact, as scaling by a power of two is."""
-    return np.floor(np.ldexp(x, -exp)).astype(np.int64)
+    """Absolute bin ``floor(x / 2**exp)``, exactly: scaling by a power of two is exact unless it
+    underflows, and then only a negative ``x`` rounded to -0.0 would land in the wrong bin."""
+    index = np.floor(np.ldexp(x, -exp)).astype(np.int64)
+    return index - ((index == 0) & (x < 0))
 
 
 def _grid(lo: F64, hi: F64, n_bins: int) -> tuple[I64, I64]:
     """Canonical ``(exp, start)`` per neuron for data spanning ``[lo, hi]`` (see the module doc)."""
     magnitude = np.frexp(np.maximum(np.abs(lo), np.abs(hi)))[1].astype(np.int64)
     floor = np.maximum(MIN_EXP, magnitude - 52)
-    # Fitting needs (hi - lo) / 2**exp <= n_bins, so this is a lower bound on exp (-inf if hi == lo).
+    # Fitting needs (hi - lo) / 2**exp <= n_bins: a lower bound on exp (-inf where hi == lo).
     with np.errstate(divide="ignore"):
         bound = np.floor(np.log2(hi / n_bins - lo / n_bins)) - 1.0
     exp = np.maximum(bound, floor).astype(np.int64)
@@ -508,20 +497,18 @@ def _grid(lo: F64, hi: F64, n_bins: int) -> tuple[I64, I64]:
         exp += ~fits
 
 
-def _regrid(counts: I64, exp: I64, start: I64, new_exp: I64, new_start: I64) -> I64:
-    """Histogram ``counts`` ``(C, d, n_bins)`` moved to a grid no finer (``new_exp >= exp``) whose
-    window holds all non-empty bins; ``counts`` itself when nothing moves."""
+def _regrid(counts: I64, exp: I64, start: I64, new_exp: I64, new_start: I64) -> None:
+    """Move histogram ``counts`` ``(C, d, n_bins)``, in place, to a grid no finer
+    (``new_exp >= exp``) whose window holds all its non-empty bins."""
     moved = np.flatnonzero((new_exp != exp) | (new_start != start))
-    if len(moved) == 0:
-        return counts
-    n_bins = counts.shape[-1]
+    n_concepts, n_moved, n_bins = counts.shape[0], len(moved), counts.shape[-1]
     # Absolute bin i becomes i >> k (floor division by 2**k). |i| < 2**52, so capping k at 63
     # (numpy's limit for int64 shifts) changes nothing.
     shift = np.minimum(new_exp[moved] - exp[moved], 63)
     absolute = start[moved, None] + np.arange(n_bins)
     # Empty bins past the old data may land outside the new window; where they go does not matter.
     target = np.clip((absolute >> shift[:, None]) - new_start[moved, None], 0, n_bins - 1)
-    out = counts.copy()
-    out[:, moved] = 0
-    np.add.at(out, (slice(None), moved[:, None], target), counts[:, moved])
-    return out
+    rows = np.arange(n_concepts * n_moved).reshape(n_concepts, n_moved, 1)
+    regridded = np.zeros((n_concepts, n_moved, n_bins), dtype=np.int64)
+    np.add.at(regridded.reshape(-1), (rows * n_bins + target).ravel(), counts[:, moved].ravel())
+    counts[:, moved] = regridded

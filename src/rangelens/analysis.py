@@ -1,0 +1,297 @@
+"""The NeuronLens analysis half as one resumable pipeline: capture -> statistics -> ranking -> ranges.
+
+Stages write into a run directory (see :mod:`rangelens.artifacts`):
+
+- ``capture/``: per-(concept, neuron) streaming statistics over the training split, pooled features of
+  every text (for the probe ranker and the erasure experiment), the split, throughput and memory;
+- ``ranges/``: salience scores, rankings, the :class:`~rangelens.ranges.RangeMap`, the distribution table
+  (Gaussian-likeness, Bhattacharyya overlap, purity) and its summary, polysemanticity.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.numpy import load_file, save_file
+
+from rangelens.artifacts import (
+    atomic_dir,
+    check_run_dir,
+    fingerprint,
+    mark_stage,
+    read_json,
+    stage_is_current,
+    write_json,
+    write_run_meta,
+    write_table,
+)
+from rangelens.capture import POSITIONS, iter_activations
+from rangelens.data import LabeledTexts, load_texts, split
+from rangelens.errors import RangelensError, choices
+from rangelens.models import LoadedModel, load_model
+from rangelens.ranges import RangeMap, distribution_summary, distribution_table, fit_ranges
+from rangelens.ranking import RANKING_METHODS, polysemanticity, rank, top_neurons
+from rangelens.sites import resolve_site
+from rangelens.stats import ConceptStats
+
+
+class AnalysisConfig(BaseModel):
+    """Everything that determines an analysis run (saved resolved in ``run.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="built-in name, hub id or local path")
+    dataset: str = Field(
+        "bbc-news", description="built-in name or CSV/TSV/JSONL/Parquet/folder path"
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    concepts: list[str] | None = Field(None, description="keep only these labels (default: all)")
+    max_per_class: int | None = Field(200, ge=1, description="cap examples per class")
+    balance: bool = Field(False, description="cap every class at the smallest class size")
+    test_size: float = Field(0.2, gt=0, lt=1)
+    site: str = Field("resid", description="resid | mlp | attn | module:<dotted.path>")
+    layer: int = Field(-1, description="block index; negative counts from the end")
+    position: str = Field("last", description="last | first | cls | mean | tokens")
+    ranking: str = Field("mean_abs", description="mean_abs | probeless | probe | dprime")
+    tau: float = Field(2.0, gt=0, description="range half-width in standard deviations")
+    p: float = Field(0.3, gt=0, le=1, description="share of neurons that are salient per concept")
+    range_method: Literal["gaussian", "quantile"] = "gaussian"
+    n_bins: int = Field(64, ge=4)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=1, description="tokens per text (longer texts are truncated)")
+    padding_side: Literal["left", "right"] | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+
+    @field_validator("position")
+    @classmethod
+    def _position(cls, v: str) -> str:
+        if v not in POSITIONS:
+            raise ValueError(f"unknown position {v!r}; valid: {choices(POSITIONS)}")
+        return v
+
+    @field_validator("ranking")
+    @classmethod
+    def _ranking(cls, v: str) -> str:
+        if v not in RANKING_METHODS:
+            raise ValueError(f"unknown ranking {v!r}; valid: {choices(RANKING_METHODS)}")
+        return v
+
+    def capture_inputs(self) -> dict[str, object]:
+        keys = (
+            "model dataset text_column label_column concepts max_per_class balance test_size site "
+            "layer position n_bins max_length dtype seed"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+    def range_inputs(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in ("ranking", "tau", "p", "range_method", "seed")}
+
+
+@dataclass
+class CaptureResult:
+    """What the capture stage produced (loaded back from disk when the stage is skipped)."""
+
+    stats: ConceptStats
+    features: np.ndarray | None  # (n_texts, d) pooled features, None for position='tokens'
+    labels: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    label_names: list[str]
+    info: dict[str, object]
+
+
+@dataclass
+class AnalysisResult:
+    """Outputs of :func:`analyze`; everything is also on disk under ``run_dir``."""
+
+    run_dir: Path
+    capture: CaptureResult
+    scores: np.ndarray
+    range_map: RangeMap
+    distribution: pd.DataFrame
+    summary: pd.DataFrame
+    polysemanticity: pd.DataFrame
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def run_capture(
+    lm: LoadedModel, data: LabeledTexts, config: AnalysisConfig, *, progress: bool = True
+) -> CaptureResult:
+    """Capture the site over all texts; statistics stream over the training split only."""
+    site = resolve_site(lm.model, config.site, config.layer)
+    train, test = split(data, config.test_size, config.seed)
+    is_train = np.zeros(len(data), dtype=bool)
+    is_train[train] = True
+    stats = ConceptStats(data.label_names, site.width, n_bins=config.n_bins)
+    keep = config.position != "tokens"
+    features = np.zeros((len(data), site.width), dtype=np.float32) if keep else None
+    n_tokens, start = 0, time.perf_counter()
+    for batch in iter_activations(
+        lm,
+        data.texts,
+        [site],
+        position=config.position,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        padding_side=config.padding_side,
+        progress=progress,
+    ):
+        acts = batch.acts[site.name].numpy()
+        rows = batch.rows
+        if features is not None:
+            features[batch.index] = acts
+        fit = is_train[rows]
+        if fit.any():
+            stats.add(acts[fit], data.labels[rows[fit]])
+        n_tokens += batch.n_tokens
+    seconds = time.perf_counter() - start
+    info: dict[str, object] = {
+        "site": site.name,
+        "module": site.module_path,
+        "width": site.width,
+        "n_texts": len(data),
+        "n_tokens": n_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+    }
+    return CaptureResult(stats, features, data.labels, train, test, data.label_names, info)
+
+
+def _save_capture(result: CaptureResult, directory: Path) -> None:
+    result.stats.save(directory / "stats.safetensors")
+    arrays = {"labels": result.labels, "train": result.train, "test": result.test}
+    if result.features is not None:
+        arrays["features"] = result.features
+    save_file(arrays, str(directory / "features.safetensors"))
+    write_json(directory / "capture.json", {"label_names": result.label_names, **result.info})
+
+
+def load_capture(directory: Path) -> CaptureResult:
+    """Load a finished capture stage."""
+    arrays = load_file(str(directory / "features.safetensors"))
+    meta = read_json(directory / "capture.json")
+    names = meta.pop("label_names")
+    return CaptureResult(
+        stats=ConceptStats.load(directory / "stats.safetensors"),
+        features=arrays.get("features"),
+        labels=arrays["labels"],
+        train=arrays["train"],
+        test=arrays["test"],
+        label_names=names,
+        info=meta,
+    )
+
+
+def run_ranges(
+    cap: CaptureResult, config: AnalysisConfig, metadata: dict[str, object]
+) -> tuple[np.ndarray, RangeMap, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Rank neurons per concept, fit ranges, and analyse the concept distributions."""
+    features = labels = None
+    if config.ranking == "probe" and cap.features is not None:
+        features, labels = cap.features[cap.train], cap.labels[cap.train]
+    scores = rank(config.ranking, cap.stats, features, labels, seed=config.seed)
+    top = top_neurons(scores, config.p)
+    range_map = fit_ranges(
+        cap.stats, scores, tau=config.tau, p=config.p, method=config.range_method, metadata=metadata
+    )
+    table = distribution_table(cap.stats, range_map)
+    summary = distribution_summary(table)
+    poly = pd.DataFrame(
+        {"concept": cap.label_names, "n_salient": top.shape[1], "shared": polysemanticity(top)}
+    )
+    return scores, range_map, table, summary, poly
+
+
+def _ranking_table(scores: np.ndarray, top: np.ndarray, names: list[str]) -> pd.DataFrame:
+    rows = [
+        {"concept": names[c], "rank": r, "neuron": int(j), "score": float(scores[c, j])}
+        for c in range(len(names))
+        for r, j in enumerate(top[c])
+    ]
+    return pd.DataFrame(rows)
+
+
+def analyze(
+    config: AnalysisConfig,
+    run_dir: str | Path,
+    *,
+    lm: LoadedModel | None = None,
+    progress: bool = True,
+) -> AnalysisResult:
+    """Run (or resume) the analysis into ``run_dir``; finished stages with unchanged inputs are skipped."""
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, config.model)
+    torch.manual_seed(config.seed)
+    data = load_texts(
+        config.dataset,
+        text_column=config.text_column,
+        label_column=config.label_column,
+        concepts=config.concepts,
+        max_per_class=config.max_per_class,
+        balance=config.balance,
+        seed=config.seed,
+    )
+    if config.ranking == "probe" and config.position == "tokens":
+        raise RangelensError(
+            "ranking 'probe' needs pooled features; use a position other than 'tokens'"
+        )
+    capture_fp = fingerprint(config.capture_inputs())
+    capture_dir = run_dir / "capture"
+    current = stage_is_current(capture_dir, capture_fp)
+    if not current:  # validate model and site before anything is written
+        lm = lm or load_model(config.model, device=config.device, dtype=config.dtype)
+        resolve_site(lm.model, config.site, config.layer)
+    write_run_meta(run_dir, config.model_dump(), config.seed)
+    if current:
+        cap = load_capture(capture_dir)
+    else:
+        assert lm is not None
+        cap = run_capture(lm, data, config, progress=progress)
+        with atomic_dir(capture_dir) as tmp:
+            _save_capture(cap, tmp)
+            mark_stage(tmp, "capture", capture_fp, seconds=cap.info["seconds"])
+    metadata = {
+        "model": config.model,
+        "dataset": data.name,
+        "site": config.site,
+        "layer": config.layer,
+        "site_name": cap.info["site"],
+        "position": config.position,
+        "ranking": config.ranking,
+        "seed": config.seed,
+    }
+    ranges_fp = fingerprint(capture_fp, config.range_inputs())
+    ranges_dir = run_dir / "ranges"
+    scores, range_map, table, summary, poly = run_ranges(cap, config, metadata)
+    if not stage_is_current(ranges_dir, ranges_fp):
+        with atomic_dir(ranges_dir) as tmp:
+            range_map.save(tmp)
+            save_file({"scores": scores}, str(tmp / "scores.safetensors"))
+            top = top_neurons(scores, config.p)
+            write_table(tmp / "rankings.csv", _ranking_table(scores, top, cap.label_names))
+            write_table(tmp / "distribution.csv", table)
+            write_table(tmp / "summary.csv", summary)
+            write_table(tmp / "polysemanticity.csv", poly)
+            write_json(tmp / "summary.json", summary.to_dict(orient="records"))
+            mark_stage(tmp, "ranges", ranges_fp)
+    return AnalysisResult(run_dir, cap, scores, range_map, table, summary, poly)

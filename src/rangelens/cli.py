@@ -1,0 +1,165 @@
+"""The ``rangelens`` command line: a thin layer over the library API.
+
+Every user error becomes one line on stderr naming the bad value and the valid choices, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from rangelens.errors import RangelensError
+
+app = typer.Typer(
+    help="Which activation ranges of which neurons carry a concept, and what each range means.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line(err: Exception) -> str:
+    """A pydantic/rangelens error as one line naming the field and the problem."""
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "config"
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"invalid {where} ({first.get('input')!r}): {msg}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def user_errors(func: F) -> F:
+    """Turn user errors into one stderr line and exit code 2 (no traceback)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (RangelensError, ValidationError, FileNotFoundError) as err:
+            err_console.print(
+                f"[bold red]error:[/] {one_line(err)}", highlight=False, soft_wrap=True
+            )
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_analysis(result: Any) -> None:
+    """Readable summary of an analysis run."""
+    info = result.capture.info
+    console.print(
+        f"[bold]captured[/] {info['site']} ({info['module']}) at position "
+        f"'{result.range_map.metadata.get('position')}': {info['n_texts']} texts, "
+        f"{info['n_tokens']} tokens, {info['tokens_per_second']} tokens/s, "
+        f"peak RSS {info['peak_rss_mb']} MB"
+    )
+    table = Table(title="concept ranges")
+    for col in ("concept", "train n", "salient", "shared", "skew", "ex. kurt", "BC max", "purity"):
+        table.add_column(col, justify="right" if col != "concept" else "left")
+    counts = dict(zip(result.capture.label_names, result.capture.stats.count, strict=True))
+    poly = dict(
+        zip(result.polysemanticity["concept"], result.polysemanticity["shared"], strict=True)
+    )
+    for row in result.summary.to_dict(orient="records"):
+        name = row["concept"]
+        table.add_row(
+            name,
+            str(int(counts[name])) if name in counts else str(int(sum(counts.values()))),
+            str(int(row["n_neurons"])),
+            f"{poly.get(name, sum(poly.values()) / len(poly)):.0%}",
+            f"{row['median_skew']:+.2f}",
+            f"{row['median_excess_kurtosis']:+.2f}",
+            f"{row['median_bhattacharyya_max']:.2f}",
+            f"{row['median_purity']:.2f}",
+        )
+    console.print(table)
+    console.print(
+        "[dim]shared: share of the concept's salient neurons also salient for another concept; "
+        "skew/ex. kurt: medians (0 for a Gaussian); BC max: median largest Bhattacharyya "
+        "overlap with another concept; purity: median share of in-range activations from the "
+        "concept[/]"
+    )
+    console.print(f"[bold green]run directory:[/] {result.run_dir}")
+
+
+@app.command()
+@user_errors
+def analyze(
+    model: Annotated[
+        str, typer.Option(help="built-in (smollm2-135m, minilm-l6), hub id or path")
+    ] = ("smollm2-135m"),
+    dataset: Annotated[
+        str,
+        typer.Option(help="built-in (bbc-news, rotten-tomatoes) or CSV/TSV/JSONL/Parquet/folder"),
+    ] = "bbc-news",
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/analysis"),
+    site: Annotated[str, typer.Option(help="resid | mlp | attn | module:<dotted.path>")] = "resid",
+    layer: Annotated[int, typer.Option(help="block index; negative counts from the end")] = -1,
+    position: Annotated[str, typer.Option(help="last | first | cls | mean | tokens")] = "last",
+    ranking: Annotated[
+        str, typer.Option(help="mean_abs | probeless | probe | dprime")
+    ] = "mean_abs",
+    tau: Annotated[float, typer.Option(help="range half-width in standard deviations")] = 2.0,
+    p: Annotated[float, typer.Option(help="share of neurons salient per concept, in (0, 1]")] = 0.3,
+    range_method: Annotated[str, typer.Option(help="gaussian | quantile")] = "gaussian",
+    text_column: Annotated[str, typer.Option(help="text column of a user file")] = "text",
+    label_column: Annotated[str, typer.Option(help="label column of a user file")] = "label",
+    max_per_class: Annotated[int, typer.Option(help="cap examples per class (0: no cap)")] = 200,
+    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    batch_size: Annotated[int, typer.Option(help="texts per forward")] = 16,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    seed: Annotated[int, typer.Option(help="seed for capping, split and probes")] = 0,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Capture a site on labelled text, fit per-concept neuron ranges, and summarise them."""
+    from rangelens.analysis import AnalysisConfig
+    from rangelens.analysis import analyze as run_analysis
+
+    config = AnalysisConfig(
+        model=model,
+        dataset=dataset,
+        site=site,
+        layer=layer,
+        position=position,
+        ranking=ranking,
+        tau=tau,
+        p=p,
+        range_method=range_method,  # type: ignore[arg-type]
+        text_column=text_column,
+        label_column=label_column,
+        max_per_class=max_per_class or None,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,  # type: ignore[arg-type]
+        seed=seed,
+    )
+    print_analysis(run_analysis(config, out, progress=progress))
+
+
+@app.command("list")
+def list_assets() -> None:
+    """List the built-in models and datasets (they work offline)."""
+    from rangelens.data import BUILTIN_DATASETS
+    from rangelens.models import BUILTIN_MODELS
+
+    for name, spec in BUILTIN_MODELS.items():
+        console.print(f"model    [bold]{name}[/]  {spec.kind}: {spec.description}")
+    for name in BUILTIN_DATASETS:
+        console.print(f"dataset  [bold]{name}[/]")
+
+
+if __name__ == "__main__":
+    app()

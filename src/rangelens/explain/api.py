@@ -1,0 +1,146 @@
+"""Python API: explain neurons (or a NeuronLens concept range) and save the results atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rangelens.errors import RangelensError, choices
+from rangelens.explain.clients import CachedClient, LLMClient, ResponseCache
+from rangelens.explain.exemplars import ExemplarConfig, build_records
+from rangelens.explain.llm import llm_roles
+from rangelens.explain.loop import NeuronExplanation, explain_record
+from rangelens.explain.offline import offline_roles
+from rangelens.explain.records import NeuronRecord, write_json
+from rangelens.explain.roles import Roles
+from rangelens.models import LoadedModel
+from rangelens.sites import NeuronSite
+
+BACKENDS = ("offline", "openai", "local")
+RESULTS_FORMAT = "rangelens.explain.results/1"
+DEFAULT_EXEMPLARS = ExemplarConfig()
+
+
+def make_roles(
+    backend: str = "offline",
+    client: LLMClient | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    simulator: str = "lexical",
+) -> Roles:
+    """Roles for ``backend``: ``offline`` needs nothing; ``openai`` / ``local`` need ``client``,
+    which is wrapped in a :class:`ResponseCache` under ``cache_dir`` when given."""
+    if backend not in BACKENDS:
+        raise RangelensError(f"unknown backend {backend!r}; valid: {choices(BACKENDS)}")
+    if backend == "offline":
+        return offline_roles()
+    if client is None:
+        raise RangelensError(f"backend {backend!r} needs an LLM client")
+    if cache_dir is not None:
+        client = CachedClient(client, ResponseCache(cache_dir))
+    return llm_roles(client, simulator=simulator, name=backend)
+
+
+def explain_records(
+    records: Sequence[NeuronRecord],
+    roles: Roles,
+    *,
+    rounds: int = 4,
+    on_result: Callable[[NeuronExplanation], None] | None = None,
+) -> list[NeuronExplanation]:
+    """Run NeuronScope + the single-pass baseline on each record."""
+    out = []
+    for record in records:
+        result = explain_record(record, roles, rounds=rounds)
+        if on_result is not None:
+            on_result(result)
+        out.append(result)
+    return out
+
+
+def explain_neurons(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    site: NeuronSite,
+    neurons: Sequence[int],
+    *,
+    roles: Roles | None = None,
+    rounds: int = 4,
+    config: ExemplarConfig = DEFAULT_EXEMPLARS,
+    max_length: int = 64,
+) -> tuple[list[NeuronRecord], list[NeuronExplanation]]:
+    """Build exemplars for ``neurons`` of ``site`` (one capture pass) and explain each neuron."""
+    records = build_records(lm, texts, site, neurons, config=config, max_length=max_length)
+    return records, explain_records(records, roles or offline_roles(), rounds=rounds)
+
+
+def explain_range(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    site: NeuronSite,
+    neuron: int,
+    lo: float,
+    hi: float,
+    *,
+    roles: Roles | None = None,
+    rounds: int = 4,
+    config: ExemplarConfig = DEFAULT_EXEMPLARS,
+    max_length: int = 64,
+) -> tuple[NeuronRecord, NeuronExplanation]:
+    """Explain a NeuronLens range (e.g. a ``ConceptRange``'s ``neuron``, ``lo``, ``hi``): the signal
+    explained and scored is the 0/1 indicator of a token's activation lying in ``[lo, hi]``."""
+    if not lo <= hi:
+        raise RangelensError(f"range lower bound {lo} is above its upper bound {hi}")
+    (record,) = build_records(
+        lm, texts, site, [neuron], config=config, target_range=(lo, hi), max_length=max_length
+    )
+    return record, explain_record(record, roles or offline_roles(), rounds=rounds)
+
+
+def save_results(
+    directory: str | os.PathLike[str],
+    records: Sequence[NeuronRecord],
+    explanations: Sequence[NeuronExplanation],
+    metadata: dict[str, object],
+) -> Path:
+    """Write ``results.json``, ``records/<neuron>.json`` and ``explanations/<neuron>.json`` into a
+    temporary sibling directory and rename it into place, so ``directory`` is complete or absent."""
+    dest = Path(directory)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        for rec in records:
+            rec.save(tmp / "records" / f"{rec.neuron}.json")
+        for exp in explanations:
+            exp.save(tmp / "explanations" / f"{exp.neuron}.json")
+        write_json(
+            tmp / "results.json",
+            {
+                "format": RESULTS_FORMAT,
+                "metadata": metadata,
+                "neurons": [summary(e) for e in explanations],
+            },
+        )
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def summary(e: NeuronExplanation) -> dict[str, object]:
+    """One line of ``results.json``: scores, mode count and mode ranges of a neuron."""
+    return {
+        "neuron": e.neuron,
+        "iterative_held_out": e.iterative.held_out,
+        "single_pass_held_out": e.single_pass.held_out,
+        "iterative_auc": e.iterative.auc,
+        "single_pass_auc": e.single_pass.auc,
+        "n_modes": len(e.modes),
+        "modes": [{"label": m.label, "lo": m.lo, "hi": m.hi, "score": m.score} for m in e.modes],
+        "failures": len(e.failures),
+    }

@@ -1,0 +1,111 @@
+"""``rangelens explain``: a thin typer layer over :mod:`rangelens.explain.api`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rangelens.data import load_texts
+from rangelens.errors import RangelensError, choices
+from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
+from rangelens.explain.clients import LLMClient, OpenAIClient, TransformersClient
+from rangelens.explain.exemplars import ExemplarConfig, build_records
+from rangelens.models import load_model
+from rangelens.ranges import RangeMap
+from rangelens.sites import resolve_site
+
+
+def _neurons(neurons: str | None, run_dir: Path | None, top_k: int) -> list[int]:
+    if (neurons is None) == (run_dir is None):
+        raise RangelensError("give exactly one of --neurons (comma ids) or --run-dir")
+    if neurons is not None:
+        try:
+            return [int(n) for n in neurons.split(",") if n.strip()]
+        except ValueError as err:
+            raise RangelensError(
+                f"--neurons must be comma-separated integers, got {neurons!r}"
+            ) from err
+    assert run_dir is not None
+    ranges = RangeMap.load(run_dir / "ranges")
+    picked: list[int] = []
+    for rank in range(ranges.neurons.shape[1]):  # most salient first, round-robin over concepts
+        for n in ranges.neurons[:, rank]:
+            if int(n) not in picked and len(picked) < top_k:
+                picked.append(int(n))
+    return picked
+
+
+def explain_command(
+    model: Annotated[str, typer.Option(help="built-in name, local dir or hub id")] = "smollm2-135m",
+    dataset: Annotated[str, typer.Option(help="built-in dataset or file/folder")] = "bbc-news",
+    site: Annotated[str, typer.Option(help="resid | mlp | attn | module:<path>")] = "mlp",
+    layer: Annotated[int, typer.Option(help="block index (negative counts from the end)")] = 15,
+    neurons: Annotated[str | None, typer.Option(help="comma-separated neuron ids")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="a rangelens run dir: explain its top salient neurons")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="neurons taken from --run-dir")] = 10,
+    backend: Annotated[str, typer.Option(help=f"one of {', '.join(BACKENDS)}")] = "offline",
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible server")] = (
+        "http://127.0.0.1:8000/v1"
+    ),
+    llm_model: Annotated[str, typer.Option(help="model name (openai) or path (local)")] = (
+        "smollm2-135m"
+    ),
+    api_key_env: Annotated[str, typer.Option(help="env var holding the API key")] = (
+        "OPENAI_API_KEY"
+    ),
+    max_per_class: Annotated[int, typer.Option(help="texts per class")] = 60,
+    output: Annotated[Path, typer.Option(help="explanations directory")] = Path("explanations"),
+    rounds: Annotated[int, typer.Option(help="refinement rounds")] = 4,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+) -> None:
+    """Explain neurons as NeuronScope modes with activation ranges, vs a single-pass baseline."""
+    if backend not in BACKENDS:
+        raise RangelensError(f"unknown backend {backend!r}; valid: {choices(BACKENDS)}")
+    ids = _neurons(neurons, run_dir, top_k)
+    lm = load_model(model)
+    resolved = resolve_site(lm.model, site, layer)
+    texts = load_texts(dataset, max_per_class=max_per_class, seed=seed).texts
+    client: LLMClient | None = None
+    if backend == "openai":
+        client = OpenAIClient(base_url, llm_model, api_key_env=api_key_env)
+    elif backend == "local":
+        client = TransformersClient(lm if llm_model == model else load_model(llm_model))
+    roles = make_roles(backend, client, cache_dir=output.parent / f".{output.name}-llm-cache")
+    records = build_records(lm, texts, resolved, ids, config=ExemplarConfig(seed=seed))
+    results = explain_records(records, roles, rounds=rounds)
+    save_results(
+        output,
+        records,
+        results,
+        {
+            "model": model,
+            "dataset": dataset,
+            "site": resolved.name,
+            "backend": backend,
+            "seed": seed,
+        },
+    )
+    table = Table(title=f"explanations of {resolved.name} ({backend}) -> {output}")
+    for col in ("neuron", "iterative r", "single-pass r", "AUC", "modes (range)"):
+        table.add_column(col)
+    for e in results:
+        modes = "\n".join(
+            f"{m.label} [{m.lo:.2f}, {m.hi:.2f}]"
+            if m.lo is not None and m.hi is not None
+            else m.label
+            for m in e.modes
+        )
+        table.add_row(
+            str(e.neuron),
+            f"{e.iterative.held_out:.3f}",
+            f"{e.single_pass.held_out:.3f}",
+            f"{e.iterative.auc:.2f}",
+            modes,
+        )
+    Console().print(table)

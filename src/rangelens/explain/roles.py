@@ -1,0 +1,147 @@
+"""The NeuronScope roles (Liu et al., arXiv 2601.03671) as pluggable components, and what they pass
+on.
+
+decomposer -> atomic :class:`Component` s of the activating exemplars; clusterer -> candidate
+groupings into :class:`Mode` s; explainer -> one explanation per mode (and the single-pass baseline
+of Bills et al. 2023 from the top exemplars); simulator -> per-token activations predicted from the
+explanations only; refiner -> revised modes from the worst-fit exemplars. Offline implementations
+live in :mod:`rangelens.explain.offline`, LLM-backed ones in :mod:`rangelens.explain.llm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from rangelens.explain.records import ActivationRecord, NeuronRecord
+
+ComponentKind = Literal["token", "bigram", "after", "phrase"]
+
+
+def normalize(token: str) -> str:
+    """Matching form of a token or word: stripped and lower-cased (whitespace tokens kept as is)."""
+    return token.strip().lower() or token
+
+
+@dataclass
+class Component:
+    """An atomic semantic component. ``pattern`` holds normalized token strings: ``token`` matches
+    ``pattern[0]`` at the current token, ``bigram`` the two tokens ending here, ``after`` the
+    previous token, ``phrase`` any content word of a free-text phrase. ``weight`` is its strength (1
+    if unknown); ``sources`` are text indices of the exemplars it came from."""
+
+    text: str
+    kind: ComponentKind
+    pattern: list[str]
+    weight: float = 1.0
+    sources: list[int] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{'|'.join(self.pattern)}"
+
+    def render(self) -> str:
+        return f"after {self.text!r}" if self.kind == "after" else repr(self.text)
+
+
+@dataclass
+class Mode:
+    """One semantic mode: its explanation and components, the explain-set exemplars (text indices)
+    it accounts for, the activation range ``[lo, hi]`` their peak activations occupy, and its score
+    (held-out correlation of this mode's part of the simulation)."""
+
+    label: str
+    explanation: str
+    components: list[Component]
+    exemplars: list[int] = field(default_factory=list)
+    lo: float | None = None
+    hi: float | None = None
+    score: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Mode:
+        comps = [Component(**c) for c in data["components"]]
+        return cls(**{**data, "components": comps})
+
+
+@dataclass
+class StepFailure:
+    """A role step that failed after its retries (the batch goes on without it)."""
+
+    role: str
+    target: str
+    error: str
+    attempts: int
+
+
+@dataclass
+class Trace:
+    """Failures and LLM exchanges collected while explaining one neuron."""
+
+    failures: list[StepFailure] = field(default_factory=list)
+
+    def fail(self, role: str, target: str, error: str, attempts: int) -> None:
+        self.failures.append(StepFailure(role, target, error, attempts))
+
+
+@dataclass
+class Simulation:
+    """Predicted activations per record, and each mode's share of them (``per_mode[m][r]``; empty
+    when the simulator cannot split its prediction by mode)."""
+
+    predictions: list[np.ndarray]
+    per_mode: list[list[np.ndarray]]
+
+
+class Decomposer(Protocol):
+    def decompose(self, record: NeuronRecord, trace: Trace) -> list[Component]: ...
+
+
+class Clusterer(Protocol):
+    def candidates(
+        self, components: list[Component], record: NeuronRecord, trace: Trace
+    ) -> list[list[Mode]]: ...
+
+
+class Explainer(Protocol):
+    def explain(self, modes: list[Mode], record: NeuronRecord, trace: Trace) -> list[Mode]: ...
+
+    def explain_top(self, record: NeuronRecord, k: int, trace: Trace) -> Mode: ...
+
+
+class Simulator(Protocol):
+    def simulate(
+        self,
+        modes: list[Mode],
+        fit: Sequence[ActivationRecord],
+        records: Sequence[ActivationRecord],
+        trace: Trace,
+    ) -> Simulation: ...
+
+
+class Refiner(Protocol):
+    def propose(
+        self,
+        modes: list[Mode],
+        worst: list[ActivationRecord],
+        record: NeuronRecord,
+        trace: Trace,
+    ) -> list[list[Mode]]: ...
+
+
+@dataclass
+class Roles:
+    """One implementation per role; :func:`rangelens.explain.loop.explain_record` drives them."""
+
+    name: str
+    decomposer: Decomposer
+    clusterer: Clusterer
+    explainer: Explainer
+    simulator: Simulator
+    refiner: Refiner

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random-initialised models of each supported family, and the real built-ins."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from rangelens.models import LoadedModel, builtin_model_dir, load_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def decoder_tokenizer():
+    return AutoTokenizer.from_pretrained(builtin_model_dir("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def encoder_tokenizer():
+    return AutoTokenizer.from_pretrained(builtin_model_dir("minilm-l6"))
+
+
+def _tiny(family: str, decoder_tokenizer, encoder_tokenizer) -> LoadedModel:
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(decoder_tokenizer),
+        )
+        return LoadedModel(LlamaForCausalLM(cfg).eval(), decoder_tokenizer, "tiny-llama", "decoder")
+    if family == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=len(decoder_tokenizer))
+        return LoadedModel(GPT2LMHeadModel(cfg).eval(), decoder_tokenizer, "tiny-gpt2", "decoder")
+    cfg = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vocab_size=len(encoder_tokenizer),
+    )
+    return LoadedModel(BertModel(cfg).eval(), encoder_tokenizer, "tiny-bert", "encoder")
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", "bert"])
+def tiny_lm(request, decoder_tokenizer, encoder_tokenizer) -> LoadedModel:
+    """A tiny random model of each family (Llama, GPT-2, BERT) with a real tokenizer."""
+    return _tiny(request.param, decoder_tokenizer, encoder_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(decoder_tokenizer, encoder_tokenizer) -> LoadedModel:
+    return _tiny("llama", decoder_tokenizer, encoder_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LoadedModel:
+    """The real embedded decoder (dequantised once, then cached as safetensors)."""
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> LoadedModel:
+    return load_model("minilm-l6")
+
+
+TEXTS = [
+    "The match ended in a draw after extra time.",
+    "Shares fell sharply.",
+    "A new smartphone with a folding screen was unveiled at the trade show on Monday morning.",
+    "Parliament votes today.",
+    "The film's soundtrack is wonderful, but the plot drags in the middle and the ending feels rushed.",
+    "Hi",
+    "Interest rates were left unchanged by the central bank, which cited inflation risks.",
+]
+
+
+@pytest.fixture
+def texts() -> list[str]:
+    """Texts of very different lengths, so batches are padded."""
+    return list(TEXTS)
