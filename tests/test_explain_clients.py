@@ -1,0 +1,193 @@
+"""LLM backends against a real OpenAI-compatible HTTP server on 127.0.0.1 (scripted replies)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from test_explain_core import synthetic
+
+from rangelens.explain import (
+    CachedClient,
+    LLMUnavailable,
+    OpenAIClient,
+    ResponseCache,
+    explain_record,
+    make_roles,
+    save_results,
+)
+from rangelens.explain.llm import LLMExplainer, LLMSimulator
+from rangelens.explain.roles import Trace
+
+SECRET = "sk-test-SECRET-0123456789"
+
+
+class Server:
+    """Replies come from ``reply(prompt_text)``: a string, or an int HTTP status to fail with."""
+
+    def __init__(self, reply: Callable[[str], str | int]) -> None:
+        self.reply = reply
+        self.calls = 0
+        self.auth: set[str] = set()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls += 1
+                outer.auth.add(self.headers.get("Authorization", ""))
+                prompt = "\n".join(m["content"] for m in body["messages"])
+                answer = outer.reply(prompt)
+                if isinstance(answer, int):
+                    self.send_response(answer)
+                    self.end_headers()
+                    return
+                payload = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": answer},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def client(self, **kw: object) -> OpenAIClient:
+        return OpenAIClient(self.url, "scripted", api_key_env="RL_TEST_KEY", backoff=0.01, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Server]]:
+    monkeypatch.setenv("RL_TEST_KEY", SECRET)
+    servers: list[Server] = []
+
+    def start(reply: Callable[[str], str | int]) -> Server:
+        servers.append(Server(reply))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.httpd.shutdown()
+
+
+def sequence(*replies: str | int) -> Callable[[str], str | int]:
+    queue = list(replies)
+    return lambda _prompt: queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+def test_retries_server_errors_with_backoff(serve):
+    server = serve(sequence(500, 503, "hello"))
+    assert server.client(max_retries=3).complete([{"role": "user", "content": "hi"}]) == "hello"
+    assert server.calls == 3
+    assert server.auth == {f"Bearer {SECRET}"}
+
+
+def test_malformed_replies_are_retried_then_recorded(serve):
+    rec = synthetic()
+    good = '{"explanation": "sports words", "keywords": ["goal", "match"]}'
+    server = serve(sequence("no json at all", '{"explanation": "x", "keywords": [NaN]}', good))
+    trace = Trace()
+    mode = LLMExplainer(server.client()).explain_top(rec, 5, trace)
+    assert server.calls == 3 and not trace.failures
+    assert {c.text for c in mode.components} == {"goal", "match"}
+
+    bad = serve(sequence('{"explanation": ""}'))
+    trace = Trace()
+    mode = LLMExplainer(bad.client()).explain_top(rec, 5, trace)
+    assert bad.calls == 3 and mode.components == []
+    assert [(f.role, f.attempts) for f in trace.failures] == [("explainer", 3)]
+
+
+def test_simulator_wrong_count_becomes_failed_step(serve):
+    rec = synthetic()
+    server = serve(sequence('{"activations": [1, 2]}'))
+    trace = Trace()
+    sim = LLMSimulator(server.client()).simulate([], rec.explain_set, rec.held_out[:2], trace)
+    assert len(trace.failures) == 2 and all(f.role == "simulator" for f in trace.failures)
+    assert all(
+        (p == 0).all() and len(p) == len(r.tokens)
+        for p, r in zip(sim.predictions, rec.held_out[:2], strict=True)
+    )
+
+
+def scripted_llm(prompt: str) -> str:
+    if "Revise the modes" in prompt:
+        return "I think the neuron likes sports."  # never valid: the refiner step fails
+    if "Group them" in prompt:
+        return (
+            '{"modes": [{"label": "sports", "components": [0, 1]}, '
+            '{"label": "x", "components": [99]}]}'
+            if "Invalid" not in prompt
+            else '{"modes": [{"label": "sports", "components": [0]}]}'
+        )
+    if "atomic semantic components" in prompt:
+        return '```json\n{"components": ["goal", "match"]}\n```'
+    return (
+        '{"explanation": "football words such as \'goal\'", "keywords": ["goal", "team", "shares"]}'
+    )
+
+
+def test_llm_loop_end_to_end_cached_and_key_free(serve, tmp_path: Path):
+    rec = synthetic()
+    server = serve(scripted_llm)
+    roles = make_roles("openai", server.client(max_concurrency=3), cache_dir=tmp_path / "cache")
+    first = explain_record(rec, roles, rounds=2)
+    assert first.modes and first.iterative.held_out > 0.3
+    assert any(f.role == "refiner" for f in first.failures)
+    assert not any(f.role == "clusterer" for f in first.failures)  # fixed on retry
+    calls = server.calls
+    assert calls > 0
+
+    again = make_roles("openai", server.client(), cache_dir=tmp_path / "cache")
+    second = explain_record(rec, again, rounds=2)
+    assert server.calls == calls  # every prompt answered from the cache
+    assert second.to_dict() == first.to_dict()
+    assert isinstance(again.explainer, LLMExplainer)
+    assert isinstance(again.explainer.client, CachedClient) and again.explainer.client.misses == 0
+
+    save_results(tmp_path / "out", [rec], [first], {"backend": "openai", "base_url": server.url})
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET not in path.read_text(encoding="utf-8", errors="replace"), path
+
+
+def test_unreachable_server_names_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    client = OpenAIClient(url, "m", max_retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(LLMUnavailable, match=f"LLM server at {url}"):
+        client.complete([{"role": "user", "content": "hi"}])
+
+
+def test_cache_key_ignores_nothing_but_identity(tmp_path: Path):
+    cache = ResponseCache(tmp_path)
+    k1 = cache.key("a", [{"role": "user", "content": "x"}])
+    assert k1 != cache.key("b", [{"role": "user", "content": "x"}])
+    assert k1 != cache.key("a", [{"role": "user", "content": "y"}])
+    cache.put(k1, "a", "reply")
+    assert cache.get(k1) == "reply"
