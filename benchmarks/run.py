@@ -1,0 +1,250 @@
+"""rangelens benchmark suite: side-by-side measurements in one run, reported as ratios.
+
+Writes ``benchmarks/RESULTS.md`` with the machine, library versions and raw figures. Sections:
+
+- capture: rangelens capture vs a bare `transformers` forward on the same batches,
+  and a module-tracing dict over the full forward (the NeuronLens reference code's approach);
+- memory: peak RSS of the streaming analysis at 1x, 4x and 10x the examples (separate processes);
+- intervene: hooked vs bare forward for a RangeMask.
+
+Usage: ``python benchmarks/run.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rangelens.analysis import AnalysisConfig, peak_rss_mb, run_capture
+from rangelens.artifacts import library_versions, write_text
+from rangelens.capture import capture, model_inputs, tokenize
+from rangelens.data import load_texts
+from rangelens.intervene import RangeMask
+from rangelens.models import LoadedModel, load_model
+from rangelens.sites import blocks, resolve_site
+
+HERE = Path(__file__).resolve().parent
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls (seconds), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_capture(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, float]:
+    """Throughput of capture vs a bare forward and vs a full-forward module-tracing dict."""
+    site = resolve_site(lm.model, "resid", -1)
+    batches = tokenize(lm, texts, batch_size=16, max_length=64)
+    n_tokens = sum(b.n_tokens for b in batches)
+    base = lm.model.base_model  # the bare decoder stack, without the LM head
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for b in batches:
+                base(**model_inputs(base, b))
+
+    def ours() -> None:
+        capture(lm, texts, [site], position="last", batch_size=16, max_length=64, progress=False)
+
+    def trace_all() -> None:
+        """Reference-code style: record every block output over the full forward."""
+        store: dict[str, torch.Tensor] = {}
+        _, layers = blocks(lm.model)
+        handles = [
+            layer.register_forward_hook(
+                lambda _m, _a, out, i=i: store.__setitem__(
+                    str(i), out[0] if isinstance(out, tuple) else out
+                )
+            )
+            for i, layer in enumerate(layers)
+        ]
+        try:
+            with torch.inference_mode():
+                for b in batches:
+                    lm.model(**model_inputs(lm.model, b))
+        finally:
+            for h in handles:
+                h.remove()
+
+    t_bare, t_ours, t_trace = (best_of(f, repeats) for f in (bare, ours, trace_all))
+    return {
+        "tokens": n_tokens,
+        "bare_tokens_per_s": n_tokens / t_bare,
+        "capture_tokens_per_s": n_tokens / t_ours,
+        "trace_tokens_per_s": n_tokens / t_trace,
+        "capture_vs_bare": t_bare / t_ours,
+        "capture_vs_trace": t_trace / t_ours,
+    }
+
+
+def bench_memory_child(per_class: int) -> None:
+    """Child process: streaming analysis capture at ``per_class`` examples; prints peak RSS."""
+    config = AnalysisConfig(max_per_class=per_class, max_length=64)
+    lm = load_model(config.model)
+    data = load_texts(config.dataset, max_per_class=per_class, seed=0)
+    before = peak_rss_mb()
+    cap = run_capture(lm, data, config, progress=False)
+    print(
+        json.dumps(
+            {
+                "n": len(data),
+                "peak_before": before,
+                "peak_after": peak_rss_mb(),
+                "tokens_per_s": cap.info["tokens_per_second"],
+            }
+        )
+    )
+
+
+def bench_memory(sizes: list[int]) -> list[dict[str, float]]:
+    rows = []
+    for per_class in sizes:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(per_class)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def bench_intervene(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, float]:
+    """Hooked vs bare full forward with a RangeMask on 30% of a mid-layer's neurons."""
+    site = resolve_site(lm.model, "resid", lm.n_layers // 2)
+    rng = np.random.default_rng(0)
+    k = int(0.3 * site.width)
+    neurons = rng.choice(site.width, k, replace=False)
+    mask = RangeMask(site, neurons, -np.ones(k), np.ones(k))
+    batches = tokenize(lm, texts, batch_size=16, max_length=64)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for b in batches:
+                lm.model(**model_inputs(lm.model, b))
+
+    def hooked() -> None:
+        with mask.attach(lm.model):
+            forward()
+
+    t_bare, t_hooked = best_of(forward, repeats), best_of(hooked, repeats)
+    return {"bare_s": t_bare, "hooked_s": t_hooked, "hooked_vs_bare": t_hooked / t_bare}
+
+
+def table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """Markdown table lines; floats get two decimals (none when large)."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+        return str(v)
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def report(results: dict[str, object]) -> str:
+    """RESULTS.md text: environment, then one section per benchmark."""
+    env = {
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        **library_versions(),
+    }
+    c: dict[str, float] = results["capture"]  # type: ignore[assignment]
+    i: dict[str, float] = results["intervene"]  # type: ignore[assignment]
+    memory: list[dict[str, float]] = results["memory"]  # type: ignore[assignment]
+    lines = [
+        "# rangelens benchmarks",
+        "",
+        "Generated by `python benchmarks/run.py`; ratios are measured side by side in one run.",
+        "",
+        "## Environment",
+        "",
+        *(f"- {k}: {v}" for k, v in env.items()),
+        "",
+        "## Capture throughput (smollm2-135m, resid -1, last token, batch 16, 64 tokens)",
+        "",
+        *table(
+            ["method", "tokens/s", "vs bare"],
+            [
+                ["bare transformers forward", c["bare_tokens_per_s"], 1.0],
+                ["rangelens capture", c["capture_tokens_per_s"], c["capture_vs_bare"]],
+                [
+                    "tracing dict over the full forward (reference code)",
+                    c["trace_tokens_per_s"],
+                    c["trace_tokens_per_s"] / c["bare_tokens_per_s"],
+                ],
+            ],
+        ),
+        "",
+        "## RangeMask overhead (30% of resid neurons at the middle layer, full forward)",
+        "",
+        f"- bare {i['bare_s']:.2f} s, hooked {i['hooked_s']:.2f} s: "
+        f"**{i['hooked_vs_bare']:.3f}x** (target <= 1.05x)",
+        "",
+        "## Peak memory of the streaming analysis (one process per size)",
+        "",
+        *table(
+            ["examples", "peak RSS before capture (MB)", "after (MB)", "growth (MB)", "tokens/s"],
+            [
+                [
+                    r["n"],
+                    r["peak_before"],
+                    r["peak_after"],
+                    r["peak_after"] - r["peak_before"],
+                    r["tokens_per_s"],
+                ]
+                for r in memory
+            ],
+        ),
+        "",
+        "```json",
+        json.dumps(results, indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer texts and repeats")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    if args.memory_child:
+        bench_memory_child(args.memory_child)
+        return
+    torch.manual_seed(0)
+    repeats = 2 if args.quick else 3
+    lm = load_model("smollm2-135m")
+    texts = load_texts("bbc-news", max_per_class=8 if args.quick else 20, seed=0).texts
+    results = {
+        "capture": bench_capture(lm, texts, repeats),
+        "intervene": bench_intervene(lm, texts, repeats),
+        "memory": bench_memory([10, 40] if args.quick else [20, 80, 200]),
+    }
+    text = report(results)
+    write_text(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
