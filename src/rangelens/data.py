@@ -55,8 +55,7 @@ def _package_dir(package: str, dataset: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RangelensError(
-            f"built-in dataset {dataset!r} needs the package {package!r}: "
-            "run `rangelens setup`"
+            f"built-in dataset {dataset!r} needs the package {package!r}: run `rangelens setup`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
