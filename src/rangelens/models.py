@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import (
@@ -109,7 +109,7 @@ def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     # transformers refuses save_pretrained on a GGUF-loaded model while it still carries the quantizer.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (the attribute is typed non-optional)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def load_model(
         model = loader.from_pretrained(path, dtype=DTYPES[dtype])
     finally:
         hf_logging.enable_progress_bar()
-    model.to(torch_device).eval()
+    cast(Any, model).to(torch_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

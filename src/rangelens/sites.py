@@ -8,7 +8,7 @@ projection, before the residual add), or ``module:<dotted.path>`` for any module
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -84,6 +84,11 @@ class NeuronSite:
         )
 
 
+def _config(model: nn.Module) -> Any:
+    """The `transformers` config of a model (typed loosely: configs differ per family)."""
+    return getattr(model, "config", None)
+
+
 def _get(model: nn.Module, path: str) -> nn.Module | None:
     try:
         return model.get_submodule(path)
@@ -93,12 +98,12 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
 
 def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The path and ModuleList of a model's transformer blocks (registry first, then a generic search)."""
-    family = FAMILIES.get(getattr(model.config, "model_type", ""))
+    family = FAMILIES.get(getattr(_config(model), "model_type", ""))
     for path in family.layers if family else ():
         found = _get(model, path)
         if isinstance(found, nn.ModuleList):
             return path, found
-    n = getattr(model.config, "num_hidden_layers", None)
+    n = getattr(_config(model), "num_hidden_layers", None)
     candidates = [
         (name, m)
         for name, m in model.named_modules()
@@ -107,14 +112,14 @@ def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not candidates:
         raise RangelensError(
             f"cannot find the transformer blocks of model type "
-            f"{getattr(model.config, 'model_type', '?')!r}; use a 'module:<dotted.path>' site"
+            f"{getattr(_config(model), 'model_type', '?')!r}; use a 'module:<dotted.path>' site"
         )
     return min(candidates, key=lambda c: c[0].count("."))
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm a decoder applies after its last block (hidden_states[-1] includes it), if known."""
-    family = FAMILIES.get(getattr(model.config, "model_type", ""))
+    family = FAMILIES.get(getattr(_config(model), "model_type", ""))
     for path in family.final_norm if family else ():
         found = _get(model, path)
         if found is not None:
@@ -137,7 +142,7 @@ def resolve_site(model: nn.Module, site: str, layer: int | None = None) -> Neuro
 
     Negative layers count from the end, as in Python indexing.
     """
-    hidden = int(model.config.hidden_size)
+    hidden = int(_config(model).hidden_size)
     if site.startswith("module:"):
         path = site.removeprefix("module:")
         module = _get(model, path)
@@ -161,10 +166,10 @@ def resolve_site(model: nn.Module, site: str, layer: int | None = None) -> Neuro
     layer %= n
     if site == "resid":
         return NeuronSite("resid", layer, f"{prefix}.{layer}", "output", hidden)
-    family = FAMILIES.get(getattr(model.config, "model_type", ""))
+    family = FAMILIES.get(getattr(_config(model), "model_type", ""))
     if family is None:
         raise RangelensError(
-            f"site {site!r} is not mapped for model type {model.config.model_type!r}; valid here: "
+            f"site {site!r} is not mapped for model type {_config(model).model_type!r}; valid here: "
             f"'resid' or 'module:<dotted.path>'"
         )
     sub = family.mlp if site == "mlp" else family.attn
@@ -172,7 +177,7 @@ def resolve_site(model: nn.Module, site: str, layer: int | None = None) -> Neuro
     module = _get(model, path)
     if module is None:
         raise RangelensError(
-            f"site {site!r} ({path!r}) not found in this {model.config.model_type} model"
+            f"site {site!r} ({path!r}) not found in this {_config(model).model_type} model"
         )
     hook: HookKind = "input" if site == "mlp" else "output"
     return NeuronSite(site, layer, path, hook, _width(module, hook, hidden))
