@@ -36,6 +36,7 @@ from rangelens.artifacts import (
 )
 from rangelens.capture import POSITIONS, iter_activations
 from rangelens.data import LabeledTexts, load_texts, split
+from rangelens.distributed import gather, is_main, local_device, shard, world
 from rangelens.errors import RangelensError, choices
 from rangelens.models import LoadedModel, load_model
 from rangelens.ranges import RangeMap, distribution_summary, distribution_table, fit_ranges
@@ -155,10 +156,11 @@ def run_capture(
     stats = ConceptStats(data.label_names, site.width, n_bins=config.n_bins)
     keep = config.position != "tokens"
     features = np.zeros((len(data), site.width), dtype=np.float32) if keep else None
+    mine = shard(len(data))  # all texts, or this worker's share under torchrun
     n_tokens, start = 0, time.perf_counter()
     for batch in iter_activations(
         lm,
-        data.texts,
+        [data.texts[i] for i in mine],
         [site],
         position=config.position,
         batch_size=config.batch_size,
@@ -167,13 +169,14 @@ def run_capture(
         progress=progress,
     ):
         acts = batch.acts[site.name].numpy()
-        rows = batch.rows
+        rows = mine[batch.rows]
         if features is not None:
-            features[batch.index] = acts
+            features[mine[batch.index]] = acts
         fit = is_train[rows]
         if fit.any():
             stats.add(acts[fit], data.labels[rows[fit]])
         n_tokens += batch.n_tokens
+    stats, features, n_tokens = gather(stats, features, n_tokens)
     seconds = time.perf_counter() - start
     info: dict[str, object] = {
         "site": site.name,
@@ -186,6 +189,7 @@ def run_capture(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "workers": world()[1],
     }
     return CaptureResult(stats, features, data.labels, train, test, data.label_names, info)
 
@@ -272,17 +276,21 @@ def analyze(
     capture_dir = run_dir / "capture"
     current = stage_is_current(capture_dir, capture_fp)
     if not current:  # validate model and site before anything is written
-        lm = lm or load_model(config.model, device=config.device, dtype=config.dtype)
+        device = local_device(config.device)
+        lm = lm or load_model(config.model, device=device, dtype=config.dtype)
         resolve_site(lm.model, config.site, config.layer)
-    write_run_meta(run_dir, config.model_dump(), config.seed)
+    main = is_main()
+    if main:
+        write_run_meta(run_dir, config.model_dump(), config.seed)
     if current:
         cap = load_capture(capture_dir)
     else:
         assert lm is not None
-        cap = run_capture(lm, data, config, progress=progress)
-        with atomic_dir(capture_dir) as tmp:
-            _save_capture(cap, tmp)
-            mark_stage(tmp, "capture", capture_fp, seconds=cap.info["seconds"])
+        cap = run_capture(lm, data, config, progress=progress and main)
+        if main:
+            with atomic_dir(capture_dir) as tmp:
+                _save_capture(cap, tmp)
+                mark_stage(tmp, "capture", capture_fp, seconds=cap.info["seconds"])
     metadata = {
         "model": config.model,
         "dataset": data.name,
@@ -296,7 +304,7 @@ def analyze(
     ranges_fp = fingerprint(capture_fp, config.range_inputs())
     ranges_dir = run_dir / "ranges"
     scores, range_map, table, summary, poly = run_ranges(cap, config, metadata)
-    if not stage_is_current(ranges_dir, ranges_fp):
+    if main and not stage_is_current(ranges_dir, ranges_fp):
         with atomic_dir(ranges_dir) as tmp:
             range_map.save(tmp)
             save_file({"scores": scores}, str(tmp / "scores.safetensors"))

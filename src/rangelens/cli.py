@@ -146,7 +146,11 @@ def analyze(
         dtype=dtype,  # type: ignore[arg-type]
         seed=seed,
     )
-    print_analysis(run_analysis(config, out, progress=progress))
+    from rangelens.distributed import is_main
+
+    result = run_analysis(config, out, progress=progress)
+    if is_main():  # under torchrun only rank 0 reports
+        print_analysis(result)
 
 
 def print_erasure(result: Any) -> None:

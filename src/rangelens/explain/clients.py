@@ -43,6 +43,11 @@ class LLMClient(Protocol):
     @property
     def max_concurrency(self) -> int: ...
 
+    @property
+    def supports_prefill(self) -> bool:
+        """Whether a final assistant message is continued (a response prefix), not answered."""
+        ...
+
     def complete(self, messages: Sequence[Message]) -> str: ...
 
 
@@ -97,6 +102,10 @@ class OpenAIClient:
     def max_concurrency(self) -> int:
         return self._max_concurrency
 
+    @property
+    def supports_prefill(self) -> bool:
+        return False
+
     def complete(self, messages: Sequence[Message]) -> str:
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
@@ -130,29 +139,47 @@ class OpenAIClient:
 
 
 class TransformersClient:
-    """A local `transformers` causal LM (e.g. built-in SmolLM2-135M-Instruct), greedy decoding."""
+    """A local `transformers` causal LM (e.g. built-in SmolLM2-135M-Instruct), greedy decoding.
 
-    def __init__(self, lm: LoadedModel, *, max_new_tokens: int = 160) -> None:
+    A repetition penalty keeps small models from looping inside a JSON list.
+    """
+
+    def __init__(
+        self, lm: LoadedModel, *, max_new_tokens: int = 160, repetition_penalty: float = 1.3
+    ) -> None:
         if lm.kind != "decoder":
             raise RangelensError(f"model {lm.name!r} is an encoder; a chat LLM must be a decoder")
         if lm.tokenizer.chat_template is None:
             raise RangelensError(f"model {lm.name!r} has no chat template; use an instruct model")
         self.lm = lm
         self.max_new_tokens = max_new_tokens
+        self.repetition_penalty = repetition_penalty
         self._lock = threading.Lock()
 
     @property
     def identity(self) -> str:
-        return f"transformers|{self.lm.name}|greedy|max={self.max_new_tokens}"
+        return (
+            f"transformers|{self.lm.name}|greedy|max={self.max_new_tokens}"
+            f"|rep={self.repetition_penalty}"
+        )
 
     @property
     def max_concurrency(self) -> int:
         return 1
 
+    @property
+    def supports_prefill(self) -> bool:
+        return True
+
     def complete(self, messages: Sequence[Message]) -> str:
         tok = self.lm.tokenizer
+        prefix = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
         encoded: Any = tok.apply_chat_template(
-            list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
+            list(messages),
+            add_generation_prompt=not prefix,
+            continue_final_message=bool(prefix),
+            return_tensors="pt",
+            return_dict=True,
         )
         inputs = {k: v.to(self.lm.device) for k, v in encoded.items()}
         with self._lock, torch.inference_mode():
@@ -160,9 +187,11 @@ class TransformersClient:
                 **inputs,
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
+                repetition_penalty=self.repetition_penalty,
                 pad_token_id=tok.pad_token_id,
             )
-        return str(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        new = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return prefix + str(new)
 
 
 class ResponseCache:
@@ -211,6 +240,10 @@ class CachedClient:
     @property
     def max_concurrency(self) -> int:
         return self.client.max_concurrency
+
+    @property
+    def supports_prefill(self) -> bool:
+        return self.client.supports_prefill
 
     def complete(self, messages: Sequence[Message]) -> str:
         key = self.cache.key(self.identity, messages)

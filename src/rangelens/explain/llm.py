@@ -54,12 +54,14 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def parse_json(reply: str) -> dict[str, Any]:
-    """The single JSON object in ``reply`` (code fences allowed); NaN/Infinity are rejected."""
-    start, end = reply.find("{"), reply.rfind("}")
-    if start < 0 or end <= start:
+    """The first JSON object in ``reply`` (text around it, e.g. code fences, is ignored); it must
+    parse as strict JSON: NaN and Infinity are rejected."""
+    start = reply.find("{")
+    if start < 0:
         raise ReplyError("no JSON object found in reply")
+    decoder = json.JSONDecoder(parse_constant=_reject_constant)
     try:
-        data = json.loads(reply[start : end + 1], parse_constant=_reject_constant)
+        data, _ = decoder.raw_decode(reply, start)
     except json.JSONDecodeError as err:
         raise ReplyError(f"invalid JSON: {err.msg}") from err
     if not isinstance(data, dict):
@@ -84,13 +86,23 @@ def ask_json(
     role: str,
     target: str,
     trace: Trace,
+    prefill: str = "",
     attempts: int = 3,
 ) -> T | None:
-    """Ask until the reply validates; after ``attempts`` record a failed step and return None."""
+    """Ask until the reply validates; after ``attempts`` record a failed step and return None.
+
+    ``prefill`` starts the reply (e.g. ``'{"components": ["'``) on clients that support it, which
+    keeps small local models on the requested JSON shape.
+    """
     convo = list(messages)
     error = ""
     for _ in range(attempts):
-        reply = client.complete(convo)
+        start = (
+            [{"role": "assistant", "content": prefill}]
+            if prefill and client.supports_prefill
+            else []
+        )
+        reply = client.complete(convo + start)
         try:
             return validate(parse_json(reply))
         except ReplyError as err:
@@ -149,6 +161,7 @@ class LLMDecomposer:
                 role="decomposer",
                 target=f"text {rec.text_index}",
                 trace=trace,
+                prefill='{"components": ["',
             )
             comps = phrase_components(found or [])
             for c in comps:
@@ -203,7 +216,13 @@ class LLMClusterer:
             return out
 
         modes = ask_json(
-            self.client, _chat(prompt), validate, role="clusterer", target="modes", trace=trace
+            self.client,
+            _chat(prompt),
+            validate,
+            role="clusterer",
+            target="modes",
+            trace=trace,
+            prefill='{"modes": [{"label": "',
         )
         return [modes if modes is not None else [Mode("", "", list(components))]]
 
@@ -231,7 +250,13 @@ class LLMExplainer:
 
     def _ask(self, prompt: str, target: str, trace: Trace) -> tuple[str, list[str]] | None:
         return ask_json(
-            self.client, _chat(prompt), _explanation, role="explainer", target=target, trace=trace
+            self.client,
+            _chat(prompt),
+            _explanation,
+            role="explainer",
+            target=target,
+            trace=trace,
+            prefill='{"explanation": "',
         )
 
     def explain(self, modes: list[Mode], record: NeuronRecord, trace: Trace) -> list[Mode]:
@@ -313,6 +338,7 @@ class LLMSimulator:
                 role="simulator",
                 target=f"text {rec.text_index}",
                 trace=trace,
+                prefill='{"activations": [',
             )
             return got if got is not None else np.zeros(len(rec.tokens))
 
@@ -360,7 +386,13 @@ class LLMRefiner:
             return out
 
         revised = ask_json(
-            self.client, _chat(prompt), validate, role="refiner", target="modes", trace=trace
+            self.client,
+            _chat(prompt),
+            validate,
+            role="refiner",
+            target="modes",
+            trace=trace,
+            prefill='{"modes": [{"label": "',
         )
         return [] if revised is None else [revised]
 

@@ -1,11 +1,11 @@
-"""The NeuronScope loop (Liu et al., arXiv 2601.03671) and the single-pass baseline (Bills et al.
-2023).
+"""The NeuronScope loop (Liu et al., arXiv 2601.03671) and the single-pass baseline (Bills 2023).
 
 decompose -> cluster (candidate groupings, the best on validation is kept) -> explain -> simulate ->
-score, then rounds of refinement from the worst-fit validation exemplars: a revision is kept only if
-the validation correlation improves by ``min_delta``; the loop stops at a plateau (``patience``
-rounds without a kept revision) or after ``rounds``. The held-out set is read only once, for the
-final report. Modes get the activation range ``[lo, hi]`` of the peak activations of the explain-set
+score (the single-pass explanation is the starting point, so a grouping must beat it on validation),
+then rounds of refinement from the worst-fit validation exemplars: a revision is kept only if the
+validation correlation improves by ``min_delta``; the loop stops at a plateau (``patience`` rounds
+without a kept revision) or after ``rounds``. The held-out set is read only once, for the final
+report. Modes get the activation range ``[lo, hi]`` of the peak activations of the explain-set
 exemplars they account for.
 """
 
@@ -182,8 +182,10 @@ def explain_record(
     ev = Evaluator(roles, record, trace)
     history: list[Round] = []
     components = roles.decomposer.decompose(record, trace)
-    best: list[Mode] = []
-    best_score = -np.inf
+    single = roles.explainer.explain_top(record, single_pass_k or len(record.top), trace)
+    best: list[Mode] = [single] if single.components else []
+    best_score = ev.validation(best)
+    history.append(Round(0, "start from the single-pass explanation", best_score, True, best))
     for grouping in roles.clusterer.candidates(components, record, trace):
         modes = roles.explainer.explain(grouping, record, trace)
         score = ev.validation(modes)
@@ -206,7 +208,6 @@ def explain_record(
             if accepted:
                 best, best_score, kept = proposal, score, True
         stale = 0 if kept else stale + 1
-    single = roles.explainer.explain_top(record, single_pass_k or len(record.top), trace)
     return NeuronExplanation(
         model=record.model,
         site=record.site,
