@@ -39,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", choices=["offline", "local"])
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--limit", type=int, default=N_NEURONS, help="explain the first N only")
     args = parser.parse_args()
     if args.report:
         report()
@@ -59,6 +60,7 @@ def main() -> None:
     selectivity = (np.quantile(rest, 0.995, axis=0) - rest.mean(0)) / rest.std(0)
     pool = np.flatnonzero(selectivity > np.median(selectivity))
     neurons = sorted(np.random.default_rng(0).choice(pool, N_NEURONS, replace=False).tolist())
+    neurons = neurons[: args.limit]
     records = records_from_activations(
         values[:, neurons],
         ids,
@@ -72,10 +74,9 @@ def main() -> None:
     if args.backend == "offline":
         roles = make_roles("offline")
     else:
-        client = TransformersClient(lm, max_new_tokens=80)
+        client = TransformersClient(lm, max_new_tokens=64)
         roles = make_roles("local", client, cache_dir=cache_dir() / "bench" / "llm-cache")
-        for role in (roles.decomposer,):
-            role.n_exemplars = 3  # type: ignore[attr-defined]
+        roles.decomposer.n_exemplars = 3  # type: ignore[attr-defined]
     start = time.time()
     results = explain_records(
         records,

@@ -228,3 +228,17 @@ def test_real_encoder_cls_and_mean(minilm: LoadedModel, texts: list[str]) -> Non
     left = capture(minilm, texts, site, position="mean", padding_side="left", progress=False)
     right = capture(minilm, texts, site, position="mean", padding_side="right", progress=False)
     assert row_rel_err(left.acts["resid.5"], right.acts["resid.5"]) < 1e-4
+
+
+def test_half_precision_models_capture_in_their_dtype(tiny_llama: LoadedModel, texts: list[str]) -> None:
+    """bf16 models run in bf16 (the GPU setting); captures come back as float32 close to fp32."""
+    import copy
+
+    half = LoadedModel(
+        copy.deepcopy(tiny_llama.model).to(torch.bfloat16), tiny_llama.tokenizer, "half", "decoder"
+    )
+    site = [resolve_site(tiny_llama.model, "resid", -1)]
+    ref = capture(tiny_llama, texts, site, progress=False).acts["resid.2"]
+    got = capture(half, texts, site, progress=False).acts["resid.2"]
+    assert half.dtype == torch.bfloat16 and got.dtype == np.float32
+    assert row_rel_err(got, ref) < 0.05
