@@ -27,10 +27,10 @@ import torch
 
 from rangelens.analysis import AnalysisConfig, peak_rss_mb, run_capture
 from rangelens.artifacts import library_versions, write_text
-from rangelens.capture import capture, model_inputs, tokenize
+from rangelens.capture import TokenBatch, capture, model_inputs, pool, tokenize
 from rangelens.data import load_texts
 from rangelens.intervene import RangeMask
-from rangelens.models import LoadedModel, load_model
+from rangelens.models import LoadedModel, builtin_model_dir, load_model
 from rangelens.sites import blocks, resolve_site
 
 HERE = Path(__file__).resolve().parent
@@ -47,8 +47,53 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def bench_capture(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, float]:
-    """Throughput of capture vs a bare forward and vs a full-forward module-tracing dict."""
+def peer_capturers(
+    lm: LoadedModel, batches: list[TokenBatch], layer: int
+) -> dict[str, Callable[[], object]]:
+    """The same last-token capture done with nnsight and TransformerLens, when installed."""
+    peers: dict[str, Callable[[], object]] = {}
+    try:
+        from nnsight import LanguageModel
+
+        nn_model = LanguageModel(lm.model, tokenizer=lm.tokenizer)
+
+        def with_nnsight() -> None:
+            for b in batches:
+                inputs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+                with nn_model.trace(inputs):
+                    out = nn_model.model.layers[layer].output.save()
+                pool(out[0] if isinstance(out, tuple) else out, b.attention_mask, "last")
+
+        peers["nnsight"] = with_nnsight
+    except ImportError:
+        pass
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(
+            str(builtin_model_dir("smollm2-135m")), device="cpu", tokenizer=lm.tokenizer
+        )
+        hook = f"blocks.{layer}.hook_resid_post"
+
+        def with_transformer_lens() -> None:
+            with torch.inference_mode():
+                for b in batches:
+                    _, cache = bridge.run_with_cache(
+                        b.input_ids,
+                        names_filter=lambda n: n == hook,
+                        stop_at_layer=layer + 1,
+                        attention_mask=b.attention_mask,
+                    )
+                    pool(cache[hook], b.attention_mask, "last")
+
+        peers["TransformerLens (run_with_cache, stop_at_layer)"] = with_transformer_lens
+    except ImportError:
+        pass
+    return peers
+
+
+def bench_capture(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    """Last-token capture of the last block: tokens/s of each method and its ratio to a bare forward."""
     site = resolve_site(lm.model, "resid", -1)
     batches = tokenize(lm, texts, batch_size=16, max_length=64)
     n_tokens = sum(b.n_tokens for b in batches)
@@ -63,7 +108,7 @@ def bench_capture(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, 
         capture(lm, texts, [site], position="last", batch_size=16, max_length=64, progress=False)
 
     def trace_all() -> None:
-        """Reference-code style: record every block output over the full forward."""
+        """Reference-code style: a dict of every block's output over the full forward."""
         store: dict[str, torch.Tensor] = {}
         _, layers = blocks(lm.model)
         handles = [
@@ -82,14 +127,17 @@ def bench_capture(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, 
             for h in handles:
                 h.remove()
 
-    t_bare, t_ours, t_trace = (best_of(f, repeats) for f in (bare, ours, trace_all))
+    methods: dict[str, Callable[[], object]] = {
+        "bare transformers forward": bare,
+        "rangelens capture": ours,
+        "tracing dict over the full forward (reference code)": trace_all,
+        **peer_capturers(lm, batches, site.layer or 0),
+    }
+    seconds = {name: best_of(fn, repeats) for name, fn in methods.items()}
+    t_bare = seconds["bare transformers forward"]
     return {
-        "tokens": n_tokens,
-        "bare_tokens_per_s": n_tokens / t_bare,
-        "capture_tokens_per_s": n_tokens / t_ours,
-        "trace_tokens_per_s": n_tokens / t_trace,
-        "capture_vs_bare": t_bare / t_ours,
-        "capture_vs_trace": t_trace / t_ours,
+        name: {"tokens": n_tokens, "tokens_per_s": n_tokens / t, "vs_bare": t_bare / t}
+        for name, t in seconds.items()
     }
 
 
@@ -167,7 +215,7 @@ def report(results: dict[str, object]) -> str:
         "torch_threads": torch.get_num_threads(),
         **library_versions(),
     }
-    c: dict[str, float] = results["capture"]  # type: ignore[assignment]
+    c: dict[str, dict[str, float]] = results["capture"]  # type: ignore[assignment]
     i: dict[str, float] = results["intervene"]  # type: ignore[assignment]
     memory: list[dict[str, float]] = results["memory"]  # type: ignore[assignment]
     lines = [
@@ -182,16 +230,8 @@ def report(results: dict[str, object]) -> str:
         "## Capture throughput (smollm2-135m, resid -1, last token, batch 16, 64 tokens)",
         "",
         *table(
-            ["method", "tokens/s", "vs bare"],
-            [
-                ["bare transformers forward", c["bare_tokens_per_s"], 1.0],
-                ["rangelens capture", c["capture_tokens_per_s"], c["capture_vs_bare"]],
-                [
-                    "tracing dict over the full forward (reference code)",
-                    c["trace_tokens_per_s"],
-                    c["trace_tokens_per_s"] / c["bare_tokens_per_s"],
-                ],
-            ],
+            ["method", "tokens/s", "vs bare forward"],
+            [[name, r["tokens_per_s"], r["vs_bare"]] for name, r in c.items()],
         ),
         "",
         "## RangeMask overhead (30% of resid neurons at the middle layer, full forward)",
