@@ -31,7 +31,9 @@ from rangelens.explain.exemplars import token_strings
 from rangelens.models import cache_dir, load_model
 from rangelens.sites import resolve_site
 
-LAYER, N_NEURONS, ROUNDS = 15, 20, {"offline": 4, "local": 1}
+LAYER, N_NEURONS = 15, 20
+ROUNDS = {"offline": 4, "local": 1}
+SINGLE_PASS_K = {"offline": None, "local": 4}  # a 135M chat model cannot read 20 exemplars
 OUT = Path(__file__).parent / "explain_runs"
 
 
@@ -74,14 +76,15 @@ def main() -> None:
     if args.backend == "offline":
         roles = make_roles("offline")
     else:
-        client = TransformersClient(lm, max_new_tokens=64)
-        roles = make_roles("local", client, cache_dir=cache_dir() / "bench" / "llm-cache")
-        roles.decomposer.n_exemplars = 3  # type: ignore[attr-defined]
+        client = TransformersClient(lm, max_new_tokens=48)
+        llm_cache = cache_dir() / "bench" / "llm-cache"
+        roles = make_roles("local", client, cache_dir=llm_cache, attempts=1, n_exemplars=2)
     start = time.time()
     results = explain_records(
         records,
         roles,
         rounds=ROUNDS[args.backend],
+        single_pass_k=SINGLE_PASS_K[args.backend],
         on_result=lambda e: print(
             f"neuron {e.neuron}: iterative {e.iterative.held_out:.3f} "
             f"single-pass {e.single_pass.held_out:.3f} modes {len(e.modes)}",
@@ -134,6 +137,20 @@ def report() -> None:
             f"{sum(r['failures'] for r in rows)} | {data['metadata']['seconds']:.0f} |"
         )
         per_neuron.append((backend, rows))
+    lines += [
+        "",
+        "Notes. *iterative* = NeuronScope loop (decompose -> cluster -> explain -> simulate -> "
+        "score -> refine, a revision kept only if validation correlation improves; it starts from "
+        "the single-pass explanation, so ties mean no revision beat it on validation). "
+        "*single-pass* = one explanation from the top exemplars, simulated and scored the same "
+        "way. Both use the lexical simulator (reads only each mode's components/keywords; linear "
+        "calibration fitted on the explain set). Held-out texts are never used before the final "
+        "score. *local* = SmolLM2-135M-Instruct (the same embedded GGUF model) as decomposer, "
+        "clusterer, explainer and refiner via `TransformersClient` (greedy, 48 new tokens, JSON "
+        "prefill, 1 attempt per step to fit the CPU budget, 2 exemplars decomposed, single-pass "
+        "from the top 4 exemplars, 1 refinement round); its failed steps are counted above. "
+        "Replies are cached under `~/.cache/rangelens/bench/llm-cache`, so reruns are free.",
+    ]
     for backend, rows in per_neuron:
         lines += [
             "",

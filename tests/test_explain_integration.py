@@ -10,6 +10,7 @@ from rangelens.data import load_texts
 from rangelens.explain import ExemplarConfig, NeuronRecord, explain_neurons, explain_range
 from rangelens.explain.api import save_results
 from rangelens.models import load_model
+from rangelens.ranges import ConceptRange
 from rangelens.sites import resolve_site
 
 pytestmark = pytest.mark.integration
@@ -44,9 +45,38 @@ def test_offline_end_to_end(setup, tmp_path):
 
 def test_explain_concept_range(setup):
     lm, texts, site = setup
-    record, result = explain_range(
-        lm, texts, site, 5, 0.05, 10.0, rounds=1, config=SMALL, max_length=24
-    )
+    concept = ConceptRange("tech", neuron=5, lo=0.05, hi=10.0, mean=0.5, std=0.2, rank=0)
+    record, result = explain_range(lm, texts, site, concept, rounds=1, config=SMALL, max_length=24)
     assert record.target.startswith("in_range[")
     assert {a for r in record.held_out for a in r.activations} <= {0.0, 1.0}
     assert result.target == record.target
+
+
+def test_local_transformers_client_prefill_and_cache(setup, tmp_path):
+    from rangelens.explain import CachedClient, ResponseCache, TransformersClient
+
+    lm, _, _ = setup
+    client = CachedClient(TransformersClient(lm, max_new_tokens=6), ResponseCache(tmp_path))
+    msgs = [
+        {"role": "user", "content": "Name a sport."},
+        {"role": "assistant", "content": '{"sport": "'},
+    ]
+    reply = client.complete(msgs)
+    assert reply.startswith('{"sport": "') and client.misses == 1
+    assert client.complete(msgs) == reply and client.hits == 1
+
+
+def test_explain_command_writes_directory(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from rangelens.explain.command import explain_command
+
+    app = typer.Typer()
+    app.command()(explain_command)
+    out = tmp_path / "expl"
+    args = ["--neurons", "5,9", "--layer", "2", "--max-per-class", "24", "--rounds", "1"]
+    result = CliRunner().invoke(app, [*args, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "explanations").iterdir()) == ["5.json", "9.json"]
+    assert "single-pass" in result.output

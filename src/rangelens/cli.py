@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rangelens.errors import RangelensError
+from rangelens.report.commands import report_command, serve_command
 
 app = typer.Typer(
     help="Which activation ranges of which neurons carry a concept, and what each range means.",
@@ -204,6 +205,10 @@ def demo(
 
     config = load_config(example_config("smollm2-135m"))
     run_and_print(config.model_copy(update={"out": out}), progress)
+
+
+app.command("report")(user_errors(report_command))
+app.command("serve")(user_errors(serve_command))
 
 
 @app.command()

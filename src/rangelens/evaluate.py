@@ -22,6 +22,8 @@ is computed. Model code is never forked; the stock forward still builds its mask
 from __future__ import annotations
 
 import inspect
+import itertools
+import json
 import os
 import tempfile
 import time
@@ -29,20 +31,28 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 from tqdm.auto import tqdm
 
 from rangelens.analysis import AnalysisConfig, CaptureResult
-from rangelens.artifacts import write_json, write_table, write_text
+from rangelens.artifacts import read_json, write_json, write_table, write_text
 from rangelens.capture import (
     capture,
     iter_activations,
@@ -54,10 +64,10 @@ from rangelens.capture import (
 )
 from rangelens.data import LabeledTexts, general_text
 from rangelens.errors import RangelensError, choices
-from rangelens.intervene import NeuronMask, RangeMask
+from rangelens.intervene import NeuronMask, RangeMask, apply_ranges
 from rangelens.models import LoadedModel
 from rangelens.plots import erasure_bars, save_figure, tau_tradeoff
-from rangelens.ranges import RangeMap, fit_ranges
+from rangelens.ranges import fit_ranges
 from rangelens.ranking import rank
 from rangelens.sites import FAMILIES, NeuronSite, blocks, resolve_site
 from rangelens.stats import ConceptStats
@@ -110,6 +120,12 @@ class ErasureConfig(BaseModel):
         except ValidationError as err:
             raise RangelensError(_one_line(err)) from None
 
+    @model_validator(mode="after")
+    def _scale_needs_soft(self) -> ErasureConfig:
+        if self.mode == "hard" and self.scale != 0:
+            raise ValueError(f"scale {self.scale!r} only applies to mode 'soft'; use 0 with 'hard'")
+        return self
+
     @field_validator("prompt_template")
     @classmethod
     def _template(cls, v: str) -> str:
@@ -133,9 +149,16 @@ def _one_line(err: ValidationError) -> str:
 
 @dataclass
 class ErasureResult:
-    """``table``: one row per concept x state x layer x tau x p (base and neuron rows repeat across
-    tau); ``headline``: one row per concept plus ``"average"`` at the headline layer, tau and p;
-    ``info``: head accuracies, examples used for ranges, suffix use and timings."""
+    """What :func:`run_erasure` measured (also written to its output directory).
+
+    ``table`` (``erasure.csv`` / ``.parquet``): one row per concept x state x mask site x tau x p
+    (base and neuron rows repeat across tau) with columns concept, state (base | range | neuron),
+    site, layer, tau, p, target_acc, target_conf, complement_acc, complement_conf, ppl (NaN without
+    an LM head), n_target, n_complement and ``delta_<metric>`` = state - base. ``headline``: one
+    row per concept plus ``"average"`` at the analysis site, tau and p (see
+    :func:`headline_table`). ``info``: accuracies, correct training examples used for ranges, how
+    each condition was computed (cached features, or forwards skipping blocks) and timings.
+    """
 
     table: pd.DataFrame
     headline: pd.DataFrame
@@ -174,11 +197,10 @@ def suffix_start(model: nn.Module, sites: Sequence[NeuronSite]) -> int:
     output of block L; ``mlp``/``attn`` sites live inside block L, which must run. Only the mapped
     families (``rangelens.sites.FAMILIES``) are skipped, and only for sites inside the blocks.
     """
-    if getattr(model.config, "model_type", None) not in FAMILIES or not sites:
+    mapped = getattr(model.config, "model_type", None) in FAMILIES
+    if not mapped or not sites or any(s.layer is None for s in sites):
         return 0
-    if any(s.layer is None for s in sites):
-        return 0
-    return min(int(s.layer) + 1 if s.kind == "resid" else int(s.layer) for s in sites)  # type: ignore[arg-type]
+    return min(s.layer + (s.kind == "resid") for s in sites if s.layer is not None)
 
 
 @contextmanager
@@ -273,7 +295,9 @@ class LinearHead:
         return torch.log_softmax(x @ w.T + b, dim=-1)
 
 
-def fit_head(features: np.ndarray, labels: np.ndarray, n_classes: int, *, C: float = 1.0) -> LinearHead:
+def fit_head(
+    features: np.ndarray, labels: np.ndarray, n_classes: int, *, C: float = 1.0
+) -> LinearHead:
     """Fit the classification head of task ``head``: standardised multinomial logistic regression.
 
     As ``*ForSequenceClassification`` heads, it reads one pooled site (frozen model). Every class
@@ -299,6 +323,36 @@ def fit_head(features: np.ndarray, labels: np.ndarray, n_classes: int, *, C: flo
 
 
 @dataclass
+class PooledHead:
+    """Task ``head``'s classifier on cached pooled features of every data row.
+
+    A mask at the head site itself acts elementwise on the very row the head reads (the last or
+    first token; not a mean), so its effect on the head equals :func:`apply_ranges` on the cached
+    row: no forward needed. The default setting (resid, last block, last token) is such a case.
+    """
+
+    site: NeuronSite
+    position: str
+    features: np.ndarray  # (n, d)
+    head: LinearHead
+
+    def covers(self, mask: RangeMask | None) -> bool:
+        """Whether :meth:`log_proba` gives the same result as a forward with ``mask``."""
+        if mask is None:
+            return True
+        one_row = self.position != "mean" and (mask.positions == "all" or self.position == "last")
+        return mask.site.name == self.site.name and one_row
+
+    def log_proba(self, rows: np.ndarray, mask: RangeMask | None = None) -> np.ndarray:
+        x = torch.from_numpy(self.features[rows])
+        if mask is not None:
+            x = apply_ranges(
+                x, mask.neurons, mask.lo, mask.hi, mask.replacement, mask.mode, mask.scale
+            )
+        return self.head.log_proba(x).numpy()
+
+
+@dataclass
 class ClassificationTask:
     """What the model reads (``inputs``, one per data row) and how it turns into class log-probs."""
 
@@ -310,6 +364,7 @@ class ClassificationTask:
     sites: list[NeuronSite]  # sites the readout records (they bound the skippable prefix)
     raw: bool  # inputs are the dataset texts themselves (so the analysis capture applies)
     info: dict[str, Any]
+    pooled: PooledHead | None = None  # task head: the classifier on cached features
 
 
 def _has_lm_head(lm: LoadedModel) -> bool:
@@ -320,12 +375,14 @@ def _is_sequence_classifier(lm: LoadedModel) -> bool:
     return type(lm.model).__name__.endswith("ForSequenceClassification")
 
 
-def _valid_tasks(lm: LoadedModel) -> list[str]:
-    return [
-        t
-        for t, ok in zip(TASKS, (True, _has_lm_head(lm), _is_sequence_classifier(lm)), strict=True)
-        if ok
-    ]
+def _unfit(lm: LoadedModel, task: str, needs: str) -> RangelensError:
+    fits = (True, _has_lm_head(lm), _is_sequence_classifier(lm))
+    valid = [t for t, ok in zip(TASKS, fits, strict=True) if ok]
+    kind = "an encoder" if lm.kind == "encoder" else f"a {type(lm.model).__name__}"
+    return RangelensError(
+        f"task {task!r} needs {needs}; model {lm.name!r} is {kind}; valid tasks for it: "
+        f"{choices(valid)}"
+    )
 
 
 def head_task(
@@ -337,16 +394,16 @@ def head_task(
     cap: CaptureResult,
     *,
     progress: bool = False,
-) -> tuple[ClassificationTask, np.ndarray]:
-    """Task ``head``: fit a linear head on the head site's pooled features of the training split.
+) -> ClassificationTask:
+    """Task ``head``: a linear head fitted on the head site's pooled features of the training split.
 
-    Returns the task and the features of every text at the head site (the analysis capture's when
-    the head site is the analysis site, else captured once here).
+    The features are the analysis capture's when the head site and position are the analysis ones,
+    else captured once here; the task keeps them (:class:`PooledHead`).
     """
     site = resolve_site(lm.model, config.head_site, config.head_layer)
     position = config.head_position or ("last" if lm.kind == "decoder" else "cls")
-    reuse = cap.features is not None and cap.info.get("site") == site.name
-    if reuse and analysis.position == position:
+    same = cap.info.get("site") == site.name and analysis.position == position
+    if same and cap.features is not None:
         features = np.asarray(cap.features, dtype=np.float32)
     else:
         features = capture(
@@ -367,12 +424,17 @@ def head_task(
             model(**kwargs)
         return head.log_proba(pool(store[site.name], kwargs["attention_mask"], position).float())
 
-    info = {"site": site.name, "position": position, "C": config.head_C}
-    task = ClassificationTask(
-        "head", list(data.texts), analysis.max_length, analysis.padding_side, readout, [site],
-        True, info,
-    )  # fmt: skip
-    return task, features
+    return ClassificationTask(
+        name="head",
+        inputs=list(data.texts),
+        max_length=analysis.max_length,
+        padding_side=analysis.padding_side,
+        readout=readout,
+        sites=[site],
+        raw=True,
+        info={"site": site.name, "position": position, "C": config.head_C},
+        pooled=PooledHead(site, position, features, head),
+    )
 
 
 def prompt_task(
@@ -389,23 +451,21 @@ def prompt_task(
     another, fixed for every query. Prompts are left-padded, so the last column is the last token.
     """
     if not _has_lm_head(lm):
-        raise RangelensError(
-            f"task 'prompt' needs a decoder with an LM head; model {lm.name!r} is "
-            f"{'an encoder' if lm.kind == 'encoder' else 'a ' + type(lm.model).__name__}; "
-            f"valid tasks for it: {choices(_valid_tasks(lm))}"
-        )
+        raise _unfit(lm, "prompt", "a decoder with an LM head")
     tok = lm.tokenizer
     names = data.label_names
     label_ids = [tok(" " + n, add_special_tokens=False)["input_ids"][0] for n in names]
-    if len(set(label_ids)) < len(names):
-        first = {i: n for n, i in zip(names, label_ids, strict=True)}
-        clash = next(n for n, i in zip(names, label_ids, strict=True) if first[i] != n)
-        raise RangelensError(
-            f"label {clash!r} starts with the same token as {first[label_ids[names.index(clash)]]!r}"
-            f"; prompt scoring needs labels with distinct first tokens, or use task 'head'"
-        )
-    cut = tok(list(data.texts), add_special_tokens=False, truncation=True,
-              max_length=analysis.max_length)["input_ids"]  # fmt: skip
+    seen: dict[int, str] = {}
+    for name, token in zip(names, label_ids, strict=True):
+        if token in seen:
+            raise RangelensError(
+                f"labels {seen[token]!r} and {name!r} start with the same token; prompt scoring "
+                f"needs distinct first tokens; valid tasks for these labels: 'head', 'finetuned'"
+            )
+        seen[token] = name
+    cut = tok(
+        list(data.texts), add_special_tokens=False, truncation=True, max_length=analysis.max_length
+    )["input_ids"]
     short = [tok.decode(ids) for ids in cut]
     labels_text = ", ".join(names)
     rng = np.random.default_rng(analysis.seed)
@@ -426,29 +486,42 @@ def prompt_task(
     longest = max(len(ids) for ids in tok(inputs)["input_ids"])
     model = lm.model
     columns = torch.tensor(label_ids, device=lm.device)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    extra = (
+        {"logits_to_keep": 1}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters
+        else {}
+    )
 
     def readout(kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**kwargs, **extra).logits[:, -1]
         return torch.log_softmax(logits.index_select(-1, columns).double(), dim=-1)
 
-    info = {"label_tokens": dict(zip(names, label_ids, strict=True)), "few_shot": config.few_shot}
-    return ClassificationTask("prompt", inputs, longest, "left", readout, [], False, info)
+    return ClassificationTask(
+        name="prompt",
+        inputs=inputs,
+        max_length=longest,
+        padding_side="left",
+        readout=readout,
+        sites=[],
+        raw=False,
+        info={
+            "label_tokens": dict(zip(names, label_ids, strict=True)),
+            "few_shot": config.few_shot,
+        },
+    )
 
 
-def finetuned_task(lm: LoadedModel, data: LabeledTexts, analysis: AnalysisConfig) -> ClassificationTask:
+def finetuned_task(
+    lm: LoadedModel, data: LabeledTexts, analysis: AnalysisConfig
+) -> ClassificationTask:
     """Task ``finetuned``: the model's own sequence-classification head.
 
     Its ``id2label`` must name every dataset label (case-insensitive); extra model labels are
     ignored and the probabilities renormalised over the dataset's labels.
     """
     if not _is_sequence_classifier(lm):
-        raise RangelensError(
-            f"task 'finetuned' needs an AutoModelForSequenceClassification checkpoint; model "
-            f"{lm.name!r} is a {type(lm.model).__name__}; valid tasks for it: "
-            f"{choices(_valid_tasks(lm))}"
-        )
-    id2label = {int(i): str(n) for i, n in lm.model.config.id2label.items()}
+        raise _unfit(lm, "finetuned", "an AutoModelForSequenceClassification checkpoint")
+    id2label = {int(i): str(n) for i, n in (lm.model.config.id2label or {}).items()}
     by_name = {n.strip().lower(): i for i, n in id2label.items()}
     missing = [n for n in data.label_names if n.strip().lower() not in by_name]
     if missing:
@@ -465,11 +538,16 @@ def finetuned_task(lm: LoadedModel, data: LabeledTexts, analysis: AnalysisConfig
         logits = model(**kwargs).logits.index_select(-1, order)
         return torch.log_softmax(logits.double(), dim=-1)
 
-    info = {"id2label": id2label}
     return ClassificationTask(
-        "finetuned", list(data.texts), analysis.max_length, analysis.padding_side, readout, [],
-        True, info,
-    )  # fmt: skip
+        name="finetuned",
+        inputs=list(data.texts),
+        max_length=analysis.max_length,
+        padding_side=analysis.padding_side,
+        readout=readout,
+        sites=[],
+        raw=True,
+        info={"id2label": id2label},
+    )
 
 
 def token_nll(model: nn.Module, kwargs: dict[str, torch.Tensor]) -> tuple[float, int]:
@@ -487,71 +565,85 @@ def token_nll(model: nn.Module, kwargs: dict[str, torch.Tensor]) -> tuple[float,
 
 @dataclass
 class _Condition:
+    """One masked (or base) state; ``tau`` is None for neuron masks, everything None for base."""
+
     state: str
     concept: int | None = None
-    layer: int | None = None
+    site: str | None = None
     tau: float | None = None
     p: float | None = None
     mask: RangeMask | None = None
 
+    @property
+    def key(self) -> tuple[str, int | None, str | None, float | None, float | None]:
+        return (self.state, self.concept, self.site, self.tau, self.p)
+
 
 @dataclass
 class _Group:
-    """Conditions sharing one mask site, hence one prefix."""
+    """Conditions whose masks sit at one site, so they share one prefix per batch."""
 
-    site: NeuronSite | None
+    site: NeuronSite
     conditions: list[_Condition]
 
 
 def _check_inputs(
     lm: LoadedModel, data: LabeledTexts, cap: CaptureResult, config: ErasureConfig
 ) -> list[int]:
-    """Validate everything cheap before any forward; return the indices of the concepts to erase."""
+    """Cheap checks before any forward; returns the indices of the concepts to erase."""
     if len(cap.labels) != len(data) or not np.array_equal(cap.labels, data.labels):
         raise RangelensError(
-            f"capture has {len(cap.labels)} labelled texts that differ from dataset {data.name!r} "
+            f"the capture's {len(cap.labels)} labels differ from dataset {data.name!r} "
             f"({len(data)} texts); pass the capture made on this data"
         )
     if list(cap.label_names) != list(data.label_names):
         raise RangelensError(
-            f"capture concepts {cap.label_names} differ from the dataset's {data.label_names}"
+            f"capture concepts {choices(cap.label_names)} differ from the dataset's "
+            f"{choices(data.label_names)}; pass the capture made on this data"
         )
     for name in config.concepts or []:
         if name not in data.label_names:
             raise RangelensError(
                 f"concept {name!r} not in dataset {data.name!r}; valid: {choices(data.label_names)}"
             )
-    if config.task == "prompt" and not _has_lm_head(lm) or (
-        config.task == "finetuned" and not _is_sequence_classifier(lm)
-    ):
-        what = "a decoder with an LM head" if config.task == "prompt" else (
-            "an AutoModelForSequenceClassification checkpoint"
-        )  # fmt: skip
-        kind = "an encoder" if lm.kind == "encoder" else f"a {type(lm.model).__name__}"
-        raise RangelensError(
-            f"task {config.task!r} needs {what}; model {lm.name!r} is {kind}; valid tasks for it: "
-            f"{choices(_valid_tasks(lm))}"
-        )
     if "ppl_texts" in config.model_fields_set and config.ppl_texts > 0 and not _has_lm_head(lm):
         raise RangelensError(
-            f"ppl_texts = {config.ppl_texts}: perplexity needs a decoder with an LM head; model "
-            f"{lm.name!r} has none; valid: ppl_texts = 0"
+            f"ppl_texts = {config.ppl_texts}: perplexity needs a decoder with an LM head and model "
+            f"{lm.name!r} has none; valid for it: ppl_texts = 0"
         )
-    wanted = config.concepts or data.label_names
-    return [data.label_names.index(n) for n in wanted]
+    return [data.label_names.index(n) for n in dict.fromkeys(config.concepts or data.label_names)]
 
 
-def _predict(
+def _build_task(
+    lm: LoadedModel,
+    data: LabeledTexts,
+    cap: CaptureResult,
+    analysis: AnalysisConfig,
+    config: ErasureConfig,
+    progress: bool,
+) -> ClassificationTask:
+    if config.task == "prompt":
+        return prompt_task(lm, data, cap.train, config, analysis)
+    if config.task == "finetuned":
+        return finetuned_task(lm, data, analysis)
+    return head_task(lm, data, cap.train, config, analysis, cap, progress=progress)
+
+
+def _unmasked_logp(
     lm: LoadedModel, task: ClassificationTask, rows: np.ndarray, batch_size: int
 ) -> np.ndarray:
-    """Unmasked class log-probabilities ``(len(rows), C)`` of the task on ``rows``."""
-    out = np.zeros((len(rows), 0))
-    for batch in tokenize(lm, [task.inputs[i] for i in rows], batch_size=batch_size,
-                          max_length=task.max_length, padding_side=task.padding_side):  # fmt: skip
-        logp = task.readout(model_inputs(lm.model, batch)).cpu().numpy()
-        if out.shape[1] == 0:
-            out = np.zeros((len(rows), logp.shape[1]))
-        out[batch.index] = logp
+    """Class log-probabilities ``(len(rows), C)`` of ``rows`` without any mask."""
+    if task.pooled is not None:
+        return task.pooled.log_proba(rows)
+    parts = []
+    texts = [task.inputs[i] for i in rows]
+    for batch in tokenize(
+        lm, texts, batch_size=batch_size, max_length=task.max_length, padding_side=task.padding_side
+    ):
+        parts.append((batch.index, task.readout(model_inputs(lm.model, batch)).cpu().numpy()))
+    out = np.zeros((len(rows), parts[0][1].shape[1]))
+    for index, logp in parts:
+        out[index] = logp
     return out
 
 
@@ -561,20 +653,20 @@ def _concept_stats(
     cap: CaptureResult,
     site: NeuronSite,
     rows: np.ndarray,
-    labels: np.ndarray,
     analysis: AnalysisConfig,
     batch_size: int,
 ) -> tuple[ConceptStats, np.ndarray | None]:
-    """Per-concept statistics (and pooled features, None for tokens) of ``rows`` at ``site``.
+    """Per-concept statistics of ``rows`` at ``site`` (and their pooled features; None for tokens).
 
-    Reuses the analysis capture when it holds pooled features of these inputs at this site; else
-    re-captures only ``rows`` (streaming, so ``position='tokens'`` works too).
+    Reuses the analysis capture when it holds pooled features of these inputs at this site, else
+    re-captures ``rows`` only, streaming (so ``position='tokens'`` works too).
     """
+    labels = cap.labels
     stats = ConceptStats(cap.label_names, site.width, n_bins=analysis.n_bins)
     if task.raw and cap.features is not None and cap.info.get("site") == site.name:
-        features = np.asarray(cap.features[rows], dtype=np.float32)
-        stats.add(features, labels[rows])
-        return stats, features
+        captured = np.asarray(cap.features[rows], dtype=np.float32)
+        stats.add(captured, labels[rows])
+        return stats, captured
     pooled = analysis.position != "tokens"
     features = np.zeros((len(rows), site.width), dtype=np.float32) if pooled else None
     for batch in iter_activations(
@@ -594,7 +686,7 @@ def _concept_stats(
     return stats, features
 
 
-def _masks_for_site(
+def _mask_conditions(
     site: NeuronSite,
     stats: ConceptStats,
     scores: np.ndarray,
@@ -604,7 +696,8 @@ def _masks_for_site(
     config: ErasureConfig,
     analysis: AnalysisConfig,
 ) -> list[_Condition]:
-    options = {
+    """Neuron masks per (concept, p) and range masks per (concept, tau, p) at ``site``."""
+    options: dict[str, Any] = {
         "stats": stats,
         "replacement": config.replacement,
         "positions": config.positions,
@@ -613,16 +706,15 @@ def _masks_for_site(
     }
     conditions = []
     for p in ps:
-        maps: dict[float, RangeMap] = {
-            tau: fit_ranges(stats, scores, tau=tau, p=p, method=analysis.range_method)
-            for tau in taus
+        maps = {
+            t: fit_ranges(stats, scores, tau=t, p=p, method=analysis.range_method) for t in taus
         }
         for c in concepts:
-            mask = NeuronMask.from_range_map(site, maps[taus[0]], c, **options)
-            conditions.append(_Condition("neuron", c, site.layer, None, p, mask))
-            for tau in taus:
-                mask = RangeMask.from_range_map(site, maps[tau], c, **options)
-                conditions.append(_Condition("range", c, site.layer, tau, p, mask))
+            neuron = NeuronMask.from_range_map(site, maps[taus[0]], c, **options)
+            conditions.append(_Condition("neuron", c, site.name, None, p, neuron))
+            for t in taus:
+                ranged = RangeMask.from_range_map(site, maps[t], c, **options)
+                conditions.append(_Condition("range", c, site.name, t, p, ranged))
     return conditions
 
 
@@ -631,37 +723,266 @@ def _run_groups(
     texts: list[str],
     groups: list[_Group],
     forward: Callable[[dict[str, torch.Tensor]], T],
+    starts: list[int],
     *,
-    readout_sites: list[NeuronSite],
-    suffix: bool,
-    batch_size: int,
+    config: ErasureConfig,
     max_length: int,
     padding_side: str | None,
     bar: Any,
-) -> tuple[list[list[list[tuple[np.ndarray, T]]]], dict[str, int]]:
-    """Every condition of every group on every batch; per group and condition, (index, output)
-    pairs in batch order. Also returns the blocks skipped per mask site."""
+) -> dict[int, list[tuple[np.ndarray, T]]]:
+    """Every condition of ``groups`` on every batch of ``texts`` (group g skips ``starts[g]``
+    blocks): per condition (by ``id``) the ``(text index, output)`` of each batch."""
+    results: dict[int, list[tuple[np.ndarray, T]]] = {
+        id(c): [] for g in groups for c in g.conditions
+    }
+    if not groups:
+        return results
     batches = tokenize(
-        lm, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side
+        lm, texts, batch_size=config.batch_size, max_length=max_length, padding_side=padding_side
     )
-    starts = {}
-    for group in groups:
-        sites = readout_sites + ([group.site] if group.site is not None else [])
-        key = group.site.name if group.site is not None else "base"
-        starts[key] = suffix_start(lm.model, sites) if suffix else 0
-    results: list[list[list[tuple[np.ndarray, T]]]] = [
-        [[] for _ in g.conditions] for g in groups
-    ]
+    bar.total += len(results) * len(batches)
+    bar.refresh()
     for batch in batches:
         kwargs = model_inputs(lm.model, batch)
-        for g, group in enumerate(groups):
-            key = group.site.name if group.site is not None else "base"
+        for group, start in zip(groups, starts, strict=True):
             masks = [c.mask for c in group.conditions]
-            outputs = run_conditions(lm.model, kwargs, masks, forward, start=starts[key])
-            for c, out in enumerate(outputs):
-                results[g][c].append((batch.index, out))
+            outputs = run_conditions(lm.model, kwargs, masks, forward, start=start)
+            for condition, out in zip(group.conditions, outputs, strict=True):
+                results[id(condition)].append((batch.index, out))
             bar.update(len(masks))
-    return results, starts
+    return results
+
+
+def _starts(
+    lm: LoadedModel, groups: list[_Group], readout: list[NeuronSite], suffix: bool
+) -> list[int]:
+    return [suffix_start(lm.model, [*readout, g.site]) if suffix else 0 for g in groups]
+
+
+def _skipping(lm: LoadedModel, groups: list[_Group], starts: list[int]) -> dict[str, Any]:
+    """Per mask site: how many blocks each condition's forward skipped and re-ran."""
+    n = len(blocks(lm.model)[1])
+    return {
+        g.site.name: {"skipped_blocks": s, "rerun_blocks": n - s}
+        for g, s in zip(groups, starts, strict=True)
+    }
+
+
+def _classify(
+    lm: LoadedModel,
+    task: ClassificationTask,
+    rows: np.ndarray,
+    groups: list[_Group],
+    config: ErasureConfig,
+    bar: Any,
+) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
+    """Class log-probabilities of ``rows`` under every condition (by ``id``), and how they were
+    computed: from cached pooled features where the masks allow it (with ``suffix``), else by
+    forwards that skip the blocks before each mask site."""
+    logps: dict[int, np.ndarray] = {}
+    cached: list[_Group] = []
+    if task.pooled is not None and config.suffix:
+        pooled = task.pooled
+        cached = [g for g in groups if all(pooled.covers(c.mask) for c in g.conditions)]
+        logps = {id(c): pooled.log_proba(rows, c.mask) for g in cached for c in g.conditions}
+    run = [g for g in groups if g not in cached]
+    starts = _starts(lm, run, task.sites, config.suffix)
+    outputs = _run_groups(
+        lm,
+        [task.inputs[i] for i in rows],
+        run,
+        task.readout,
+        starts,
+        config=config,
+        max_length=task.max_length,
+        padding_side=task.padding_side,
+        bar=bar,
+    )
+    for key, pairs in outputs.items():
+        logps[key] = np.zeros((len(rows), pairs[0][1].shape[1]))
+        for index, out in pairs:
+            logps[key][index] = out.cpu().numpy()
+    how = {"cached_features": [g.site.name for g in cached], "forwards": _skipping(lm, run, starts)}
+    return logps, how
+
+
+def _perplexity(
+    lm: LoadedModel, groups: list[_Group], config: ErasureConfig, seed: int, bar: Any
+) -> tuple[dict[int, float], dict[str, Any]]:
+    """Perplexity on general text under every condition (by ``id``); NaN without an LM head."""
+    conditions = [c for g in groups for c in g.conditions]
+    if not _has_lm_head(lm) or config.ppl_texts == 0:
+        reason = "ppl_texts = 0" if _has_lm_head(lm) else "the model has no LM head"
+        return {id(c): float("nan") for c in conditions}, {"skipped": reason}
+    general = general_text(config.ppl_texts, seed=seed)
+    starts = _starts(lm, groups, [], config.suffix)
+    sums = _run_groups(
+        lm,
+        general,
+        groups,
+        partial(token_nll, lm.model),
+        starts,
+        config=config,
+        max_length=config.ppl_max_length,
+        padding_side=None,
+        bar=bar,
+    )
+    n_tokens = sum(n for _, (_, n) in sums[id(conditions[0])])  # the same for every condition
+    ppl = {k: float(np.exp(sum(nll for _, (nll, _) in v) / n_tokens)) for k, v in sums.items()}
+    how = {"n_texts": len(general), "n_tokens": n_tokens, "forwards": _skipping(lm, groups, starts)}
+    return ppl, how
+
+
+def _accuracy_metrics(logp: np.ndarray, labels: np.ndarray, c: int) -> dict[str, float]:
+    """Target (label c) and complement accuracy and mean gold-label probability."""
+    correct = logp.argmax(axis=1) == labels
+    gold = np.exp(logp[np.arange(len(labels)), labels])
+    target = labels == c
+    return {
+        "target_acc": float(correct[target].mean()),
+        "target_conf": float(gold[target].mean()),
+        "complement_acc": float(correct[~target].mean()),
+        "complement_conf": float(gold[~target].mean()),
+    }
+
+
+def _table(
+    conditions: list[_Condition],
+    logps: dict[int, np.ndarray],
+    ppls: dict[int, float],
+    labels: np.ndarray,
+    names: list[str],
+    concepts: list[int],
+    sites: list[NeuronSite],
+    taus: list[float],
+    ps: list[float],
+) -> pd.DataFrame:
+    """The long table: one row per concept x state x site x tau x p, with deltas vs base."""
+    found = {cond.key: id(cond) for cond in conditions}
+    base = found[("base", None, None, None, None)]
+    rows: list[dict[str, Any]] = []
+    for site, p, tau, c in itertools.product(sites, ps, taus, concepts):
+        states = {
+            "base": base,
+            "range": found[("range", c, site.name, tau, p)],
+            "neuron": found[("neuron", c, site.name, None, p)],
+        }
+        before = {**_accuracy_metrics(logps[base], labels, c), "ppl": ppls[base]}
+        for state, i in states.items():
+            values = {**_accuracy_metrics(logps[i], labels, c), "ppl": ppls[i]}
+            rows.append(
+                {
+                    "concept": names[c],
+                    "state": state,
+                    "site": site.name,
+                    "layer": site.layer,
+                    "tau": tau,
+                    "p": p,
+                    **values,
+                    "n_target": int((labels == c).sum()),
+                    "n_complement": int((labels != c).sum()),
+                    **{f"delta_{m}": values[m] - before[m] for m in METRICS},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def headline_table(table: pd.DataFrame, *, site: str, tau: float, p: float) -> pd.DataFrame:
+    """One row per concept and an ``"average"`` row at (site, tau, p): base values, and for range
+    and neuron masking the drops ``base - masked`` of accuracy and confidence and the perplexity
+    change ``masked - base``."""
+    at = table[(table["site"] == site) & (table["tau"] == tau) & (table["p"] == p)]
+    by_state = {s: at[at["state"] == s].set_index("concept") for s in STATES}
+    frame = pd.DataFrame(index=by_state["base"].index)
+    frame["base_target_acc"] = by_state["base"]["target_acc"]
+    frame["base_complement_acc"] = by_state["base"]["complement_acc"]
+    frame["base_ppl"] = by_state["base"]["ppl"]
+    for state in ("range", "neuron"):
+        delta = by_state[state]
+        for metric in ("target_acc", "complement_acc", "target_conf", "complement_conf"):
+            frame[f"{state}_{metric}_drop"] = 0.0 - delta[f"delta_{metric}"]  # never -0.0
+        frame[f"{state}_ppl_change"] = delta["delta_ppl"]
+    frame.loc["average"] = frame.mean(axis=0)
+    return frame.rename_axis("concept").reset_index()
+
+
+def _markdown(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub markdown table; NaN shows as an en dash."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float | np.floating):
+            return "–" if np.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    lines = [
+        "| " + " | ".join(str(c) for c in frame.columns) + " |",
+        "|" + "|".join("---:" if n else ":---" for n in numeric) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_summary(table: pd.DataFrame, *, site: str, p: float) -> pd.DataFrame:
+    """Average over concepts per tau of the drops for range masking, and for neuron masking."""
+    at = table[(table["site"] == site) & (table["p"] == p)]
+    cols = {"delta_target_acc": "target_drop", "delta_complement_acc": "complement_drop"}
+    out = pd.DataFrame(index=sorted(at["tau"].unique()))
+    for state in ("range", "neuron"):
+        mean = at[at["state"] == state].groupby("tau")[[*cols, "delta_ppl"]].mean()
+        for col, name in cols.items():
+            out[f"{state}_{name}"] = 0.0 - mean[col]
+        out[f"{state}_ppl_change"] = mean["delta_ppl"]
+    return out.rename_axis("tau").reset_index()
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-able rows with NaN as null (strict JSON)."""
+    records: list[dict[str, Any]] = json.loads(frame.to_json(orient="records"))
+    return records
+
+
+def _write(out_dir: Path, result: ErasureResult, config: ErasureConfig, site: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(out_dir / "erasure.csv", result.table)
+    _write_parquet(out_dir / "erasure.parquet", result.table)
+    info = result.info
+    text = (
+        f"# NeuronLens erasure: {info['model']} on {info['dataset']} (task {config.task})\n\n"
+        f"Masks at {site}, tau = {config.tau:g}, p = {config.p:g}, replacement "
+        f"{config.replacement}, positions {config.positions}, mode {config.mode}; test split of "
+        f"{info['n_test']} texts. Drops are base - masked; ppl change is masked - base.\n\n"
+        + _markdown(result.headline)
+        + f"\n## tau sweep (average over concepts, p = {config.p:g})\n\n"
+        + _markdown(pd.DataFrame(info["sweep"]))
+    )
+    write_text(out_dir / "headline.md", text)
+    write_json(
+        out_dir / "erasure.json",
+        {
+            "format": FORMAT_VERSION,
+            "config": config.model_dump(),
+            "info": info,
+            "headline": _records(result.headline),
+        },
+    )
+    title = f"{info['model']} / {info['dataset']}: {site}, tau = {config.tau:g}, p = {config.p:g}"
+    save_figure(erasure_bars(result.headline, title=title), out_dir / "erasure_bars.png")
+    save_figure(
+        tau_tradeoff(result.table, p=config.p, site=site, title=f"{site}, p = {config.p:g}"),
+        out_dir / "tau_tradeoff.png",
+    )
 
 
 def run_erasure(
@@ -676,44 +997,121 @@ def run_erasure(
 ) -> ErasureResult:
     """Run the NeuronLens erasure experiment (Haider et al., arXiv 2502.06809) and write its files.
 
-    Builds the task, predicts the training split, fits concept statistics on the *correctly
-    classified* training texts at the analysis site (reusing ``capture``'s pooled features when they
-    are of these inputs at that site, else re-capturing, which also covers ``position='tokens'``),
-    ranks neurons with ``analysis.ranking`` and fits ranges for every (tau, p); then evaluates base,
-    range-mask and neuron-mask states for each concept on the test split and, for decoders with an
-    LM head, perplexity on general text (``rangelens.data.general_text``; skipped for other models
-    unless ``ppl_texts`` is set explicitly, which is then an error). ``capture`` must come from
-    ``lm`` on ``data``.
+    Builds the task and keeps the training texts it classifies correctly; fits per-concept
+    statistics on those at the analysis site (``analysis.site`` at ``analysis.layer`` and every
+    ``config.layers``; reusing ``capture``'s pooled features when they are of these inputs at that
+    site, else re-capturing, which also covers ``position='tokens'``), ranks neurons with
+    ``analysis.ranking`` and fits ranges for every (tau, p). Then evaluates base, range-mask and
+    neuron-mask states for each concept on the test split and, for decoders with an LM head,
+    perplexity on general text (``rangelens.data.general_text``; other models skip it unless
+    ``ppl_texts`` is set explicitly, which is then an error). ``capture`` must come from ``lm`` on
+    ``data`` (its split is used).
 
     Writes into ``out_dir``: ``erasure.csv`` and ``erasure.parquet`` (the table), ``headline.md``,
     ``erasure.json`` (format ``rangelens.erasure/1``: config, info, headline), ``erasure_bars.png``
-    and ``tau_tradeoff.png``, each atomically.
+    and ``tau_tradeoff.png``; each file atomically, all after the computation succeeded.
     """
     started = time.perf_counter()
     concepts = _check_inputs(lm, data, capture, config)
     taus = sorted({*config.taus, config.tau})
     ps = sorted({*config.ps, config.p})
-    layer_sites = {}
-    for layer in [analysis.layer, *(config.layers or [])]:
-        site = resolve_site(lm.model, analysis.site, layer)
-        layer_sites.setdefault(site.layer, site)
     headline_site = resolve_site(lm.model, analysis.site, analysis.layer)
+    sites = {headline_site.name: headline_site}
+    for layer in config.layers or []:
+        site = resolve_site(lm.model, analysis.site, layer)
+        sites.setdefault(site.name, site)
     train, test = np.asarray(capture.train), np.asarray(capture.test)
-    timings: dict[str, float] = {}
-    info: dict[str, Any] = {"task": config.task, "model": lm.name, "dataset": data.name}
+    labels = np.asarray(data.labels)
+    seconds: dict[str, float] = {}
+    bar = tqdm(total=0, desc="erasure", unit="forward", disable=not progress, leave=False)
 
-    with torch.inference_mode():
-        # 1. the task, and which training texts it classifies correctly
+    with torch.inference_mode(), bar:
         clock = time.perf_counter()
-        if config.task == "head":
-            task, head_features = head_task(
-                lm, data, train, config, analysis, capture, progress=progress
+        task = _build_task(lm, data, capture, analysis, config, progress)
+        train_pred = _unmasked_logp(lm, task, train, config.batch_size).argmax(axis=1)
+        correct = train[train_pred == labels[train]]
+        per_concept = {n: int((labels[correct] == c).sum()) for c, n in enumerate(data.label_names)}
+        empty = [n for n, k in per_concept.items() if k == 0]
+        if empty:
+            raise RangelensError(
+                f"task {config.task!r} classifies no training text of concept {empty[0]!r} "
+                f"correctly (correct per concept: {per_concept}); ranges need correctly "
+                f"classified examples: use more data or another task (valid: {choices(TASKS)})"
             )
-            train_logp = task_logp = None
-            train_pred = (
-                fit_head_predict := lambda rows: (
-                    task_head_logp(task, head_features, rows)  # noqa: E731
-                )
+        seconds["task"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        groups = []
+        for site in sites.values():
+            stats, feats = _concept_stats(
+                lm, task, capture, site, correct, analysis, config.batch_size
             )
-        timings["task"] = time.perf_counter() - clock
-    raise NotImplementedError
+            scores = rank(analysis.ranking, stats, feats, labels[correct], seed=analysis.seed)
+            conditions = _mask_conditions(site, stats, scores, concepts, taus, ps, config, analysis)
+            groups.append(_Group(site, conditions))
+        groups[0].conditions.insert(0, _Condition("base"))  # shares the headline site's prefix
+        seconds["ranges"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        logps, classify_how = _classify(lm, task, test, groups, config, bar)
+        seconds["classify"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        ppls, ppl_info = _perplexity(lm, groups, config, analysis.seed, bar)
+        seconds["perplexity"] = time.perf_counter() - clock
+
+    conditions = [c for g in groups for c in g.conditions]
+    table = _table(
+        conditions,
+        logps,
+        ppls,
+        labels[test],
+        data.label_names,
+        concepts,
+        list(sites.values()),
+        taus,
+        ps,
+    )
+    headline = headline_table(table, site=headline_site.name, tau=config.tau, p=config.p)
+    base = id(groups[0].conditions[0])
+    seconds["total"] = time.perf_counter() - started
+    info: dict[str, Any] = {
+        "task": config.task,
+        "model": lm.name,
+        "dataset": data.name,
+        "task_info": task.info,
+        "train_acc": float((train_pred == labels[train]).mean()),
+        "test_acc": float((logps[base].argmax(axis=1) == labels[test]).mean()),
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_correct_train": len(correct),
+        "n_correct_train_per_concept": per_concept,
+        "sites": list(sites),
+        "headline_site": headline_site.name,
+        "concepts": [data.label_names[c] for c in concepts],
+        "taus": taus,
+        "ps": ps,
+        "n_conditions": len(conditions),
+        "suffix": config.suffix,
+        "classify": classify_how,
+        "perplexity": {"base": None if np.isnan(ppls[base]) else ppls[base], **ppl_info},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "sweep": _records(_sweep_summary(table, site=headline_site.name, p=config.p)),
+    }
+    result = ErasureResult(table, headline, info)
+    _write(Path(out_dir), result, config, headline_site.name)
+    return result
+
+
+def load_erasure(directory: str | Path) -> ErasureResult:
+    """Read back what :func:`run_erasure` wrote into ``directory``."""
+    path = Path(directory) / "erasure.json"
+    saved = read_json(path)
+    if saved.get("format") != FORMAT_VERSION:
+        raise RangelensError(
+            f"{str(path)!r} has format {saved.get('format')!r}; valid: {FORMAT_VERSION!r}"
+        )
+    headline = pd.DataFrame(saved["headline"])
+    numeric = [c for c in headline.columns if c != "concept"]
+    headline[numeric] = headline[numeric].astype(float)  # null -> NaN
+    table = pd.read_parquet(Path(directory) / "erasure.parquet")
+    return ErasureResult(table, headline, saved["info"])

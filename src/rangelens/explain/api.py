@@ -17,6 +17,7 @@ from rangelens.explain.offline import offline_roles
 from rangelens.explain.records import NeuronRecord, write_json
 from rangelens.explain.roles import Roles
 from rangelens.models import LoadedModel
+from rangelens.ranges import ConceptRange
 from rangelens.sites import NeuronSite
 
 BACKENDS = ("offline", "openai", "local")
@@ -30,6 +31,8 @@ def make_roles(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     simulator: str = "lexical",
+    attempts: int = 3,
+    n_exemplars: int = 6,
 ) -> Roles:
     """Roles for ``backend``: ``offline`` needs nothing; ``openai`` / ``local`` need ``client``,
     which is wrapped in a :class:`ResponseCache` under ``cache_dir`` when given."""
@@ -41,7 +44,9 @@ def make_roles(
         raise RangelensError(f"backend {backend!r} needs an LLM client")
     if cache_dir is not None:
         client = CachedClient(client, ResponseCache(cache_dir))
-    return llm_roles(client, simulator=simulator, name=backend)
+    return llm_roles(
+        client, simulator=simulator, name=backend, attempts=attempts, n_exemplars=n_exemplars
+    )
 
 
 def explain_records(
@@ -49,12 +54,14 @@ def explain_records(
     roles: Roles,
     *,
     rounds: int = 4,
+    single_pass_k: int | None = None,
     on_result: Callable[[NeuronExplanation], None] | None = None,
 ) -> list[NeuronExplanation]:
-    """Run NeuronScope + the single-pass baseline on each record."""
+    """Run NeuronScope + the single-pass baseline (from the top ``single_pass_k`` exemplars; all
+    top exemplars by default) on each record."""
     out = []
     for record in records:
-        result = explain_record(record, roles, rounds=rounds)
+        result = explain_record(record, roles, rounds=rounds, single_pass_k=single_pass_k)
         if on_result is not None:
             on_result(result)
         out.append(result)
@@ -81,21 +88,27 @@ def explain_range(
     lm: LoadedModel,
     texts: Sequence[str],
     site: NeuronSite,
-    neuron: int,
-    lo: float,
-    hi: float,
+    concept_range: ConceptRange,
     *,
     roles: Roles | None = None,
     rounds: int = 4,
     config: ExemplarConfig = DEFAULT_EXEMPLARS,
     max_length: int = 64,
 ) -> tuple[NeuronRecord, NeuronExplanation]:
-    """Explain a NeuronLens range (e.g. a ``ConceptRange``'s ``neuron``, ``lo``, ``hi``): the signal
-    explained and scored is the 0/1 indicator of a token's activation lying in ``[lo, hi]``."""
+    """Explain a NeuronLens concept range: the signal explained and scored is the 0/1 indicator of
+    a token's activation on ``concept_range.neuron`` lying in ``[lo, hi]`` (in-range tokens are the
+    positive set)."""
+    lo, hi = concept_range.lo, concept_range.hi
     if not lo <= hi:
         raise RangelensError(f"range lower bound {lo} is above its upper bound {hi}")
     (record,) = build_records(
-        lm, texts, site, [neuron], config=config, target_range=(lo, hi), max_length=max_length
+        lm,
+        texts,
+        site,
+        [concept_range.neuron],
+        config=config,
+        target_range=(lo, hi),
+        max_length=max_length,
     )
     return record, explain_record(record, roles or offline_roles(), rounds=rounds)
 
@@ -107,7 +120,8 @@ def save_results(
     metadata: dict[str, object],
 ) -> Path:
     """Write ``results.json``, ``records/<neuron>.json`` and ``explanations/<neuron>.json`` into a
-    temporary sibling directory and rename it into place, so ``directory`` is complete or absent."""
+    temporary sibling directory and rename it into place, so ``directory`` is complete or absent
+    (an existing one is moved aside first and removed after)."""
     dest = Path(directory)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
@@ -124,9 +138,11 @@ def save_results(
                 "neurons": [summary(e) for e in explanations],
             },
         )
+        old = dest.with_name(f".{dest.name}-old-{os.getpid()}")
         if dest.exists():
-            shutil.rmtree(dest)
+            dest.rename(old)
         tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import openai
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rangelens.errors import RangelensError
 from rangelens.models import LoadedModel
@@ -138,14 +139,34 @@ class OpenAIClient:
         )
 
 
+class _JSONComplete(StoppingCriteria):
+    """Stop generating once the reply (with its prefix) holds one complete JSON object."""
+
+    def __init__(self, tokenizer: Any, start: int, prefix: str) -> None:
+        self.tokenizer = tokenizer
+        self.start = start
+        self.prefix = prefix
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> bool:
+        text = self.prefix + self.tokenizer.decode(input_ids[0, self.start :])
+        if not text.rstrip().endswith(("}", "]")) or "{" not in text:
+            return False
+        try:
+            json.JSONDecoder().raw_decode(text, text.find("{"))
+        except json.JSONDecodeError:
+            return False
+        return True
+
+
 class TransformersClient:
     """A local `transformers` causal LM (e.g. built-in SmolLM2-135M-Instruct), greedy decoding.
 
-    A repetition penalty keeps small models from looping inside a JSON list.
+    Generation stops as soon as the reply holds a complete JSON object (the roles ask for one); a
+    mild repetition penalty keeps small models from looping inside JSON lists.
     """
 
     def __init__(
-        self, lm: LoadedModel, *, max_new_tokens: int = 160, repetition_penalty: float = 1.3
+        self, lm: LoadedModel, *, max_new_tokens: int = 160, repetition_penalty: float = 1.15
     ) -> None:
         if lm.kind != "decoder":
             raise RangelensError(f"model {lm.name!r} is an encoder; a chat LLM must be a decoder")
@@ -188,6 +209,9 @@ class TransformersClient:
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
                 repetition_penalty=self.repetition_penalty,
+                stopping_criteria=StoppingCriteriaList(
+                    [_JSONComplete(tok, inputs["input_ids"].shape[1], prefix)]
+                ),
                 pad_token_id=tok.pad_token_id,
             )
         new = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,12 +14,15 @@ from rangelens.errors import RangelensError, choices
 from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
 from rangelens.explain.clients import LLMClient, OpenAIClient, TransformersClient
 from rangelens.explain.exemplars import ExemplarConfig, build_records
+from rangelens.explain.records import NeuronRecord
 from rangelens.models import load_model
-from rangelens.ranges import RangeMap
+from rangelens.ranges import ConceptRange, RangeMap
 from rangelens.sites import resolve_site
 
 
 def _neurons(neurons: str | None, run_dir: Path | None, top_k: int) -> list[int]:
+    """Neuron ids from ``--neurons``, or the ``top_k`` most salient of a run's range map (rank by
+    rank, round-robin over concepts, without duplicates)."""
     if (neurons is None) == (run_dir is None):
         raise RangelensError("give exactly one of --neurons (comma ids) or --run-dir")
     if neurons is not None:
@@ -32,33 +35,49 @@ def _neurons(neurons: str | None, run_dir: Path | None, top_k: int) -> list[int]
     assert run_dir is not None
     ranges = RangeMap.load(run_dir / "ranges")
     picked: list[int] = []
-    for rank in range(ranges.neurons.shape[1]):  # most salient first, round-robin over concepts
+    for rank in range(ranges.neurons.shape[1]):
         for n in ranges.neurons[:, rank]:
             if int(n) not in picked and len(picked) < top_k:
                 picked.append(int(n))
     return picked
 
 
+def _run_metadata(run_dir: Path | None) -> dict[str, Any]:
+    return RangeMap.load(run_dir / "ranges").metadata if run_dir is not None else {}
+
+
 def explain_command(
-    model: Annotated[str, typer.Option(help="built-in name, local dir or hub id")] = "smollm2-135m",
-    dataset: Annotated[str, typer.Option(help="built-in dataset or file/folder")] = "bbc-news",
-    site: Annotated[str, typer.Option(help="resid | mlp | attn | module:<path>")] = "mlp",
-    layer: Annotated[int, typer.Option(help="block index (negative counts from the end)")] = 15,
+    model: Annotated[
+        str | None, typer.Option(help="built-in name, local dir or hub id [run's, smollm2-135m]")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="built-in dataset or file/folder [run's, bbc-news]")
+    ] = None,
+    site: Annotated[
+        str | None, typer.Option(help="resid | mlp | attn | module:<path> [run's, mlp]")
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option(help="block index, negative from the end [run's, 15]")
+    ] = None,
     neurons: Annotated[str | None, typer.Option(help="comma-separated neuron ids")] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="a rangelens run dir: explain its top salient neurons")
     ] = None,
-    top_k: Annotated[int, typer.Option(help="neurons taken from --run-dir")] = 10,
+    top_k: Annotated[int, typer.Option(help="neurons (or ranges) taken from --run-dir")] = 10,
+    concept: Annotated[
+        str | None,
+        typer.Option(help="with --run-dir: explain this concept's ranges (in-range tokens)"),
+    ] = None,
     backend: Annotated[str, typer.Option(help=f"one of {', '.join(BACKENDS)}")] = "offline",
-    base_url: Annotated[str, typer.Option(help="OpenAI-compatible server")] = (
-        "http://127.0.0.1:8000/v1"
-    ),
-    llm_model: Annotated[str, typer.Option(help="model name (openai) or path (local)")] = (
-        "smollm2-135m"
-    ),
-    api_key_env: Annotated[str, typer.Option(help="env var holding the API key")] = (
-        "OPENAI_API_KEY"
-    ),
+    base_url: Annotated[
+        str, typer.Option(help="OpenAI-compatible server (openai backend)")
+    ] = "http://127.0.0.1:8000/v1",
+    llm_model: Annotated[
+        str, typer.Option(help="served model name (openai) or model for the local backend")
+    ] = "smollm2-135m",
+    api_key_env: Annotated[
+        str, typer.Option(help="environment variable holding the API key")
+    ] = "OPENAI_API_KEY",
     max_per_class: Annotated[int, typer.Option(help="texts per class")] = 60,
     output: Annotated[Path, typer.Option(help="explanations directory")] = Path("explanations"),
     rounds: Annotated[int, typer.Option(help="refinement rounds")] = 4,
@@ -67,7 +86,13 @@ def explain_command(
     """Explain neurons as NeuronScope modes with activation ranges, vs a single-pass baseline."""
     if backend not in BACKENDS:
         raise RangelensError(f"unknown backend {backend!r}; valid: {choices(BACKENDS)}")
-    ids = _neurons(neurons, run_dir, top_k)
+    if concept is not None and run_dir is None:
+        raise RangelensError("--concept needs --run-dir (the concept's ranges come from it)")
+    meta = _run_metadata(run_dir)
+    model = model or meta.get("model") or "smollm2-135m"
+    dataset = dataset or meta.get("dataset") or "bbc-news"
+    site = site or meta.get("site") or "mlp"
+    layer = layer if layer is not None else meta.get("layer", 15)
     lm = load_model(model)
     resolved = resolve_site(lm.model, site, layer)
     texts = load_texts(dataset, max_per_class=max_per_class, seed=seed).texts
@@ -77,22 +102,23 @@ def explain_command(
     elif backend == "local":
         client = TransformersClient(lm if llm_model == model else load_model(llm_model))
     roles = make_roles(backend, client, cache_dir=output.parent / f".{output.name}-llm-cache")
-    records = build_records(lm, texts, resolved, ids, config=ExemplarConfig(seed=seed))
+    config = ExemplarConfig(seed=seed)
+    records: list[NeuronRecord] = []
+    if concept is not None:
+        assert run_dir is not None
+        picked: list[ConceptRange] = RangeMap.load(run_dir / "ranges").ranges(concept)[:top_k]
+        for r in picked:
+            records += build_records(
+                lm, texts, resolved, [r.neuron], config=config, target_range=(r.lo, r.hi)
+            )
+    else:
+        ids = _neurons(neurons, run_dir, top_k)
+        records = build_records(lm, texts, resolved, ids, config=config)
     results = explain_records(records, roles, rounds=rounds)
-    save_results(
-        output,
-        records,
-        results,
-        {
-            "model": model,
-            "dataset": dataset,
-            "site": resolved.name,
-            "backend": backend,
-            "seed": seed,
-        },
-    )
+    info = {"model": model, "dataset": dataset, "site": resolved.name, "backend": backend}
+    save_results(output, records, results, {**info, "concept": concept, "seed": seed})
     table = Table(title=f"explanations of {resolved.name} ({backend}) -> {output}")
-    for col in ("neuron", "iterative r", "single-pass r", "AUC", "modes (range)"):
+    for col in ("neuron", "target", "iterative r", "single-pass r", "AUC", "modes [range]"):
         table.add_column(col)
     for e in results:
         modes = "\n".join(
@@ -103,6 +129,7 @@ def explain_command(
         )
         table.add_row(
             str(e.neuron),
+            e.target,
             f"{e.iterative.held_out:.3f}",
             f"{e.single_pass.held_out:.3f}",
             f"{e.iterative.auc:.2f}",

@@ -124,7 +124,7 @@ def _chat(prompt: str) -> list[Message]:
 
 def phrase_components(phrases: Sequence[str], explanation: str = "") -> list[Component]:
     """Free-text components: the given phrases plus phrases quoted in the explanation."""
-    quoted = re.findall(r"[\"'‘“]([^\"'’”]{2,40})[\"'’”]", explanation)
+    quoted = re.findall(r"(?<!\w)[\"'‘“]([^\"'’”]{2,40})[\"'’”](?!\w)", explanation)
     out: dict[str, Component] = {}
     for p in [*phrases, *quoted]:
         key = p.strip().lower()
@@ -140,9 +140,10 @@ def _scale(record: NeuronRecord) -> float:
 class LLMDecomposer:
     """Ask for the atomic semantic components around the peaks of each top exemplar."""
 
-    def __init__(self, client: LLMClient, n_exemplars: int = 6) -> None:
+    def __init__(self, client: LLMClient, n_exemplars: int = 6, attempts: int = 3) -> None:
         self.client = client
         self.n_exemplars = n_exemplars
+        self.attempts = attempts
 
     def decompose(self, record: NeuronRecord, trace: Trace) -> list[Component]:
         scale = _scale(record)
@@ -151,8 +152,8 @@ class LLMDecomposer:
         def one(rec: ActivationRecord) -> list[Component]:
             prompt = (
                 f"{show_record(rec, 'exemplar', scale)}\n\nList the atomic semantic components "
-                "(short words or phrases) around the most active tokens. Reply as "
-                '{"components": ["...", ...]} with 1 to 6 items.'
+                "(short words or phrases taken from the text) around the most active tokens. Reply "
+                'with a JSON object whose key "components" lists 1 to 6 of them.'
             )
             found = ask_json(
                 self.client,
@@ -162,6 +163,7 @@ class LLMDecomposer:
                 target=f"text {rec.text_index}",
                 trace=trace,
                 prefill='{"components": ["',
+                attempts=self.attempts,
             )
             comps = phrase_components(found or [])
             for c in comps:
@@ -181,9 +183,10 @@ class LLMDecomposer:
 class LLMClusterer:
     """Ask the LLM to group the components into distinct semantic modes (it chooses how many)."""
 
-    def __init__(self, client: LLMClient, max_modes: int = 4) -> None:
+    def __init__(self, client: LLMClient, max_modes: int = 4, attempts: int = 3) -> None:
         self.client = client
         self.max_modes = max_modes
+        self.attempts = attempts
 
     def candidates(
         self, components: list[Component], record: NeuronRecord, trace: Trace
@@ -194,8 +197,9 @@ class LLMClusterer:
         prompt = (
             "Components found around the neuron's activation peaks:\n"
             f"{delimit(listing, 'components')}\n\n"
-            f"Group them into 1 to {self.max_modes} distinct semantic modes. Reply as "
-            '{"modes": [{"label": "...", "components": [component numbers]}, ...]}.'
+            f"Group them into 1 to {self.max_modes} distinct semantic modes. Reply with a JSON "
+            'object whose key "modes" lists the modes, each an object with a "label" (a short '
+            'name) and "components" (the list of its component numbers).'
         )
 
         def validate(data: dict[str, Any]) -> list[Mode]:
@@ -223,6 +227,7 @@ class LLMClusterer:
             target="modes",
             trace=trace,
             prefill='{"modes": [{"label": "',
+            attempts=self.attempts,
         )
         return [modes if modes is not None else [Mode("", "", list(components))]]
 
@@ -236,17 +241,18 @@ def _explanation(data: dict[str, Any]) -> tuple[str, list[str]]:
 
 
 _EXPLAIN_FORMAT = (
-    'Reply as {"explanation": "one sentence", '
-    '"keywords": ["words or phrases the neuron fires on"]}.'
+    'Reply with a JSON object with keys "explanation" (your sentence) and "keywords" (a list of '
+    "the words from the texts that the neuron fires on)."
 )
 
 
 class LLMExplainer:
     """One explanation (with keywords) per mode; the single-pass baseline from the top exemplars."""
 
-    def __init__(self, client: LLMClient, n_shown: int = 3) -> None:
+    def __init__(self, client: LLMClient, n_shown: int = 3, attempts: int = 3) -> None:
         self.client = client
         self.n_shown = n_shown
+        self.attempts = attempts
 
     def _ask(self, prompt: str, target: str, trace: Trace) -> tuple[str, list[str]] | None:
         return ask_json(
@@ -257,6 +263,7 @@ class LLMExplainer:
             target=target,
             trace=trace,
             prefill='{"explanation": "',
+            attempts=self.attempts,
         )
 
     def explain(self, modes: list[Mode], record: NeuronRecord, trace: Trace) -> list[Mode]:
@@ -303,8 +310,9 @@ class LLMExplainer:
 class LLMSimulator:
     """Ask for a 0-10 activation per token given the mode explanations (Bills et al. 2023)."""
 
-    def __init__(self, client: LLMClient) -> None:
+    def __init__(self, client: LLMClient, attempts: int = 3) -> None:
         self.client = client
+        self.attempts = attempts
 
     def simulate(
         self,
@@ -339,6 +347,7 @@ class LLMSimulator:
                 target=f"text {rec.text_index}",
                 trace=trace,
                 prefill='{"activations": [',
+                attempts=self.attempts,
             )
             return got if got is not None else np.zeros(len(rec.tokens))
 
@@ -349,9 +358,10 @@ class LLMSimulator:
 class LLMRefiner:
     """Show the current modes and the worst-fit exemplars; ask for revised modes."""
 
-    def __init__(self, client: LLMClient, max_modes: int = 4) -> None:
+    def __init__(self, client: LLMClient, max_modes: int = 4, attempts: int = 3) -> None:
         self.client = client
         self.max_modes = max_modes
+        self.attempts = attempts
 
     def propose(
         self,
@@ -369,8 +379,8 @@ class LLMRefiner:
             f"Current modes of the neuron:\n{delimit(current, 'modes')}\n\nThese exemplars were "
             f"predicted badly from them:\n{shown}\n\nRevise the modes (add, split, merge or "
             f"reword) so they predict the activations better; 1 to {self.max_modes} modes. Reply "
-            'as {"modes": [{"label": "...", "explanation": "one sentence", '
-            '"keywords": ["..."]}, ...]}.'
+            'with a JSON object whose key "modes" lists the modes, each an object with "label", '
+            '"explanation" (one sentence) and "keywords" (words from the texts it fires on).'
         )
 
         def validate(data: dict[str, Any]) -> list[Mode]:
@@ -393,18 +403,27 @@ class LLMRefiner:
             target="modes",
             trace=trace,
             prefill='{"modes": [{"label": "',
+            attempts=self.attempts,
         )
         return [] if revised is None else [revised]
 
 
-def llm_roles(client: LLMClient, *, simulator: str = "lexical", name: str = "llm") -> Roles:
+def llm_roles(
+    client: LLMClient,
+    *,
+    simulator: str = "lexical",
+    name: str = "llm",
+    attempts: int = 3,
+    n_exemplars: int = 6,
+) -> Roles:
     """LLM decomposer, clusterer, explainer and refiner; the simulator is the offline lexical one
-    (reads each mode's keywords and quoted phrases; cheap) or ``"llm"`` (one LLM call per text)."""
+    (reads each mode's keywords and quoted phrases; cheap) or ``"llm"`` (one LLM call per text).
+    ``attempts`` bounds the tries per step; the decomposer reads ``n_exemplars`` top exemplars."""
     return Roles(
         name=name,
-        decomposer=LLMDecomposer(client),
-        clusterer=LLMClusterer(client),
-        explainer=LLMExplainer(client),
-        simulator=LLMSimulator(client) if simulator == "llm" else LexicalSimulator(),
-        refiner=LLMRefiner(client),
+        decomposer=LLMDecomposer(client, n_exemplars, attempts),
+        clusterer=LLMClusterer(client, attempts=attempts),
+        explainer=LLMExplainer(client, attempts=attempts),
+        simulator=LLMSimulator(client, attempts) if simulator == "llm" else LexicalSimulator(),
+        refiner=LLMRefiner(client, attempts=attempts),
     )

@@ -104,7 +104,8 @@ class Evaluator:
         return sim.predictions
 
     def validation(self, modes: list[Mode]) -> float:
-        return score_records(self.predict(modes, self.record.validation), self.record.validation)
+        recs = self.record.validation
+        return self.roles.scorer.score(self.predict(modes, recs), recs)
 
     def final(self, modes: list[Mode]) -> MethodScores:
         val_pred = self.predict(modes, self.record.validation)
@@ -115,8 +116,8 @@ class Evaluator:
         cut = best_threshold(np.array([float(p.max()) for p in val_pred]), positive)
         det = detection(held_pred, self.record.held_out, self.record.threshold, cut)
         return MethodScores(
-            validation=score_records(val_pred, self.record.validation),
-            held_out=score_records(held_pred, self.record.held_out),
+            validation=self.roles.scorer.score(val_pred, self.record.validation),
+            held_out=self.roles.scorer.score(held_pred, self.record.held_out),
             auc=det.auc,
             balanced_accuracy=det.balanced_accuracy,
         )

@@ -107,14 +107,19 @@ class MiniLMEmbedder:
         return np.stack([self._memo[t] for t in texts]) if texts else np.zeros((0, 384))
 
 
+def display(text: str) -> str:
+    """Readable one-line form of token text (whitespace-only tokens escaped, e.g. ``\\n``)."""
+    return text.strip() or text.encode("unicode_escape").decode("ascii")
+
+
 def _features(tokens: Sequence[str], t: int) -> list[tuple[ComponentKind, list[str], str]]:
     """(kind, pattern, display text) of the offline features at position ``t``."""
     n = normalize(tokens[t])
-    feats: list[tuple[ComponentKind, list[str], str]] = [("token", [n], tokens[t].strip() or n)]
+    feats: list[tuple[ComponentKind, list[str], str]] = [("token", [n], display(tokens[t]))]
     if t >= 1:
         p = normalize(tokens[t - 1])
-        feats.append(("bigram", [p, n], (tokens[t - 1] + tokens[t]).strip()))
-        feats.append(("after", [p], tokens[t - 1].strip() or p))
+        feats.append(("bigram", [p, n], display(tokens[t - 1] + tokens[t])))
+        feats.append(("after", [p], display(tokens[t - 1])))
     return feats
 
 
@@ -219,7 +224,7 @@ class OfflineExplainer:
                 if acts[t] >= 0.5 * acts.max() and acts.max() > 0:
                     key = normalize(rec.tokens[t])
                     peaks[key].append(float(acts[t]))
-                    texts.setdefault(key, rec.tokens[t].strip() or key)
+                    texts.setdefault(key, display(rec.tokens[t]))
         comps = [
             Component(texts[key], "token", [key], float(np.mean(v))) for key, v in peaks.items()
         ]
@@ -228,7 +233,9 @@ class OfflineExplainer:
 
 def render(mode: Mode) -> Mode:
     comps = sorted(mode.components, key=lambda c: -c.weight)
-    label = mode.label or " / ".join(c.text for c in comps[:2])
+    label = mode.label or " / ".join(
+        f"after {c.text}" if c.kind == "after" else c.text for c in comps[:2]
+    )
     lexicon = ", ".join(f"{c.render()} ({c.weight:.2f})" for c in comps)
     return Mode(label, f"fires on {lexicon}", comps)
 
@@ -253,6 +260,8 @@ class LexicalSimulator:
     def _tokens(self, rec: ActivationRecord) -> np.ndarray:
         hit = self._norm.get(id(rec))
         if hit is None or hit[0] is not rec:
+            if len(self._norm) > 20_000:  # bounded memo across many neurons
+                self._norm.clear()
             hit = (rec, np.array([normalize(t) for t in rec.tokens], dtype=object))
             self._norm[id(rec)] = hit
         return hit[1]

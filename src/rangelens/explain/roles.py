@@ -4,7 +4,7 @@ on.
 decomposer -> atomic :class:`Component` s of the activating exemplars; clusterer -> candidate
 groupings into :class:`Mode` s; explainer -> one explanation per mode (and the single-pass baseline
 of Bills et al. 2023 from the top exemplars); simulator -> per-token activations predicted from the
-explanations only; refiner -> revised modes from the worst-fit exemplars. Offline implementations
+explanations only; scorer -> how well a simulation fits; refiner -> revised modes from the worst-fit exemplars. Offline implementations
 live in :mod:`rangelens.explain.offline`, LLM-backed ones in :mod:`rangelens.explain.llm`.
 """
 
@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from rangelens.explain.records import ActivationRecord, NeuronRecord
+from rangelens.explain.scoring import CorrelationScorer
 
 ComponentKind = Literal["token", "bigram", "after", "phrase"]
 
@@ -125,6 +126,12 @@ class Simulator(Protocol):
     ) -> Simulation: ...
 
 
+class Scorer(Protocol):
+    def score(
+        self, simulated: Sequence[np.ndarray], records: Sequence[ActivationRecord]
+    ) -> float: ...
+
+
 class Refiner(Protocol):
     def propose(
         self,
@@ -145,3 +152,4 @@ class Roles:
     explainer: Explainer
     simulator: Simulator
     refiner: Refiner
+    scorer: Scorer = field(default_factory=CorrelationScorer)

@@ -40,6 +40,13 @@ def score_records(simulated: Sequence[np.ndarray], records: Sequence[ActivationR
     return correlation(sim, true)
 
 
+class CorrelationScorer:
+    """The default scorer role: :func:`score_records` (OpenAI's all-at-once correlation)."""
+
+    def score(self, simulated: Sequence[np.ndarray], records: Sequence[ActivationRecord]) -> float:
+        return score_records(simulated, records)
+
+
 @dataclass(frozen=True)
 class Detection:
     """Text-level detection of activating texts: ROC AUC and balanced accuracy at ``threshold``."""

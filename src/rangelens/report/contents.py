@@ -1,0 +1,286 @@
+"""What a run directory holds, loaded for the atlas: every stage that exists, and notes on what is
+missing or unreadable (a partial run still renders)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+
+from rangelens.analysis import CaptureResult, load_capture
+from rangelens.artifacts import read_json
+from rangelens.data import load_texts
+from rangelens.errors import RangelensError
+from rangelens.evaluate import FORMAT_VERSION as ERASURE_FORMAT
+from rangelens.explain.api import RESULTS_FORMAT
+from rangelens.explain.loop import NeuronExplanation
+from rangelens.explain.records import NeuronRecord
+from rangelens.ranges import RangeMap, bhattacharyya
+
+ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png")
+STAGES = {  # stage -> (the file that marks it as written, how to make it)
+    "capture": ("capture.json", "run `rangelens analyze`"),
+    "ranges": ("ranges.json", "run `rangelens analyze`"),
+    "erasure": (
+        "erasure.json",
+        "run `rangelens run CONFIG` (or `rangelens demo`) with an erasure section",
+    ),
+    "explanations": (
+        "results.json",
+        "run `rangelens explain --run-dir RUN_DIR --output RUN_DIR/explanations`",
+    ),
+}
+T = TypeVar("T")
+
+
+@dataclass
+class Ranges:
+    """The ``ranges/`` stage: the range map, its per-(concept, neuron) distribution table, the
+    per-concept summary and polysemanticity tables, and salience scores ``(C, d)``."""
+
+    range_map: RangeMap
+    distribution: pd.DataFrame
+    summary: pd.DataFrame
+    polysemanticity: pd.DataFrame
+    scores: np.ndarray
+
+
+@dataclass
+class Erasure:
+    """The ``erasure/`` stage as written by :mod:`rangelens.evaluate`: ``erasure.json`` (config,
+    info, headline), the long results table and the figures that exist."""
+
+    table: pd.DataFrame | None
+    summary: dict[str, Any]
+    figures: list[Path]
+
+
+@dataclass
+class Explanations:
+    """A NeuronScope results directory: ``results.json`` metadata, per-neuron explanations and
+    exemplar records (keyed by neuron)."""
+
+    metadata: dict[str, Any]
+    explanations: dict[int, NeuronExplanation]
+    records: dict[int, NeuronRecord]
+
+    @property
+    def site(self) -> str | None:
+        site = self.metadata.get("site")
+        return str(site) if site is not None else None
+
+
+@dataclass
+class TextExemplars:
+    """The analysed texts (re-loaded from the run's dataset config), aligned with the pooled
+    features of ``capture/``."""
+
+    texts: list[str]
+    labels: np.ndarray
+
+
+@dataclass
+class RunContents:
+    """Everything of a run the atlas can show; ``missing`` says what is absent and how to get it."""
+
+    run_dir: Path
+    meta: dict[str, Any]
+    capture: CaptureResult | None = None
+    ranges: Ranges | None = None
+    erasure: Erasure | None = None
+    explanations: Explanations | None = None
+    texts: TextExemplars | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.meta.get("config", {}))
+
+    @property
+    def model(self) -> str:
+        return _display_name(self.config.get("model", "unknown model"))
+
+    @property
+    def dataset(self) -> str:
+        return _display_name(self.config.get("dataset", "unknown dataset"))
+
+    @property
+    def concepts(self) -> list[str]:
+        if self.capture is not None:
+            return list(self.capture.label_names)
+        return list(self.ranges.range_map.concepts) if self.ranges is not None else []
+
+    @property
+    def site(self) -> str | None:
+        if self.capture is not None:
+            return str(self.capture.info.get("site"))
+        return self.ranges.range_map.metadata.get("site_name") if self.ranges else None
+
+    def explained_here(self) -> bool:
+        """Whether the explanations are of the analysed site (so they join its neuron pages)."""
+        return self.explanations is not None and self.explanations.site == self.site
+
+
+def _display_name(source: object) -> str:
+    """A model or dataset as named in the config: a local path by its last part, a built-in or hub
+    id as is."""
+    text = str(source)
+    return Path(text).name if text.startswith(("/", ".", "~")) or Path(text).exists() else text
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise a one-line error unless ``run_dir`` is an existing rangelens run directory."""
+    if not run_dir.is_dir():
+        raise RangelensError(f"run directory {str(run_dir)!r} does not exist")
+    if not (run_dir / "run.json").is_file():
+        raise RangelensError(
+            f"{str(run_dir)!r} is not a rangelens run (no run.json); "
+            f"make one with `rangelens analyze --out DIR`"
+        )
+
+
+def source_fingerprint(run_dir: Path, explanations: Path) -> str:
+    """Hash of what the atlas is built from (stage markers, run.json, explanation results)."""
+    digest = hashlib.sha256()
+    for path in (
+        run_dir / "run.json",
+        *(run_dir / stage / "stage.json" for stage in ("capture", "ranges", "erasure")),
+        explanations / "results.json",
+    ):
+        digest.update(str(path).encode())
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    return digest.hexdigest()[:16]
+
+
+def default_explanations(run_dir: Path) -> Path:
+    """Where a run's explanations are looked for unless told otherwise."""
+    return run_dir / "explanations"
+
+
+def load_run(run_dir: Path, explanations: Path | None = None) -> RunContents:
+    """Load every stage of ``run_dir`` that exists; explanations are read from ``explanations``
+    (default :func:`default_explanations`)."""
+    check_run_dir(run_dir)
+    run = RunContents(run_dir, read_json(run_dir / "run.json"))
+    run.capture = _stage(run, "capture", run_dir / "capture", load_capture)
+    run.ranges = _stage(run, "ranges", run_dir / "ranges", _load_ranges)
+    run.erasure = _stage(run, "erasure", run_dir / "erasure", _load_erasure)
+    run.explanations = _stage(
+        run, "explanations", explanations or default_explanations(run_dir), _load_explanations
+    )
+    if run.capture is not None and run.capture.features is not None:
+        run.texts = _load_texts(run)
+    if run.explanations is not None and run.site is not None and not run.explained_here():
+        run.missing.append(
+            f"explanations are of site {run.explanations.site!r}, the analysis of "
+            f"{run.site!r}: they are shown on their own pages"
+        )
+    return run
+
+
+def _stage(run: RunContents, name: str, directory: Path, load: Callable[[Path], T]) -> T | None:
+    """``load(directory)``, or None with a note in ``run.missing`` when the stage's marker file is
+    absent or the stage cannot be read."""
+    marker, hint = STAGES[name]
+    if not (directory / marker).is_file():
+        state = f"has no {marker}" if directory.is_dir() else "is missing"
+        run.missing.append(f"{name}/ {state}: {hint}")
+        return None
+    try:
+        return load(directory)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # RangelensError is a ValueError
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        run.missing.append(f"{name}/ could not be read ({first})")
+        return None
+
+
+def _load_ranges(directory: Path) -> Ranges:
+    from safetensors.numpy import load_file
+
+    return Ranges(
+        range_map=RangeMap.load(directory),
+        distribution=pd.read_csv(directory / "distribution.csv"),
+        summary=pd.read_csv(directory / "summary.csv"),
+        polysemanticity=pd.read_csv(directory / "polysemanticity.csv"),
+        scores=load_file(str(directory / "scores.safetensors"))["scores"],
+    )
+
+
+def _load_erasure(directory: Path) -> Erasure:
+    summary = read_json(directory / "erasure.json")
+    if summary.get("format") != ERASURE_FORMAT:
+        raise RangelensError(f"erasure.json has format {summary.get('format')!r}")
+    csv = directory / "erasure.csv"
+    table = pd.read_csv(csv) if csv.is_file() else None
+    figures = [directory / name for name in ERASURE_FIGURES if (directory / name).is_file()]
+    return Erasure(table, summary, figures)
+
+
+def _load_explanations(directory: Path) -> Explanations:
+    results = read_json(directory / "results.json")
+    if results.get("format") != RESULTS_FORMAT:
+        raise RangelensError(f"results.json has format {results.get('format')!r}")
+    explanations = {}
+    for path in sorted((directory / "explanations").glob("*.json")):
+        e = NeuronExplanation.load(path)
+        explanations[e.neuron] = e
+    records = {}
+    for path in sorted((directory / "records").glob("*.json")):
+        r = NeuronRecord.load(path)
+        records[r.neuron] = r
+    return Explanations(dict(results.get("metadata", {})), explanations, records)
+
+
+def _load_texts(run: RunContents) -> TextExemplars | None:
+    """The analysed texts in capture order, or None (with a note) when they cannot be re-loaded."""
+    assert run.capture is not None
+    cfg = run.config
+    try:
+        data = load_texts(
+            cfg["dataset"],
+            text_column=cfg.get("text_column", "text"),
+            label_column=cfg.get("label_column", "label"),
+            concepts=cfg.get("concepts"),
+            max_per_class=cfg.get("max_per_class"),
+            balance=cfg.get("balance", False),
+            seed=cfg.get("seed", 0),
+        )
+    except (RangelensError, OSError, KeyError) as err:
+        run.missing.append(f"exemplar texts are unavailable: {str(err).splitlines()[0]}")
+        return None
+    if len(data) != len(run.capture.labels) or not np.array_equal(data.labels, run.capture.labels):
+        run.missing.append("exemplar texts are unavailable: the dataset no longer matches the run")
+        return None
+    return TextExemplars(data.texts, data.labels)
+
+
+def salient_overlap(range_map: RangeMap) -> np.ndarray:
+    """Jaccard overlap ``(C, C)`` of the concepts' salient-neuron sets."""
+    sets = [set(row.tolist()) for row in range_map.neurons]
+    return np.array([[len(a & b) / max(len(a | b), 1) for b in sets] for a in sets])
+
+
+def distribution_overlap(capture: CaptureResult, range_map: RangeMap) -> np.ndarray:
+    """``(C, C)``: median Bhattacharyya coefficient, over concept r's salient neurons, between r's
+    fitted Gaussian and concept c's (1 on the diagonal)."""
+    stats = capture.stats
+    mean, std = np.asarray(stats.mean), np.asarray(stats.std)
+    out = np.empty((len(range_map.concepts),) * 2)
+    for r, neurons in enumerate(range_map.neurons):
+        bc = bhattacharyya(mean[r, neurons], std[r, neurons], mean[:, neurons], std[:, neurons])
+        out[r] = np.median(bc, axis=1)
+    return out
+
+
+def concepts_per_neuron(range_map: RangeMap) -> dict[int, list[int]]:
+    """For each salient neuron, the concepts (indices) it is salient for."""
+    out: dict[int, list[int]] = {}
+    for c, row in enumerate(range_map.neurons):
+        for j in row.tolist():
+            out.setdefault(int(j), []).append(c)
+    return dict(sorted(out.items()))
