@@ -12,37 +12,8 @@ import pandas as pd
 import pytest
 
 from rangelens.analysis import AnalysisConfig, analyze, load_capture
-from rangelens.models import LoadedModel
 from rangelens.ranges import RangeMap
 from rangelens.stats import ConceptStats
-
-TOPICS = {
-    "sport": ["The striker scored twice in the league match", "A late goal won the cup final"],
-    "money": ["Shares fell as the bank raised interest rates", "Profits rose at the retail group"],
-    "tech": ["The new phone has a faster chip and camera", "Software update fixes a security bug"],
-}
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    rows = [
-        {"text": f"{t} ({i})", "topic": label}
-        for label, texts in TOPICS.items()
-        for i in range(6)
-        for t in texts
-    ]
-    path = tmp_path / "topics.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path: Path, tiny_llama: LoadedModel) -> Path:
-    """A tiny Llama saved as a local model directory, loaded by path like any user model."""
-    path = tmp_path / "tiny-llama"
-    tiny_llama.model.save_pretrained(path)
-    tiny_llama.tokenizer.save_pretrained(path)
-    return path
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -36,6 +36,8 @@ def one_line(err: Exception) -> str:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "config"
         msg = first["msg"].removeprefix("Value error, ")
+        if msg.startswith("invalid "):  # a nested model already named the option and value
+            return msg
         return f"invalid {where} ({first.get('input')!r}): {msg}"
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
@@ -177,9 +179,13 @@ def run_and_print(config: Any, progress: bool) -> None:
     print_analysis(result.analysis)
     if result.erasure is not None:
         print_erasure(result.erasure)
+    from rangelens.report import build_atlas
+
+    atlas = build_atlas(result.run_dir) / "index.html"
     console.print(
         f"[bold green]done in {result.seconds:.0f} s; everything is in[/] {result.run_dir}"
     )
+    console.print(f"[bold green]atlas:[/] {atlas} (or `rangelens serve {result.run_dir}`)")
 
 
 @app.command("run")

@@ -1,0 +1,102 @@
+"""`rangelens run`: one YAML config end-to-end, resumable stages, and config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rangelens.cli import app
+from rangelens.pipeline import example_config, load_config, run
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def config_data(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> dict:
+    return {
+        "out": str(tmp_path / "run"),
+        "analysis": {
+            "model": str(tiny_model_dir),
+            "dataset": str(corpus),
+            "label_column": "topic",
+            "max_length": 32,
+        },
+        "erasure": {"taus": [1.0, 2.0], "ppl_texts": 4, "ppl_max_length": 16},
+    }
+
+
+def test_run_end_to_end_and_resume(tmp_path: Path, config_data: dict) -> None:
+    path = write_config(tmp_path / "cfg.yaml", {**config_data, "erasure": None})
+    first = run(load_config(path), progress=False)  # analysis only, as if stopped before erasure
+    assert first.erasure is None
+    out = Path(config_data["out"])
+    stamps = {s: (out / s / "stage.json").read_text() for s in ("capture", "ranges")}
+
+    second = run(load_config(write_config(tmp_path / "full.yaml", config_data)), progress=False)
+    assert second.erasure is not None
+    for stage, stamp in stamps.items():  # finished stages were not redone
+        assert (out / stage / "stage.json").read_text() == stamp
+    table = pd.read_csv(out / "erasure" / "erasure.csv")
+    assert set(table["state"]) == {"base", "range", "neuron"}
+    assert set(table["concept"]) == {"money", "sport", "tech"}
+    assert "average" in second.erasure.headline["concept"].tolist()
+    erasure_stamp = (out / "erasure" / "stage.json").read_text()
+
+    third = run(load_config(tmp_path / "full.yaml"), progress=False)  # everything current
+    assert (out / "erasure" / "stage.json").read_text() == erasure_stamp
+    pd.testing.assert_frame_equal(third.erasure.headline, second.erasure.headline)
+
+
+def test_cli_run_prints_table_and_atlas(tmp_path: Path, config_data: dict) -> None:
+    path = write_config(tmp_path / "cfg.yaml", config_data)
+    res = CliRunner().invoke(app, ["run", str(path), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "erasure" in res.output and "atlas:" in res.output
+    assert (Path(config_data["out"]) / "atlas" / "index.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"analysis": {"colour": "red"}}, "analysis.colour"),
+        ({"erasure": {"tau": 0}}, "tau = 0"),
+        ({"erasure": {"p": 1.5}}, "p = 1.5"),
+        ({"analysis": {"tau": -1}}, "analysis.tau"),
+        ({"analysis": {"layer": "last"}}, "analysis.layer"),
+        ({"erasure": {"concepts": ["weather"]}}, "weather"),
+        ({"erasure": {"task": "prompt"}}, "prompt"),
+    ],
+)
+def test_bad_configs(tmp_path: Path, config_data: dict, patch: dict, message: str) -> None:
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in config_data.items()}
+    data["out"] = str(tmp_path / "bad-run")
+    for section, values in patch.items():
+        data[section].update(values)
+    path = write_config(tmp_path / "bad.yaml", data)
+    res = CliRunner().invoke(app, ["run", str(path), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], res.output
+
+
+def test_unreadable_configs(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("analysis: [unclosed")
+    res = runner.invoke(app, ["run", str(broken)])
+    assert res.exit_code == 2 and "not valid YAML" in res.output
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "minilm-l6"])
+def test_example_configs_validate(model: str) -> None:
+    config = load_config(example_config(model))
+    assert config.analysis.model == model and config.erasure is not None
