@@ -230,7 +230,9 @@ def test_real_encoder_cls_and_mean(minilm: LoadedModel, texts: list[str]) -> Non
     assert row_rel_err(left.acts["resid.5"], right.acts["resid.5"]) < 1e-4
 
 
-def test_half_precision_models_capture_in_their_dtype(tiny_llama: LoadedModel, texts: list[str]) -> None:
+def test_half_precision_models_capture_in_their_dtype(
+    tiny_llama: LoadedModel, texts: list[str]
+) -> None:
     """bf16 models run in bf16 (the GPU setting); captures come back as float32 close to fp32."""
     import copy
 
