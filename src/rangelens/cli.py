@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rangelens.errors import RangelensError
+from rangelens.explain.command import explain_command
 from rangelens.report.commands import report_command, serve_command
 
 app = typer.Typer(
@@ -213,6 +214,7 @@ def demo(
     run_and_print(config.model_copy(update={"out": out}), progress)
 
 
+app.command("explain")(user_errors(explain_command))
 app.command("report")(user_errors(report_command))
 app.command("serve")(user_errors(serve_command))
 
