@@ -158,19 +158,31 @@ def analyze(
 
 
 def print_erasure(result: Any) -> None:
-    """The erasure headline table: target vs collateral for range vs neuron masking."""
-    table = Table(title="erasure (test split): accuracy drop vs base, perplexity change")
-    headline = result.headline
-    columns = [c for c in headline.columns if c != "concept"]
-    table.add_column("concept")
-    for col in columns:
-        table.add_column(col, justify="right")
-    for row in headline.to_dict(orient="records"):
-        table.add_row(
-            str(row["concept"]),
-            *(f"{v:+.3f}" if isinstance(v, float) else str(v) for v in (row[c] for c in columns)),
-        )
+    """The erasure headline: target vs collateral effects of range (R) vs neuron (N) masking."""
+    table = Table(title=f"erasure on the test split ({result.info.get('n_test', '?')} texts)")
+    columns = [
+        ("target drop", "target_acc_drop", "{:+.2f}"),
+        ("compl. drop", "complement_acc_drop", "{:+.2f}"),
+        ("ppl change", "ppl_change", "{:+.0f}"),
+    ]
+    table.add_column("concept", max_width=13, no_wrap=True)
+    table.add_column("base", justify="right")
+    for title, _, _ in columns:
+        table.add_column(f"{title} R", justify="right")
+        table.add_column("N", justify="right")
+    for row in result.headline.to_dict(orient="records"):
+        cells = [str(row["concept"]), f"{row['base_target_acc']:.2f}"]
+        for _, key, fmt in columns:
+            for state in ("range", "neuron"):
+                value = row.get(f"{state}_{key}")
+                cells.append("-" if value is None or value != value else fmt.format(value))
+        table.add_row(*cells)
     console.print(table)
+    console.print(
+        "[dim]R: range masking, N: neuron masking. Accuracy drops are base - masked (erasure "
+        "wants a large target drop, ~0 complement drop); ppl change is masked - base perplexity "
+        "on general text.[/]"
+    )
 
 
 def run_and_print(config: Any, progress: bool) -> None:

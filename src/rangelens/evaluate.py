@@ -17,6 +17,9 @@ prefix once and caches the hidden state entering the first block that must run; 
 each concept's range and neuron masks, every tau and p) then re-runs the stock forward with the prefix
 blocks swapped for pass-through modules returning that cache (:func:`skip_blocks`), so only the suffix
 is computed. Model code is never forked; the stock forward still builds its masks and rotary tables.
+When the mask site is the ``head`` task's own pooled site (the default: last block, last token), a
+mask acts on the cached feature directly (:class:`PooledHead`): classification needs no forward at
+all. ``suffix=False`` forces full forwards everywhere.
 """
 
 from __future__ import annotations
