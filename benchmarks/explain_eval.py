@@ -34,7 +34,8 @@ from rangelens.sites import resolve_site
 LAYER, N_NEURONS = 15, 20
 ROUNDS = {"offline": 4, "local": 1}
 SINGLE_PASS_K = {"offline": None, "local": 4}  # a 135M chat model cannot read 20 exemplars
-OUT = Path(__file__).parent / "explain_runs"
+# Full artifacts (records, explanations, histories); the summary goes to EXPLAIN_RESULTS.md.
+OUT = cache_dir() / "bench" / "explain_runs"
 
 
 def main() -> None:
@@ -149,7 +150,10 @@ def report() -> None:
         "clusterer, explainer and refiner via `TransformersClient` (greedy, 48 new tokens, JSON "
         "prefill, 1 attempt per step to fit the CPU budget, 2 exemplars decomposed, single-pass "
         "from the top 4 exemplars, 1 refinement round); its failed steps are counted above. "
-        "Replies are cached under `~/.cache/rangelens/bench/llm-cache`, so reruns are free.",
+        "Replies are cached under `~/.cache/rangelens/bench/llm-cache` and full artifacts "
+        "written to `~/.cache/rangelens/bench/explain_runs/`, so reruns are free (the seconds "
+        "column is the last run's: the first *local* run took about 27 min of wall time on 2 "
+        "shared, heavily loaded cores; the table shows its cached replay).",
     ]
     for backend, rows in per_neuron:
         lines += [
