@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from rangelens.analysis import AnalysisConfig, analyze, load_capture
+from rangelens.cli import app
 from rangelens.ranges import RangeMap
 from rangelens.stats import ConceptStats
 
@@ -75,18 +77,27 @@ def test_cli_analyze_and_errors(tmp_path: Path, corpus: Path, tiny_model_dir: Pa
         (["--p", "1.5"], "invalid p"),
         (["--label-column", "nope"], "label column 'nope'"),
     ]
-    for extra, message in cases:
+    runner = CliRunner()
+    for extra, message in cases:  # in-process: same code path, without a torch import per case
         bad = tmp_path / "bad"
-        res = cli("analyze", *common, "--out", str(bad), "--no-progress", *extra)
-        assert res.returncode == 2, (extra, res.stderr)
-        assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        res = runner.invoke(app, ["analyze", *common, "--out", str(bad), "--no-progress", *extra])
+        assert res.exit_code == 2, (extra, res.output)
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], res.output
         assert not bad.exists()
     data = ["--dataset", str(corpus), "--label-column", "topic"]
-    unknown = cli("analyze", "--model", "no-such-model-xyz", *data, "--out", str(bad))
-    assert unknown.returncode == 2 and "no-such-model-xyz" in unknown.stderr
+    unknown = runner.invoke(
+        app, ["analyze", "--model", "no-such-model-xyz", *data, "--out", str(bad)]
+    )
+    assert unknown.exit_code == 2 and "no-such-model-xyz" in unknown.output
     assert not bad.exists()
-    other = cli("analyze", "--model", "minilm-l6", *data, "--out", str(out))
-    assert other.returncode == 2 and "was made with model" in other.stderr
+    other = runner.invoke(app, ["analyze", "--model", "minilm-l6", *data, "--out", str(out)])
+    assert other.exit_code == 2 and "was made with model" in other.output
+    # the real process: a user error exits 2 with one stderr line
+    proc = cli("analyze", *common, "--out", str(bad), "--layer", "9")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: layer 9 out of range for a 3-layer model; valid: -3..2"
+    ]
 
 
 @pytest.mark.integration
