@@ -5,7 +5,9 @@ Writes ``benchmarks/RESULTS.md`` with the machine, library versions and raw figu
 - capture: rangelens capture vs a bare `transformers` forward on the same batches,
   and a module-tracing dict over the full forward (the NeuronLens reference code's approach);
 - memory: peak RSS of the streaming analysis at 1x, 4x and 10x the examples (separate processes);
-- intervene: hooked vs bare forward for a RangeMask.
+- intervene: hooked vs bare forward for a RangeMask;
+- suffix: the erasure experiment with vs without suffix-only evaluation;
+- explain: offline NeuronScope explanations per minute.
 
 Usage: ``python benchmarks/run.py [--quick]``.
 """
@@ -18,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +32,8 @@ from rangelens.analysis import AnalysisConfig, peak_rss_mb, run_capture
 from rangelens.artifacts import library_versions, write_text
 from rangelens.capture import TokenBatch, capture, model_inputs, pool, tokenize
 from rangelens.data import load_texts
+from rangelens.evaluate import ErasureConfig, run_erasure
+from rangelens.explain import explain_neurons, make_roles
 from rangelens.intervene import RangeMask
 from rangelens.models import LoadedModel, builtin_model_dir, load_model
 from rangelens.sites import blocks, resolve_site
@@ -195,6 +200,35 @@ def bench_intervene(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str
     return {"bare_s": t_bare, "hooked_s": t_hooked, "hooked_vs_bare": t_hooked / t_bare}
 
 
+def bench_suffix(lm: LoadedModel, out: Path) -> dict[str, float]:
+    """The erasure experiment (last-block site) with vs without suffix-only evaluation."""
+    analysis = AnalysisConfig(max_per_class=20, max_length=64)
+    data = load_texts(analysis.dataset, max_per_class=20, seed=0)
+    cap = run_capture(lm, data, analysis, progress=False)
+    seconds = {}
+    for suffix in (True, False):
+        config = ErasureConfig(taus=[1.0, 2.0], ppl_texts=8, suffix=suffix)
+        start = time.perf_counter()
+        run_erasure(lm, data, cap, analysis, config, out / f"suffix-{suffix}", progress=False)
+        seconds[suffix] = time.perf_counter() - start
+    return {
+        "suffix_s": seconds[True],
+        "full_s": seconds[False],
+        "speedup": seconds[False] / seconds[True],
+        "layers": lm.n_layers,
+    }
+
+
+def bench_explain(lm: LoadedModel, n_neurons: int) -> dict[str, float]:
+    """Offline-backend NeuronScope explanations (iterative + single-pass) per minute."""
+    texts = load_texts("bbc-news", max_per_class=30, seed=0).texts
+    site = resolve_site(lm.model, "mlp", 15)
+    start = time.perf_counter()
+    explain_neurons(lm, texts, site, list(range(n_neurons)), roles=make_roles("offline", None))
+    minutes = (time.perf_counter() - start) / 60
+    return {"neurons": n_neurons, "minutes": minutes, "per_minute": n_neurons / minutes}
+
+
 def table(header: list[str], rows: list[list[object]]) -> list[str]:
     """Markdown table lines; floats get two decimals (none when large)."""
 
@@ -218,6 +252,8 @@ def report(results: dict[str, object]) -> str:
     c: dict[str, dict[str, float]] = results["capture"]  # type: ignore[assignment]
     i: dict[str, float] = results["intervene"]  # type: ignore[assignment]
     memory: list[dict[str, float]] = results["memory"]  # type: ignore[assignment]
+    sfx: dict[str, float] = results["suffix"]  # type: ignore[assignment]
+    exp: dict[str, float] = results["explain"]  # type: ignore[assignment]
     lines = [
         "# rangelens benchmarks",
         "",
@@ -255,6 +291,16 @@ def report(results: dict[str, object]) -> str:
             ],
         ),
         "",
+        "## Suffix-only erasure evaluation (resid, last block; 16 conditions, 20 test texts, 8 ppl texts)",
+        "",
+        f"- full forwards {sfx['full_s']:.1f} s, suffix-only {sfx['suffix_s']:.1f} s: "
+        f"**{sfx['speedup']:.1f}x** faster ({sfx['layers']:.0f} layers)",
+        "",
+        "## Explanations per minute (offline backend, mlp layer 15, iterative + single-pass)",
+        "",
+        f"- {exp['neurons']:.0f} neurons in {exp['minutes']:.2f} min: "
+        f"**{exp['per_minute']:.1f} neurons/min** (one token-level capture included)",
+        "",
         "```json",
         json.dumps(results, indent=2),
         "```",
@@ -280,6 +326,8 @@ def main() -> None:
         "capture": bench_capture(lm, texts, repeats),
         "intervene": bench_intervene(lm, texts, repeats),
         "memory": bench_memory([10, 40] if args.quick else [20, 80, 200]),
+        "suffix": bench_suffix(lm, Path(tempfile.mkdtemp(prefix="rangelens-bench-"))),
+        "explain": bench_explain(lm, 3 if args.quick else 10),
     }
     text = report(results)
     write_text(args.out, text)

@@ -89,6 +89,18 @@ class AnalysisConfig(BaseModel):
             raise ValueError(f"unknown ranking {v!r}; valid: {choices(RANKING_METHODS)}")
         return v
 
+    def load_data(self) -> LabeledTexts:
+        """The labelled texts this config selects (capped and balanced with its seed)."""
+        return load_texts(
+            self.dataset,
+            text_column=self.text_column,
+            label_column=self.label_column,
+            concepts=self.concepts,
+            max_per_class=self.max_per_class,
+            balance=self.balance,
+            seed=self.seed,
+        )
+
     def capture_inputs(self) -> dict[str, object]:
         keys = [
             "model",
@@ -267,15 +279,7 @@ def analyze(
     run_dir = Path(run_dir)
     check_run_dir(run_dir, config.model)
     torch.manual_seed(config.seed)
-    data = load_texts(
-        config.dataset,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        concepts=config.concepts,
-        max_per_class=config.max_per_class,
-        balance=config.balance,
-        seed=config.seed,
-    )
+    data = config.load_data()
     if config.ranking == "probe" and config.position == "tokens":
         raise RangelensError(
             "ranking 'probe' needs pooled features; use a position other than 'tokens'"

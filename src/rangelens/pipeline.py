@@ -16,10 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rangelens.analysis import AnalysisConfig, AnalysisResult, analyze
 from rangelens.artifacts import atomic_dir, fingerprint, mark_stage, stage_is_current
-from rangelens.data import load_texts
 from rangelens.errors import RangelensError
 from rangelens.evaluate import ErasureConfig, ErasureResult, load_erasure, run_erasure
-from rangelens.models import LoadedModel, load_model
+from rangelens.models import load_model
 
 
 class RunConfig(BaseModel):
@@ -63,35 +62,25 @@ class RunResult:
 
 
 def run(config: RunConfig, *, progress: bool = True) -> RunResult:
-    """Run (or resume) every stage of ``config`` into ``config.out``."""
+    """Run (or resume) every stage of ``config`` into ``config.out``; the model loads at most once."""
     start = time.perf_counter()
-    lm: LoadedModel | None = None
-    analysis = analyze(config.analysis, config.out, progress=progress)
-    erasure = None
-    if config.erasure is not None:
-        stage = config.out / "erasure"
-        fp = fingerprint(
-            config.analysis.capture_inputs(),
-            config.analysis.range_inputs(),
-            config.erasure.model_dump(),
-        )
-        if stage_is_current(stage, fp):
-            erasure = load_erasure(stage)
-        else:
-            a = config.analysis
-            data = load_texts(
-                a.dataset,
-                text_column=a.text_column,
-                label_column=a.label_column,
-                concepts=a.concepts,
-                max_per_class=a.max_per_class,
-                balance=a.balance,
-                seed=a.seed,
+    a = config.analysis
+    stage = config.out / "erasure"
+    erasure_fp = fingerprint(
+        a.capture_inputs(),
+        a.range_inputs(),
+        config.erasure.model_dump() if config.erasure is not None else None,
+    )
+    erasure_due = config.erasure is not None and not stage_is_current(stage, erasure_fp)
+    lm = load_model(a.model, device=a.device, dtype=a.dtype) if erasure_due else None
+    analysis = analyze(a, config.out, lm=lm, progress=progress)
+    erasure: ErasureResult | None = None
+    if config.erasure is not None and not erasure_due:
+        erasure = load_erasure(stage)
+    elif config.erasure is not None and lm is not None:
+        with atomic_dir(stage) as tmp:
+            erasure = run_erasure(
+                lm, a.load_data(), analysis.capture, a, config.erasure, tmp, progress=progress
             )
-            lm = load_model(a.model, device=a.device, dtype=a.dtype)
-            with atomic_dir(stage) as tmp:
-                erasure = run_erasure(
-                    lm, data, analysis.capture, a, config.erasure, tmp, progress=progress
-                )
-                mark_stage(tmp, "erasure", fp)
+            mark_stage(tmp, "erasure", erasure_fp)
     return RunResult(config.out, analysis, erasure, time.perf_counter() - start)
