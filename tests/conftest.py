@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -33,29 +34,36 @@ def encoder_tokenizer():
     return AutoTokenizer.from_pretrained(builtin_model_dir("minilm-l6"))
 
 
-def _tiny(family: str, decoder_tokenizer, encoder_tokenizer) -> LoadedModel:
+def tiny_model(family: str, vocab_size: int) -> nn.Module:
+    """A tiny randomly initialised Llama, GPT-2 or BERT (3 layers, width 32) in eval mode."""
     torch.manual_seed(0)
     if family == "llama":
-        cfg = LlamaConfig(
+        llama = LlamaConfig(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
-            vocab_size=len(decoder_tokenizer),
+            vocab_size=vocab_size,
         )
-        return LoadedModel(LlamaForCausalLM(cfg).eval(), decoder_tokenizer, "tiny-llama", "decoder")
+        return LlamaForCausalLM(llama).eval()
     if family == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=len(decoder_tokenizer))
-        return LoadedModel(GPT2LMHeadModel(cfg).eval(), decoder_tokenizer, "tiny-gpt2", "decoder")
-    cfg = BertConfig(
+        gpt2 = GPT2Config(n_embd=32, n_inner=64, n_layer=3, n_head=4, vocab_size=vocab_size)
+        return GPT2LMHeadModel(gpt2).eval()
+    bert = BertConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
-        vocab_size=len(encoder_tokenizer),
+        vocab_size=vocab_size,
     )
-    return LoadedModel(BertModel(cfg).eval(), encoder_tokenizer, "tiny-bert", "encoder")
+    return BertModel(bert).eval()
+
+
+def _tiny(family: str, decoder_tokenizer, encoder_tokenizer) -> LoadedModel:
+    tokenizer = encoder_tokenizer if family == "bert" else decoder_tokenizer
+    kind = "encoder" if family == "bert" else "decoder"
+    return LoadedModel(tiny_model(family, len(tokenizer)), tokenizer, f"tiny-{family}", kind)
 
 
 @pytest.fixture(scope="session", params=["llama", "gpt2", "bert"])

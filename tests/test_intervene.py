@@ -8,15 +8,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from rangelens.capture import TokenBatch, model_inputs, record, tokenize
 from rangelens.errors import RangelensError
@@ -36,45 +29,9 @@ SEQS = [
 ]
 
 
-def build(family: str) -> nn.Module:
-    """A tiny randomly initialised model of ``family`` in eval mode."""
-    torch.manual_seed(0)
-    if family == "llama":
-        llama = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-        )
-        return LlamaForCausalLM(llama).eval()
-    if family == "gpt2":
-        gpt2 = GPT2Config(
-            n_embd=32,
-            n_inner=64,
-            n_layer=3,
-            n_head=4,
-            n_positions=64,
-            vocab_size=VOCAB,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        return GPT2LMHeadModel(gpt2).eval()
-    bert = BertConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        vocab_size=VOCAB,
-    )
-    return BertModel(bert).eval()
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request: pytest.FixtureRequest) -> nn.Module:
-    return build(request.param)
+    return tiny_model(request.param, VOCAB)
 
 
 def make_batch(seqs: Sequence[list[int]], side: str) -> TokenBatch:
@@ -269,7 +226,7 @@ def test_last_position_touches_only_last_real_tokens(
 
 
 def test_last_position_reads_attention_mask_of_the_attached_model() -> None:
-    model = build("llama")
+    model = tiny_model("llama", VOCAB)
     site = resolve_site(model, "resid", 1)
     batch = make_batch(SEQS, "right")
     inputs = model_inputs(model, batch)
