@@ -40,7 +40,7 @@ from rangelens.distributed import gather, is_main, local_device, shard, world
 from rangelens.errors import RangelensError, choices
 from rangelens.models import LoadedModel, load_model
 from rangelens.ranges import RangeMap, distribution_summary, distribution_table, fit_ranges
-from rangelens.ranking import RANKING_METHODS, polysemanticity, rank, top_neurons
+from rangelens.ranking import RANKING_METHODS, polysemanticity, rank
 from rangelens.sites import resolve_site
 from rangelens.stats import ConceptStats
 
@@ -66,7 +66,16 @@ class AnalysisConfig(BaseModel):
     ranking: str = Field("mean_abs", description="mean_abs | probeless | probe | dprime")
     tau: float = Field(2.0, gt=0, description="range half-width in standard deviations")
     p: float = Field(0.3, gt=0, le=1, description="share of neurons that are salient per concept")
-    range_method: Literal["gaussian", "quantile"] = "gaussian"
+    range_method: Literal["gaussian", "quantile", "density"] = Field(
+        "gaussian",
+        description="gaussian (mean ± tau·std) | quantile | density (likelihood-ratio bands)",
+    )
+    density_ratio: float = Field(
+        1.0, gt=0, description="density bands: likelihood-ratio threshold concept / rest"
+    )
+    select: Literal["ranking", "band"] = Field(
+        "ranking", description="keep neurons by ranking score, or by band purity × coverage"
+    )
     n_bins: int = Field(64, ge=4)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(128, ge=1, description="tokens per text (longer texts are truncated)")
@@ -122,7 +131,8 @@ class AnalysisConfig(BaseModel):
         return {k: getattr(self, k) for k in keys}
 
     def range_inputs(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in ("ranking", "tau", "p", "range_method", "seed")}
+        keys = ("ranking", "tau", "p", "range_method", "density_ratio", "select", "seed")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -247,14 +257,24 @@ def run_ranges(
     if config.ranking == "probe" and cap.features is not None:
         features, labels = cap.features[cap.train], cap.labels[cap.train]
     scores = rank(config.ranking, cap.stats, features, labels, seed=config.seed)
-    top = top_neurons(scores, config.p)
     range_map = fit_ranges(
-        cap.stats, scores, tau=config.tau, p=config.p, method=config.range_method, metadata=metadata
+        cap.stats,
+        scores,
+        tau=config.tau,
+        p=config.p,
+        method=config.range_method,
+        ratio=config.density_ratio,
+        select=config.select,
+        metadata=metadata,
     )
     table = distribution_table(cap.stats, range_map)
     summary = distribution_summary(table)
     poly = pd.DataFrame(
-        {"concept": cap.label_names, "n_salient": top.shape[1], "shared": polysemanticity(top)}
+        {
+            "concept": cap.label_names,
+            "n_salient": range_map.neurons.shape[1],
+            "shared": polysemanticity(range_map.neurons),
+        }
     )
     return scores, range_map, table, summary, poly
 
@@ -320,8 +340,8 @@ def analyze(
         with atomic_dir(ranges_dir) as tmp:
             range_map.save(tmp)
             save_file({"scores": scores}, str(tmp / "scores.safetensors"))
-            top = top_neurons(scores, config.p)
-            write_table(tmp / "rankings.csv", _ranking_table(scores, top, cap.label_names))
+            salient = range_map.neurons  # the ranking's top p, or the best-separating bands
+            write_table(tmp / "rankings.csv", _ranking_table(scores, salient, cap.label_names))
             write_table(tmp / "distribution.csv", table)
             write_table(tmp / "summary.csv", summary)
             write_table(tmp / "polysemanticity.csv", poly)
