@@ -19,6 +19,7 @@ from rangelens.errors import RangelensError
 from rangelens.intervene import RangeMask, apply_ranges
 from rangelens.ranges import FORMAT_VERSION, RangeMap, distribution_table, fit_ranges
 from rangelens.ranking import rank
+from rangelens.report.figures import Series, histogram_svg
 from rangelens.sites import resolve_site
 from rangelens.stats import ConceptStats
 
@@ -295,3 +296,15 @@ def test_bad_bands_raise_one_line_errors() -> None:
         apply_ranges(x, [0, 1], [[0.0], [np.nan]], [[1.0], [1.0]])
     with pytest.raises(RangelensError, match=r"lo > hi for neuron 3 \(2\.0 > 1\.0\)"):
         apply_ranges(x, [0, 3], [[0.0, np.nan], [0.0, 2.0]], [[1.0, np.nan], [0.5, 1.0]])
+
+
+def test_histogram_svg_draws_every_interval_of_a_band() -> None:
+    edges = np.linspace(-4.0, 4.0, 9)
+    counts = np.array([3, 5, 1, 0, 0, 1, 5, 3])
+    two = ((-np.inf, -2.1), (2.1, np.inf))
+    svg = str(histogram_svg(edges, [Series("a", 0, counts, 0.0, 3.0, two)]))
+    group = svg[svg.index('<g class="band"') :]
+    group = group[: group.index("</g>")]
+    assert group.count("<line") == 2 and "a band [−∞, -2.1] ∪ [2.1, ∞]" in group
+    empty = str(histogram_svg(edges, [Series("a", 0, counts, 0.0, 3.0, ())]))
+    assert "a band ∅" in empty and empty.count('<g class="band"') == 1

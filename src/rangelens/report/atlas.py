@@ -144,9 +144,20 @@ class _Site:
         ranges = self.run.ranges
         index = {name: c for c, name in enumerate(ranges.range_map.concepts)}
         rows = {}
+        bands = {
+            (c, r.neuron): r.intervals
+            for c in range(len(ranges.range_map.concepts))
+            for r in ranges.range_map.ranges(c)
+        }
         for row in ranges.distribution.to_dict(orient="records"):
             c, j = index[str(row["concept"])], int(row["neuron"])
-            rows[c, j] = {**row, "score": float(ranges.scores[c, j])}
+            intervals = bands[c, j]
+            rows[c, j] = {
+                **row,
+                "score": float(ranges.scores[c, j]),
+                "intervals": intervals,
+                "band": figures.band_text(intervals),
+            }
         return rows
 
     def _neurons(self) -> list[_Neuron]:
@@ -393,7 +404,7 @@ class _Site:
             c
             for c in range(len(self.concepts))
             if (c, neuron) in self.rows
-            and self.rows[c, neuron]["lo"] <= value <= self.rows[c, neuron]["hi"]
+            and any(lo <= value <= hi for lo, hi in self.rows[c, neuron]["intervals"])
         ]
         return {
             "concept": label,
@@ -413,7 +424,7 @@ class _Site:
             series, table = [], []
             for c, name in enumerate(self.concepts):
                 row = self.rows.get((c, j))
-                band = (float(row["lo"]), float(row["hi"])) if row else None
+                band = row["intervals"] if row else None
                 mean, std = float(moments["mean"][c, j]), float(moments["std"][c, j])
                 series.append(
                     figures.Series(name, c, moments["hist_counts"][c, j], mean, std, band)
