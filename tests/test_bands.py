@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_model
@@ -308,3 +309,36 @@ def test_histogram_svg_draws_every_interval_of_a_band() -> None:
     assert group.count("<line") == 2 and "a band [−∞, -2.1] ∪ [2.1, ∞]" in group
     empty = str(histogram_svg(edges, [Series("a", 0, counts, 0.0, 3.0, ())]))
     assert "a band ∅" in empty and empty.count('<g class="band"') == 1
+
+
+# ------------------------------------------------------------------------------ erasure condition
+
+
+def test_density_condition_equals_density_ranges_on_the_same_folds(
+    tiny_llama, tmp_path: Path
+) -> None:
+    from test_erasure import KEYWORDS, erase
+
+    conditions = ["range", "neuron", "random", "density"]
+    analysis = {"taus": [], "density_ratios": [1.0, 4.0]}
+    result = erase(tiny_llama, tmp_path / "four", analysis, ppl_texts=2, conditions=conditions)
+    table = result.table
+    assert set(table["state"]) == {"base", *conditions}
+    assert [row["ratio"] for row in result.info["ratio_sweep"]] == [1.0, 4.0]
+    assert "Density bands (likelihood ratio > 1)" in result.info["verdict"]
+    assert "diff_density_range_target_drop" in result.headline
+    assert (tmp_path / "four" / "pareto.png").stat().st_size > 0
+    # The density condition is exactly range masking with range_method 'density': same folds,
+    # same neurons, same bands.
+    as_range = erase(
+        tiny_llama,
+        tmp_path / "ranged",
+        {"taus": [], "range_method": "density"},
+        ppl_texts=2,
+        conditions=["range"],
+    )
+    effects = "drop$|flip$|change$"
+    density = table[table["state"] == "density"].filter(regex=effects).reset_index(drop=True)
+    ranged = as_range.table[as_range.table["state"] == "range"]
+    pd.testing.assert_frame_equal(density, ranged.filter(regex=effects).reset_index(drop=True))
+    assert len(density) == len(KEYWORDS)
