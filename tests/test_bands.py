@@ -342,3 +342,18 @@ def test_density_condition_equals_density_ranges_on_the_same_folds(
     ranged = as_range.table[as_range.table["state"] == "range"]
     pd.testing.assert_frame_equal(density, ranged.filter(regex=effects).reset_index(drop=True))
     assert len(density) == len(KEYWORDS)
+
+
+def test_methods_for_names_the_best_eraser_and_its_ties() -> None:
+    from rangelens.erasure.outputs import methods_for
+
+    row: dict[str, float] = {}
+    for state, drop in (("range", 0.3), ("neuron", 0.45), ("random", 0.9), ("density", 0.5)):
+        row |= {f"{state}_target_drop": drop, f"{state}_target_drop_lo": drop - 0.1}
+        row |= {f"{state}_target_drop_hi": drop + 0.1}
+    row |= {"diff_density_neuron_target_drop_lo": -0.02, "diff_density_neuron_target_drop_hi": 0.1}
+    row |= {"diff_density_range_target_drop_lo": 0.05, "diff_density_range_target_drop_hi": 0.3}
+    found = methods_for(row, ["range", "neuron", "random", "density"])
+    assert found["best"] == "density" and found["ties"] == ["neuron"]  # random is a control
+    assert found["rows"][0]["target_drop"] == "0.30 [0.20, 0.40]"
+    assert found["rows"][0]["ppl_change"] == "–"

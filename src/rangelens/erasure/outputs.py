@@ -362,3 +362,32 @@ def load_erasure(directory: str | Path) -> ErasureResult:
     headline[numeric] = headline[numeric].astype(float)  # null -> NaN
     table = pd.read_parquet(Path(directory) / "erasure.parquet")
     return ErasureResult(table, headline, saved["info"])
+
+
+def methods_for(row: dict[str, Any], conditions: list[str]) -> dict[str, Any]:
+    """Which method erased one concept best, from its ``headline`` row: ``rows`` (per condition
+    its target drop, flip rate and perplexity change as ``point [lo, hi]`` text), ``best`` (the
+    largest target drop among the masking methods, the random control excluded) and ``ties``
+    (methods whose paired difference with the best includes 0)."""
+    rows = [
+        {
+            "state": s,
+            **{m: interval_text(row, f"{s}_{m}", 1 if "ppl" in m else 2) for m in HEADLINE},
+        }
+        for s in conditions
+    ]
+    methods = [s for s in conditions if s != "random" and row.get(f"{s}_target_drop") is not None]
+    if not methods:
+        return {"rows": rows, "best": None, "ties": []}
+    best = max(methods, key=lambda s: float(row[f"{s}_target_drop"]))
+    ties = []
+    for s in methods:
+        for a, b in ((s, best), (best, s)):
+            lo, hi = (
+                row.get(f"diff_{a}_{b}_target_drop_lo"),
+                row.get(f"diff_{a}_{b}_target_drop_hi"),
+            )
+            if s != best and lo is not None and hi is not None and lo <= 0 <= hi:
+                ties.append(s)
+                break
+    return {"rows": rows, "best": best, "ties": ties}

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from rangelens.artifacts import atomic_dir, read_json, write_json
-from rangelens.erasure.outputs import interval_text
+from rangelens.erasure.outputs import interval_text, methods_for
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.report import figures
@@ -301,6 +301,9 @@ class _Site:
             )
         )
         rm = run.ranges.range_map
+        erased = run.erasure.summary if run.erasure is not None else {}
+        by_concept = {str(r["concept"]): r for r in erased.get("headline", [])}
+        conditions = list(erased.get("info", {}).get("conditions", []))
         cards = []
         for c, name in enumerate(rm.concepts):
             top = [self.rows[c, int(j)] for j in rm.neurons[c, :12]]
@@ -313,6 +316,9 @@ class _Site:
                     "summary": summary.get(name),
                     "shared": shared.get(name),
                     "top": top,
+                    "methods": methods_for(by_concept[name], conditions)
+                    if name in by_concept
+                    else None,
                 }
             )
         return {"figs": figs, "cards": cards}
