@@ -32,8 +32,7 @@ def _is_optional(annotation: Any) -> bool:
 
 
 def _is_list(annotation: Any) -> bool:
-    inner = [a for a in _args(annotation) if a is not type(None)] or [annotation]
-    return any(typing.get_origin(a) is list for a in inner)
+    return any(typing.get_origin(a) is list for a in [annotation, *_args(annotation)])
 
 
 def _help(field: FieldInfo, annotation: Any) -> str:
@@ -85,7 +84,7 @@ def parameters(
         if name in skip:
             continue
         annotation = field.annotation
-        default = (defaults or {}).get(name, field.default)
+        default = (defaults or {}).get(name, field.get_default(call_default_factory=True))
         help_text = _help(field, annotation)
         if annotation is bool:
             typ: Any = bool
