@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rangelens.analysis import AnalysisConfig
 from rangelens.artifacts import atomic_dir, fingerprint, mark_stage, read_json, stage_is_current
-from rangelens.data import load_texts
 from rangelens.explain.api import explain_records, make_roles, write_results
 from rangelens.explain.command import salient_neurons
 from rangelens.explain.exemplars import build_records, scaled_config
@@ -50,14 +49,8 @@ def run_explain_stage(
     neurons = salient_neurons(run_dir, config.top_k)
     lm = lm or load_model(analysis.model, device=analysis.device, dtype=analysis.dtype)
     site = resolve_site(lm.model, analysis.site, analysis.layer)
-    texts = load_texts(
-        analysis.dataset,
-        text_column=analysis.text_column,
-        label_column=analysis.label_column,
-        concepts=analysis.concepts,
-        max_per_class=config.max_per_class,
-        seed=analysis.seed,
-    ).texts
+    capped = analysis.model_copy(update={"max_per_class": config.max_per_class, "balance": False})
+    texts = capped.load_data().texts
     records = build_records(
         lm,
         texts,
