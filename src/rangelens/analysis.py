@@ -10,9 +10,11 @@ Stages write into a run directory (see :mod:`rangelens.artifacts`):
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,12 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.numpy import load_file, save_file
 
 from rangelens.artifacts import (
+    STAGE,
     atomic_dir,
     check_run_dir,
+    clean_stale_temps,
     fingerprint,
     mark_stage,
     read_json,
-    stage_is_current,
+    reuse_stage,
+    run_lock,
     write_json,
     write_run_meta,
     write_table,
@@ -259,6 +264,15 @@ def run_ranges(
     return scores, range_map, table, summary, poly
 
 
+def _check_ranges(directory: Path) -> RangeMap:
+    """Load every file of a finished ranges stage (raises if one is missing or damaged)."""
+    load_file(str(directory / "scores.safetensors"))
+    for name in ("rankings", "distribution", "summary", "polysemanticity"):
+        pd.read_csv(directory / f"{name}.csv")
+    read_json(directory / "summary.json")
+    return RangeMap.load(directory)
+
+
 def _ranking_table(scores: np.ndarray, top: np.ndarray, names: list[str]) -> pd.DataFrame:
     rows = [
         {"concept": names[c], "rank": r, "neuron": int(j), "score": float(scores[c, j])}
@@ -275,9 +289,19 @@ def analyze(
     lm: LoadedModel | None = None,
     progress: bool = True,
 ) -> AnalysisResult:
-    """Run (or resume) the analysis into ``run_dir``; finished stages with unchanged inputs are skipped."""
+    """Run (or resume) the analysis into ``run_dir``; finished stages with unchanged inputs whose files
+    load are reused. The run directory is locked meanwhile (torchrun workers other than rank 0 write
+    nothing and take no lock)."""
     run_dir = Path(run_dir)
+    with run_lock(run_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        return _analyze(config, run_dir, lm, progress)
+
+
+def _analyze(
+    config: AnalysisConfig, run_dir: Path, lm: LoadedModel | None, progress: bool
+) -> AnalysisResult:
     check_run_dir(run_dir, config.model)
+    clean_stale_temps(run_dir)
     torch.manual_seed(config.seed)
     data = config.load_data()
     if config.ranking == "probe" and config.position == "tokens":
@@ -286,21 +310,19 @@ def analyze(
         )
     capture_fp = fingerprint(config.capture_inputs())
     capture_dir = run_dir / "capture"
-    current = stage_is_current(capture_dir, capture_fp)
-    if not current:  # validate model and site before anything is written
+    cap = reuse_stage(capture_dir, capture_fp, load_capture)
+    if cap is None:  # validate model and site before anything is written
         device = local_device(config.device)
         lm = lm or load_model(config.model, device=device, dtype=config.dtype)
         resolve_site(lm.model, config.site, config.layer)
     main = is_main()
     if main:
         write_run_meta(run_dir, config.model_dump(), config.seed)
-    if current:
-        cap = load_capture(capture_dir)
-    else:
+    if cap is None:
         assert lm is not None
         cap = run_capture(lm, data, config, progress=progress and main)
         if main:
-            with atomic_dir(capture_dir) as tmp:
+            with atomic_dir(capture_dir, STAGE) as tmp:
                 _save_capture(cap, tmp)
                 mark_stage(tmp, "capture", capture_fp, seconds=cap.info["seconds"])
     metadata = {
@@ -316,8 +338,8 @@ def analyze(
     ranges_fp = fingerprint(capture_fp, config.range_inputs())
     ranges_dir = run_dir / "ranges"
     scores, range_map, table, summary, poly = run_ranges(cap, config, metadata)
-    if main and not stage_is_current(ranges_dir, ranges_fp):
-        with atomic_dir(ranges_dir) as tmp:
+    if main and reuse_stage(ranges_dir, ranges_fp, _check_ranges) is None:
+        with atomic_dir(ranges_dir, STAGE) as tmp:
             range_map.save(tmp)
             save_file({"scores": scores}, str(tmp / "scores.safetensors"))
             top = top_neurons(scores, config.p)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import importlib.resources
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rangelens.analysis import AnalysisConfig, AnalysisResult, analyze
-from rangelens.artifacts import atomic_dir, fingerprint, mark_stage, stage_is_current
-from rangelens.errors import RangelensError
+from rangelens.artifacts import STAGE, atomic_dir, fingerprint, mark_stage, reuse_stage, run_lock
+from rangelens.errors import RangelensError, choices
 from rangelens.evaluate import ErasureConfig, ErasureResult, load_erasure, run_erasure
 from rangelens.models import load_model
 
@@ -34,17 +35,56 @@ class RunConfig(BaseModel):
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML run config (unknown keys and wrong types are errors)."""
     path = Path(path)
+    if path.is_dir():
+        raise RangelensError(
+            f"{str(path)!r} is a directory, not a YAML run config (examples: rangelens/configs/; "
+            f"to view a run directory: `rangelens report {path}`)"
+        )
     if not path.is_file():
         raise RangelensError(f"config file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RangelensError(
+            f"config file {str(path)!r} is not valid YAML{where}: {err.problem or err.context}"
+        ) from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise RangelensError(
             f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]
         ) from err
+    if raw is None:
+        raise RangelensError(
+            f"config file {str(path)!r} is empty; give at least `out:` and `analysis:` "
+            f"(examples: rangelens/configs/)"
+        )
     if not isinstance(raw, dict):
         raise RangelensError(f"config file {str(path)!r} must hold a mapping of settings")
-    return RunConfig.model_validate(raw)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        unknown = [e for e in err.errors() if e["type"] == "extra_forbidden"]
+        if not unknown:
+            raise
+        loc = unknown[0]["loc"]
+        key = ".".join(str(p) for p in loc)
+        raise RangelensError(
+            f"unknown key {key!r} in {str(path)!r}; valid: {choices(_valid_keys(loc[:-1]))}"
+        ) from err
+
+
+def _valid_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the (nested) config model at ``loc`` of :class:`RunConfig`."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        model = next(
+            a
+            for a in (*typing.get_args(annotation), annotation)
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        )
+    return list(model.model_fields)
 
 
 def example_config(model: str) -> Path:
@@ -62,7 +102,13 @@ class RunResult:
 
 
 def run(config: RunConfig, *, progress: bool = True) -> RunResult:
-    """Run (or resume) every stage of ``config`` into ``config.out``; the model loads at most once."""
+    """Run (or resume) every stage of ``config`` into ``config.out`` (locked meanwhile); the model
+    loads at most once."""
+    with run_lock(config.out):
+        return _run(config, progress)
+
+
+def _run(config: RunConfig, progress: bool) -> RunResult:
     start = time.perf_counter()
     a = config.analysis
     stage = config.out / "erasure"
@@ -71,14 +117,12 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
         a.range_inputs(),
         config.erasure.model_dump() if config.erasure is not None else None,
     )
-    erasure_due = config.erasure is not None and not stage_is_current(stage, erasure_fp)
+    erasure = reuse_stage(stage, erasure_fp, load_erasure) if config.erasure is not None else None
+    erasure_due = config.erasure is not None and erasure is None
     lm = load_model(a.model, device=a.device, dtype=a.dtype) if erasure_due else None
     analysis = analyze(a, config.out, lm=lm, progress=progress)
-    erasure: ErasureResult | None = None
-    if config.erasure is not None and not erasure_due:
-        erasure = load_erasure(stage)
-    elif config.erasure is not None and lm is not None:
-        with atomic_dir(stage) as tmp:
+    if config.erasure is not None and lm is not None:
+        with atomic_dir(stage, STAGE) as tmp:
             erasure = run_erasure(
                 lm, a.load_data(), analysis.capture, a, config.erasure, tmp, progress=progress
             )

@@ -6,8 +6,6 @@ per-concept target vs collateral accuracy drops for range vs neuron masking, and
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,9 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+
+from rangelens.artifacts import atomic_path
 
 RANGE_COLOR = "#1f77b4"
 NEURON_COLOR = "#ff7f0e"
@@ -102,13 +103,9 @@ def tau_tradeoff(table: pd.DataFrame, *, p: float, site: str, title: str = "") -
 
 
 def save_figure(fig: Figure, path: Path, *, dpi: int = 120) -> None:
-    """Save a figure as PNG atomically (temporary file in the same directory, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    """Save a figure as PNG atomically (:func:`rangelens.artifacts.atomic_path`); text is drawn
+    literally (concept names from user data may hold ``$``, which mathtext would parse)."""
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

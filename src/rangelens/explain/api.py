@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from rangelens.artifacts import EXPLANATIONS, atomic_dir
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import CachedClient, LLMClient, ResponseCache
 from rangelens.explain.exemplars import ExemplarConfig, build_records
@@ -118,14 +117,15 @@ def save_results(
     records: Sequence[NeuronRecord],
     explanations: Sequence[NeuronExplanation],
     metadata: dict[str, object],
+    *,
+    force: bool = False,
 ) -> Path:
     """Write ``results.json``, ``records/<neuron>.json`` and ``explanations/<neuron>.json`` into a
-    temporary sibling directory and rename it into place, so ``directory`` is complete or absent
-    (an existing one is moved aside first and removed after)."""
+    temporary sibling directory and rename it into place, so ``directory`` is complete or absent.
+    An existing ``directory`` is replaced only if it holds explanations or is empty (``force``:
+    also another kind of rangelens directory; see :func:`rangelens.artifacts.check_output_dir`)."""
     dest = Path(directory)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_dir(dest, EXPLANATIONS, force=force) as tmp:
         for rec in records:
             rec.save(tmp / "records" / f"{rec.neuron}.json")
         for exp in explanations:
@@ -138,13 +138,6 @@ def save_results(
                 "neurons": [summary(e) for e in explanations],
             },
         )
-        old = dest.with_name(f".{dest.name}-old-{os.getpid()}")
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

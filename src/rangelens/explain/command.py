@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rangelens.artifacts import EXPLANATIONS, check_output_dir
 from rangelens.data import load_texts
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
@@ -82,8 +83,13 @@ def explain_command(
     output: Annotated[Path, typer.Option(help="explanations directory")] = Path("explanations"),
     rounds: Annotated[int, typer.Option(help="refinement rounds")] = 4,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    force: Annotated[
+        bool,
+        typer.Option(help="replace --output even if it holds another kind of rangelens output"),
+    ] = False,
 ) -> None:
     """Explain neurons as NeuronScope modes with activation ranges, vs a single-pass baseline."""
+    check_output_dir(output, EXPLANATIONS, force=force, keep=[run_dir] if run_dir else [])
     if backend not in BACKENDS:
         raise RangelensError(f"unknown backend {backend!r}; valid: {choices(BACKENDS)}")
     if concept is not None and run_dir is None:
@@ -116,7 +122,7 @@ def explain_command(
         records = build_records(lm, texts, resolved, ids, config=config)
     results = explain_records(records, roles, rounds=rounds)
     info = {"model": model, "dataset": dataset, "site": resolved.name, "backend": backend}
-    save_results(output, records, results, {**info, "concept": concept, "seed": seed})
+    save_results(output, records, results, {**info, "concept": concept, "seed": seed}, force=force)
     table = Table(title=f"explanations of {resolved.name} ({backend}) -> {output}")
     for col in ("neuron", "target", "iterative r", "single-pass r", "AUC", "modes [range]"):
         table.add_column(col)
