@@ -14,7 +14,9 @@ from rangelens.ranges import ConceptRange
 from rangelens.sites import resolve_site
 
 pytestmark = pytest.mark.integration
-SMALL = ExemplarConfig(n_top=8, n_quantile_bins=2, n_per_bin=3, n_validation=8, n_held_out=8)
+SMALL = ExemplarConfig(
+    n_top=8, n_quantile_bins=2, n_per_bin=3, n_feedback=8, n_validation=8, n_held_out=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_offline_end_to_end(setup, tmp_path):
     assert [r.neuron for r in records] == [5, 77]
     for rec, res in zip(records, results, strict=True):
         assert rec.top[0].max_activation >= rec.top[-1].max_activation
-        assert res.modes and all(m.explanation.startswith("fires on") for m in res.modes)
+        assert res.modes and all(m.explanation.startswith(f"{m.label}: ") for m in res.modes)
         assert -1.0 <= res.iterative.held_out <= 1.0 and 0.0 <= res.iterative.auc <= 1.0
         assert res.iterative.validation >= res.single_pass.validation - 0.05
         assert res.history[0].round == 0

@@ -101,8 +101,9 @@ def config_path(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> Path:
             "dataset": str(corpus),
             "label_column": "topic",
             "max_length": 32,
+            "taus": [1.0],
         },
-        "erasure": {"taus": [1.0, 2.0], "ppl_texts": 4, "ppl_max_length": 16},
+        "erasure": {"ppl_texts": 4, "ppl_max_length": 16, "folds": 2, "bootstrap": 100},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))

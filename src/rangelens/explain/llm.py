@@ -18,9 +18,9 @@ from typing import Any, NoReturn, TypeVar
 import numpy as np
 
 from rangelens.explain.clients import LLMClient, Message, parallel_map
-from rangelens.explain.offline import LexicalSimulator
+from rangelens.explain.lexical import LexicalSimulator
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.explain.roles import Component, Mode, Roles, Simulation, Trace
+from rangelens.explain.roles import Component, Mode, Roles, Trace
 
 T = TypeVar("T")
 SYSTEM = (
@@ -315,44 +315,38 @@ class LLMSimulator:
         self.attempts = attempts
 
     def simulate(
-        self,
-        modes: list[Mode],
-        fit: Sequence[ActivationRecord],
-        records: Sequence[ActivationRecord],
-        trace: Trace,
-    ) -> Simulation:
-        explanations = "\n".join(f"- {m.label}: {m.explanation}" for m in modes)
-
-        def one(rec: ActivationRecord) -> np.ndarray:
-            listing = "\n".join(f"{t}\t{tok!r}" for t, tok in enumerate(rec.tokens))
+        self, explanation: str, texts: Sequence[Sequence[str]], trace: Trace
+    ) -> list[np.ndarray | None]:
+        def one(item: tuple[int, Sequence[str]]) -> np.ndarray | None:
+            index, tokens = item
+            listing = "\n".join(f"{t}\t{tok!r}" for t, tok in enumerate(tokens))
             prompt = (
-                f"The neuron's modes:\n{explanations}\n\nTokens (number, token):\n"
+                f"The neuron's explanation:\n{explanation}\n\nTokens (number, token):\n"
                 f"{delimit(listing, 'tokens')}\n\nPredict the activation (0-10) of every "
-                f'token. Reply as {{"activations": [{len(rec.tokens)} numbers]}}.'
+                f'token. Reply as {{"activations": [{len(tokens)} numbers]}}.'
             )
 
             def validate(data: dict[str, Any]) -> np.ndarray:
                 acts = data.get("activations")
-                if not isinstance(acts, list) or len(acts) != len(rec.tokens):
-                    raise ReplyError(f"'activations' must list exactly {len(rec.tokens)} numbers")
+                if not isinstance(acts, list) or len(acts) != len(tokens):
+                    raise ReplyError(f"'activations' must list exactly {len(tokens)} numbers")
                 if not all(isinstance(a, int | float) and math.isfinite(a) for a in acts):
                     raise ReplyError("activations must be finite numbers")
                 return np.clip(np.asarray(acts, dtype=np.float64), 0, 10)
 
-            got = ask_json(
+            return ask_json(
                 self.client,
                 _chat(prompt),
                 validate,
                 role="simulator",
-                target=f"text {rec.text_index}",
+                target=f"text {index}",
                 trace=trace,
                 prefill='{"activations": [',
                 attempts=self.attempts,
             )
-            return got if got is not None else np.zeros(len(rec.tokens))
 
-        preds = [np.asarray(p) for p in parallel_map(self.client, one, records)]
-        return Simulation(preds, [])
+        got = parallel_map(self.client, one, list(enumerate(texts)))
+        return [np.asarray(p) if isinstance(p, np.ndarray) else None for p in got]
 
 
 class LLMRefiner:
