@@ -67,7 +67,8 @@ for target in targets:
     if mode == "pause":
         print(pid, flush=True)
     _, status = os.waitpid(pid, 0)
-    left = sum(1 for p in out.rglob("*") if ".rangelens-" in p.name)
+    marks = (".rangelens-", "-tmp-", "-old-")
+    left = sum(1 for p in out.rglob("*") if any(m in p.name for m in marks))
     print(target, os.waitstatus_to_exitcode(status), left, flush=True)
 """
 TEMP_MARKS = (".rangelens-", "-tmp-", "-old-")
@@ -290,6 +291,17 @@ def test_report_never_deletes_what_rangelens_did_not_make(small_run: Path, tmp_p
     assert (victim / "thesis.tex").read_text() == "precious"
     assert snapshot(small_run) == before
     assert leftovers(tmp_path) == []
+
+
+def test_report_out_onto_the_current_directory_is_refused(
+    small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    res = CliRunner().invoke(app, ["report", str(small_run), "--out", "."])
+    assert res.exit_code == 2 and "refusing" in error_line(res.output)
+    assert list(here.iterdir()) == [] and leftovers(tmp_path) == []
 
 
 def test_force_replaces_only_rangelens_directories(small_run: Path, tmp_path: Path) -> None:

@@ -300,8 +300,10 @@ def check_output_dir(
     another kind of rangelens directory only with ``force``. Never: a run directory, a directory
     holding any of ``keep``, a file, or a directory rangelens did not make.
     """
-    final = Path(final)
     label = str(final)
+    final = Path(os.path.abspath(final))
+    if not final.name or final == Path.cwd():
+        raise RangelensError(f"refusing to write over {label!r}: give a directory below it")
     try:
         mode = final.lstat().st_mode
     except FileNotFoundError:
@@ -410,7 +412,7 @@ def atomic_dir(
     the block must write the kind's marker. With ``replace=False`` an existing ``final`` is kept
     and the new one dropped (first writer wins, for caches). Files are flushed before the rename.
     """
-    final = Path(final)
+    final = Path(os.path.abspath(final))
     if kind is not None:
         check_output_dir(final, kind, force=force, keep=keep)
     parent = _make_dirs(final.parent)
