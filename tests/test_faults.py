@@ -469,3 +469,29 @@ def test_idle_connections_are_dropped(small_run: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_missing_labels_are_not_a_traceback(
+    tmp_path: Path, corpus: Path, tiny_llama: LoadedModel
+) -> None:
+    frame = pd.read_csv(corpus)
+    frame.loc[0, "topic"], frame.loc[1, "topic"], frame.loc[2, "topic"] = None, "", "NA"
+    frame.to_csv(corpus, index=False)
+    config = AnalysisConfig(
+        model="tiny-llama", dataset=str(corpus), label_column="topic", max_length=32
+    )
+    result = analyze(config, tmp_path / "run", lm=tiny_llama, progress=False)
+    assert sorted(result.capture.label_names) == ["money", "sport", "tech"]
+    assert len(result.capture.labels) == len(frame) - 3
+
+
+def test_an_edited_data_file_is_captured_again(
+    tmp_path: Path, analysis: AnalysisConfig, corpus: Path, tiny_llama: LoadedModel
+) -> None:
+    first = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
+    frame = pd.read_csv(corpus)
+    frame["text"] = frame["text"].str.upper()  # same path, same rows, new content
+    frame.to_csv(corpus, index=False)
+    second = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
+    assert first.capture.features is not None and second.capture.features is not None
+    assert not np.array_equal(first.capture.features, second.capture.features)
