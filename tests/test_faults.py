@@ -315,6 +315,10 @@ def test_force_replaces_only_rangelens_directories(small_run: Path, tmp_path: Pa
     assert (explained / "atlas.json").is_file()
     again = runner.invoke(app, ["report", str(small_run), "--out", str(explained)])
     assert again.exit_code == 0, again.output  # an atlas replaces an atlas
+    staged = tmp_path / "staged"  # explanations written by a run's explanations stage
+    save_results(staged, [], [], {})
+    (staged / "stage.json").write_text('{"format": "rangelens.stage/1", "stage": "explanations"}')
+    save_results(staged, [], [], {"model": "tiny"})  # explanations replace explanations
     for out in (small_run, tmp_path):  # never the run, even with --force
         res = runner.invoke(app, ["report", str(small_run), "--out", str(out), "--force"])
         assert res.exit_code == 2 and "refusing" in error_line(res.output)

@@ -163,3 +163,64 @@ def test_cli_analyze_gguf_file(tmp_path: Path, corpus: Path) -> None:
     assert res.exit_code == 0, res.output
     cap = json.loads((out / "capture" / "capture.json").read_text())
     assert cap["site"] == "resid.29" and cap["width"] == 576
+
+
+def test_explain_follows_a_run_of_user_data(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`explain --run-dir` re-reads the run's header-less TSV (path, columns, separator) and writes
+    into RUN_DIR/explanations; a too-small dataset is refused before any capture."""
+    words = {"sport": "goal match team league", "money": "bank shares profit rates"}
+    lines = [
+        f"{label}\t{' '.join(np.random.default_rng(i).permutation(ws.split()))} {i}"
+        for label, ws in words.items()
+        for i in range(50)
+    ]
+    data = tmp_path / "topics.tsv"
+    data.write_text("\n".join([*lines, "NA\tno label"]) + "\n")
+    run = tmp_path / "run"
+    opts = ["--no-header", "--text-column", "1", "--label-column", "0", "--max-length", "12"]
+    made = CliRunner().invoke(
+        app,
+        ["analyze", "--model", str(tiny_model_dir), "--dataset", str(data), *opts]
+        + ["--out", str(run), "--no-progress"],
+    )
+    assert made.exit_code == 0, made.output
+    small = CliRunner().invoke(app, ["explain", "--run-dir", str(run), "--max-per-class", "10"])
+    assert small.exit_code == 2 and "explanations need at least 92" in small.output, small.output
+    assert "--max-per-class 46" in small.output and not (run / "explanations").exists()
+    res = CliRunner().invoke(
+        app, ["explain", "--run-dir", str(run), "--top-k", "2", "--rounds", "0"]
+    )
+    assert res.exit_code == 0, res.output
+    saved = sorted(p.name for p in (run / "explanations" / "explanations").iterdir())
+    assert len(saved) == 2 and all(p.endswith(".json") for p in saved)
+
+
+def test_min_texts_is_the_real_minimum() -> None:
+    """min_texts matches the pool split of records_from_activations: it works at the minimum and
+    fails one text below."""
+    from rangelens.errors import RangelensError
+    from rangelens.explain.exemplars import ExemplarConfig, records_from_activations
+    from rangelens.explain.inputs import min_texts
+
+    config = ExemplarConfig()
+    need = min_texts(config)
+
+    def build(n: int) -> None:
+        offsets = np.arange(0, 3 * n + 1, 3)
+        values = np.random.default_rng(0).normal(size=(3 * n, 1))
+        ids = np.zeros(3 * n, dtype=np.int64)
+        records_from_activations(
+            values,
+            ids,
+            ["x"] * (3 * n),
+            offsets,
+            [0],
+            model="m",
+            site="resid",
+            layer=0,
+            config=config,
+        )
+
+    build(need)
+    with pytest.raises(RangelensError):
+        build(need - 1)

@@ -86,7 +86,11 @@ def parameters(
         annotation = field.annotation
         default = (defaults or {}).get(name, field.get_default(call_default_factory=True))
         help_text = _help(field, annotation)
-        if annotation is bool:
+        if defaults and name in defaults and defaults[name] is None:
+            fallback = _text_default(field.get_default(call_default_factory=True))
+            help_text += f" (default: the run's, else {fallback})"
+        is_bool = annotation is bool or (_is_optional(annotation) and bool in _args(annotation))
+        if is_bool and default is not None:
             typ: Any = bool
             value: Any = default
         else:
@@ -97,7 +101,8 @@ def parameters(
         if typ is bool:
             option = typer.Option(f"--{flag}/--no-{flag}", help=help_text)
         else:
-            option = typer.Option(f"--{flag}", help=help_text, metavar=_metavar(annotation))
+            metavar = "BOOL" if is_bool else _metavar(annotation)
+            option = typer.Option(f"--{flag}", help=help_text, metavar=metavar)
         params.append(
             inspect.Parameter(
                 name,
@@ -151,6 +156,33 @@ def command(
     run.__doc__ = body.__doc__
     run.__name__ = body.__name__
     return run
+
+
+def with_config(
+    config: type[BaseModel], name: str, *, defaults: dict[str, Any] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Replace ``func``'s parameter ``name`` by ``config``'s fields as options; ``func`` receives the
+    parsed field values (a dict, see :func:`parse`) as ``name``."""
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        own = [
+            p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != name
+        ]
+        fields = parameters(config, defaults=defaults)
+        names = {p.name for p in fields}
+
+        def run(**kwargs: Any) -> Any:
+            given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            return func(**kwargs, **{name: parse(config, given)})
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + fields
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        run.__doc__ = func.__doc__
+        run.__name__ = func.__name__
+        return run
+
+    return wrap
 
 
 def option(name: str, typ: Any, default: Any, help_text: str, *flags: str) -> inspect.Parameter:
