@@ -134,7 +134,10 @@ def report() -> None:
         data = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
         if not data:
             continue
-        res = [NeuronExplanation.from_dict(d) for d in data]
+        res = [
+            NeuronExplanation.from_dict({k: v for k, v in d.items() if k != "cpu_seconds"})
+            for d in data
+        ]
         rng = np.random.default_rng(0)
         lines += [
             "",
