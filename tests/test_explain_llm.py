@@ -17,8 +17,7 @@ from rangelens.cli import app
 from rangelens.explain.clients import LLM, Completion, LLMUnavailable, ReplyError, ResponseCache
 from rangelens.explain.llm import LLMExplainer, check_explanation, parse_json
 from rangelens.explain.llm_scoring import (
-    DetectionJudge,
-    FuzzingJudge,
+    LLMJudge,
     LLMSimulator,
     detection_items,
     fuzzing_items,
@@ -106,22 +105,22 @@ def test_detection_and_fuzzing_judges(serve):
     rec = synthetic()
     texts, labels = detection_items(rec.held_out, rec.threshold)
     trace = Trace()
-    det = DetectionJudge(LLM(server.client()))
-    good = judge_scores(det.judge("the word 'goal'", texts, trace), labels)
-    wrong = judge_scores(det.judge("the word 'vote'", texts, trace), labels)
+    det = LLMJudge(LLM(server.client()))
+    good = judge_scores(det.judge("the word 'goal'", texts, None, trace), labels)
+    wrong = judge_scores(det.judge("the word 'vote'", texts, None, trace), labels)
     assert good.auc is not None and wrong.auc is not None and good.auc > wrong.auc
     assert good.balanced_accuracy > 0.6 and good.failures == 0 and not trace.failures
 
     ftexts, marks, flabels = fuzzing_items(rec.held_out, rec.threshold, seed=0)
     assert flabels and flabels.count(True) == flabels.count(False)
-    scores = FuzzingJudge(LLM(server.client())).judge("the word 'goal'", ftexts, marks, trace)
+    scores = LLMJudge(LLM(server.client())).judge("the word 'goal'", ftexts, marks, trace)
     assert "[[" in server.bodies[-1]["messages"][1]["content"]
     fuzz = judge_scores(scores, flabels)
     assert fuzz.auc is not None and fuzz.auc > 0.5 and fuzz.n == len(flabels)
 
     bad = serve(sequence("maybe"))
-    failed = DetectionJudge(LLM(bad.client(), attempts=2)).judge(
-        "the word 'goal'", texts[:3], trace
+    failed = LLMJudge(LLM(bad.client(), attempts=2)).judge(
+        "the word 'goal'", texts[:3], None, trace
     )
     assert failed == [None, None, None] and len(trace.failures) == 3
     assert judge_scores(failed, labels[:3]).failures == 3

@@ -8,8 +8,7 @@ mismatch is a failed try. When the server returns log-probabilities (llama.cpp s
 local backend) the prediction is the expected value over the 0-10 alternatives at each value token,
 as OpenAI's simulator does, instead of the sampled digit.
 
-:class:`DetectionJudge` and :class:`FuzzingJudge` are EleutherAI delphi's detection and fuzzing
-scorers (Paulo et al. 2024, "Automatically interpreting millions of features in large language
+:class:`LLMJudge` is EleutherAI delphi's detection and fuzzing scorer (Paulo et al. 2024, "Automatically interpreting millions of features in large language
 models"): from the explanation alone, does a text activate the neuron; are the marked tokens of a text
 the ones the explanation describes (correct vs random marks)? Each returns P(yes) per text from the
 log-probabilities when available, else the 0/1 answer. Every failure is None, recorded in the trace
@@ -208,19 +207,42 @@ def yes_probability(reply: Completion) -> float:
     return 1.0 if first in _YES else 0.0
 
 
-class _Judge:
-    question = ""
+DETECTION_QUESTION = "According to the explanation, does the neuron activate anywhere in this text?"
+FUZZING_QUESTION = (
+    "Some tokens of the text are marked [[like this]]. According to the explanation, are the "
+    "marked tokens the ones the neuron activates on?"
+)
+
+
+class LLMJudge:
+    """delphi's detection and fuzzing judge (the shared ``Judge`` interface): with ``highlights``
+    None, does each text activate the neuron; with ``highlights[i][t]`` marking tokens (shown
+    ``[[like this]]``), are the marked tokens the ones the explanation describes. P(yes) per text,
+    None where the answer failed."""
 
     def __init__(self, llm: LLM, *, logprobs: bool = True) -> None:
         self.llm = llm
         self.logprobs = logprobs
 
-    def _ask(self, explanation: str, bodies: Sequence[str], trace: Trace) -> list[float | None]:
+    def judge(
+        self,
+        explanation: str,
+        texts: Sequence[Sequence[str]],
+        highlights: Sequence[Sequence[bool]] | None,
+        trace: Trace,
+    ) -> list[float | None]:
+        if highlights is None:
+            question, role = DETECTION_QUESTION, "detection"
+            bodies = ["".join(t) for t in texts]
+        else:
+            question, role = FUZZING_QUESTION, "fuzzing"
+            bodies = [mark_tokens(t, m) for t, m in zip(texts, highlights, strict=True)]
+
         def one(item: tuple[int, str]) -> float | None:
             index, body = item
             user = (
                 f"Explanation of the neuron:\n{delimit(explanation, 'explanation')}\n\n"
-                f"{delimit(body, 'text')}\n\n{self.question} Answer 1 (yes) or 0 (no)."
+                f"{delimit(body, 'text')}\n\n{question} Answer 1 (yes) or 0 (no)."
             )
             messages = [
                 {"role": "system", "content": JUDGE_SYSTEM},
@@ -234,41 +256,11 @@ class _Judge:
                 feedback=False,
             )
             if got is None:
-                trace.fail(type(self).__name__, f"text {index}", error, self.llm.attempts)
+                trace.fail(role, f"text {index}", error, self.llm.attempts)
             return got
 
         out = parallel_map(self.llm.max_concurrency, one, list(enumerate(bodies)))
         return [o if isinstance(o, float) else None for o in out]
-
-
-class DetectionJudge(_Judge):
-    """delphi detection: does the text activate the neuron, judging by the explanation alone?"""
-
-    question = "According to the explanation, does the neuron activate anywhere in this text?"
-
-    def judge(
-        self, explanation: str, texts: Sequence[Sequence[str]], trace: Trace
-    ) -> list[float | None]:
-        return self._ask(explanation, ["".join(t) for t in texts], trace)
-
-
-class FuzzingJudge(_Judge):
-    """delphi fuzzing: are the tokens marked ``[[like this]]`` the ones the explanation describes?"""
-
-    question = (
-        "Some tokens of the text are marked [[like this]]. According to the explanation, are the "
-        "marked tokens the ones the neuron activates on?"
-    )
-
-    def judge(
-        self,
-        explanation: str,
-        texts: Sequence[Sequence[str]],
-        marked: Sequence[Sequence[bool]],
-        trace: Trace,
-    ) -> list[float | None]:
-        bodies = [mark_tokens(t, m) for t, m in zip(texts, marked, strict=True)]
-        return self._ask(explanation, bodies, trace)
 
 
 @dataclass(frozen=True)
