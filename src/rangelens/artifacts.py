@@ -54,6 +54,42 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path, memo: Path | None = None) -> str:
+    """sha256 of a file's content, streamed in 1 MiB blocks.
+
+    Reading is cheap for data files (MBs) but seconds for multi-GB weights, so digests are remembered
+    by (resolved path, size, mtime in ns) in this process and, given ``memo``, in that JSON file across
+    runs (the rsync/make quick check: an edit changes size or mtime).
+    """
+    path = path.resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    stored = read_json(memo) if memo is not None and memo.exists() else {}
+    memo_key = "|".join(map(str, key))
+    if key not in _DIGESTS and memo_key in stored:
+        _DIGESTS[key] = stored[memo_key]
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+        if memo is not None:
+            write_json(memo, {**stored, memo_key: _DIGESTS[key]})
+    return _DIGESTS[key]
+
+
+def path_digest(path: Path, memo: Path | None = None) -> str:
+    """Content digest of a file, or of a folder (its files' relative paths and digests)."""
+    if path.is_file():
+        return file_digest(path, memo)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return fingerprint([(str(f.relative_to(path)), file_digest(f, memo)) for f in files])
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temp file in the same directory, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

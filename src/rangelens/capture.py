@@ -1,15 +1,16 @@
 """Record activations at named sites through forward hooks on stock `transformers` models.
 
-Texts are batched by length (less padding), positions are computed from the attention mask so results are
-identical under left or right padding and any batch size, and the forward stops as soon as every requested
+Texts are batched by length (less padding), positions are computed from the attention mask in each model's
+own convention so results are identical under left or right padding and any batch size, and the forward stops as soon as every requested
 site has fired (no layer after the deepest site runs, as TransformerLens' ``stop_at_layer``).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, suppress
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rangelens.errors import RangelensError, choices
+from rangelens.hooks import TraceDict, stop_forward
 from rangelens.models import LoadedModel
 from rangelens.sites import NeuronSite
 
@@ -25,52 +27,40 @@ POSITIONS = ("last", "first", "cls", "mean", "tokens")
 PADDING_SIDES = ("left", "right")
 
 
-class _StopForward(Exception):
-    """Raised by the last site's hook to end the forward early."""
+class Recorded(Mapping[str, torch.Tensor]):
+    """Site name -> tensor of the latest forward (a read-only view of a :class:`TraceDict`)."""
+
+    def __init__(self, traces: TraceDict) -> None:
+        self._traces = traces
+
+    def clear(self) -> None:
+        self._traces.clear()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self._traces[name].value
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in self._traces if self._traces[n].value is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 @contextmanager
 def record(
     model: nn.Module, sites: Sequence[NeuronSite], *, stop: bool = True
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Hook ``sites``; the yielded dict maps site name -> tensor of the latest forward.
+) -> Iterator[Recorded]:
+    """Trace ``sites`` through :class:`~rangelens.hooks.TraceDict`; yields site name -> tensor.
 
     With ``stop``, the forward is aborted once every site has been recorded; callers run the forward
     inside :func:`stop_forward`. Hooks are always removed on exit.
     """
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-    wanted = len({s.name for s in sites})
-
-    def keep(name: str, tensor: torch.Tensor) -> None:
-        store[name] = tensor
-        if stop and len(store) == wanted:
-            raise _StopForward
-
-    for site in sites:
-        module = model.get_submodule(site.module_path)
-        if site.hook == "input":
-
-            def pre_hook(_m: nn.Module, args: tuple, *, _name: str = site.name) -> None:
-                keep(_name, args[0])
-
-            handles.append(module.register_forward_pre_hook(pre_hook))
-        else:
-
-            def hook(_m: nn.Module, _args: tuple, out: object, *, _name: str = site.name) -> None:
-                keep(_name, out[0] if isinstance(out, tuple) else out)  # type: ignore[arg-type]
-
-            handles.append(module.register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def stop_forward() -> AbstractContextManager[None]:
-    """Swallow the early stop raised by :func:`record` hooks."""
-    return suppress(_StopForward)
+    points = {s.name: (s.module_path, s.hook == "input") for s in sites}
+    with TraceDict(model, points, stop=stop) as traces:
+        yield Recorded(traces)
 
 
 @dataclass
@@ -98,6 +88,8 @@ def tokenize(
     side = padding_side or lm.tokenizer.padding_side
     if side not in PADDING_SIDES:
         raise RangelensError(f"unknown padding side {side!r}; valid: {choices(PADDING_SIDES)}")
+    if not _accepts_position_ids(lm.model):
+        side = "right"  # positions cannot be passed: keep every row's real tokens at columns 0..n-1
     if batch_size < 1:
         raise RangelensError(f"batch_size must be >= 1, got {batch_size}")
     ids = lm.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
@@ -121,12 +113,53 @@ def tokenize(
     return batches
 
 
-def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]:
-    """Forward kwargs on the model's device, with position ids derived from the attention mask.
+def _accepts_position_ids(model: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
 
-    Stock HF decoders number positions from the first *column*, so left padding silently shifts them;
-    passing mask-derived ids makes every row see the positions it would have unpadded.
+
+def _position_padding_idx(model: nn.Module) -> int | None:
+    """The ``padding_idx`` of a RoBERTa-style learned position table (XLM-R, CamemBERT, MPNet, ...),
+    whose real tokens are numbered from ``padding_idx + 1`` and pads get ``padding_idx``; None for
+    models numbering positions from 0."""
+    if model not in _PADDING_IDX:
+        found = None
+        for module in model.modules():
+            table, pad = (
+                getattr(module, "position_embeddings", None),
+                getattr(module, "padding_idx", None),
+            )
+            if (
+                isinstance(table, nn.Embedding)
+                and isinstance(pad, int)
+                and table.padding_idx == pad
+            ):
+                found = pad
+                break
+        _PADDING_IDX[model] = found
+    return _PADDING_IDX[model]
+
+
+_PADDING_IDX: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
+def position_ids(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids in the model's own convention, counted over real tokens only.
+
+    Each row gets the positions it would have unpadded: 0, 1, ... for most models (stock HF decoders
+    number from the first *column*, which left padding would shift), ``padding_idx + 1, ...`` with pads
+    at ``padding_idx`` for RoBERTa-style tables (as their ``create_position_ids_from_input_ids``).
     """
+    counts = attention_mask.long().cumsum(-1)
+    pad = _position_padding_idx(model)
+    if pad is not None:
+        return counts * attention_mask.long() + pad
+    return (counts - 1).clamp(min=0)
+
+
+def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]:
+    """Forward kwargs on the model's device, with position ids derived from the attention mask
+    (see :func:`position_ids`); models without a ``position_ids`` argument get right-padded batches
+    from :func:`tokenize`, where columns equal positions."""
     device = next(model.parameters()).device
     kwargs = {
         "input_ids": batch.input_ids.to(device),
@@ -134,15 +167,20 @@ def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]
     }
     params = inspect.signature(model.forward).parameters
     if "position_ids" in params:
-        kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        kwargs["position_ids"] = position_ids(model, batch.attention_mask).to(device)
     if "use_cache" in params:
         kwargs["use_cache"] = False  # type: ignore[assignment]
     return kwargs
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, position: str) -> torch.Tensor:
-    """Reduce (batch, seq, d) to (batch, d) at ``position``, or to (real tokens, d) for ``tokens``."""
+    """Reduce (batch, seq, d) to (batch, d) at ``position``, or to (real tokens, d) for ``tokens``.
+
+    Modules that flatten tokens (OPT's MLP: ``(batch * seq, d)``) are reshaped back first.
+    """
     mask = mask.to(hidden.device)
+    if hidden.ndim == 2 and hidden.shape[0] == mask.numel():
+        hidden = hidden.reshape(*mask.shape, hidden.shape[-1])
     if position == "tokens":
         return hidden[mask.bool()]
     if position == "mean":

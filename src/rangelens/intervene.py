@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,9 +28,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from rangelens.errors import RangelensError, choices
+from rangelens.hooks import Trace, get_module
 from rangelens.ranges import RangeMap
 from rangelens.sites import NeuronSite
 from rangelens.stats import ConceptStats
@@ -380,24 +380,19 @@ class RangeMask:
         ``hook="output"`` sites edit its output (element 0 of a tuple output).
         """
         try:
-            module = model.get_submodule(self.site.module_path)
-        except AttributeError as err:
+            get_module(model, self.site.module_path)
+        except RangelensError as err:
             raise RangelensError(
                 f"site {self.site.name} ({self.site.module_path!r}) is not in this model; "
                 f"resolve the site on the model you attach to"
             ) from err
-        handles: list[RemovableHandle] = []
-        try:
+        with ExitStack() as stack:
             tracker = _ForwardTracker(model) if self.positions == "last" else None
             if tracker is not None:
-                handles += tracker.handles
+                for handle in tracker.handles:
+                    stack.callback(handle.remove)
 
-            def edit(x: object) -> torch.Tensor:
-                if not isinstance(x, torch.Tensor):
-                    raise RangelensError(
-                        f"site {self.site.name} carries a {type(x).__name__}, not a tensor; "
-                        f"choose a module whose {self.site.hook} is a tensor"
-                    )
+            def edit(x: torch.Tensor) -> torch.Tensor:
                 if x.shape[-1] != self.site.width:
                     raise RangelensError(
                         f"site {self.site.name} has width {x.shape[-1]} in this forward, not the "
@@ -411,24 +406,9 @@ class RangeMask:
                 mask = tracker.attention_mask if tracker is not None else None
                 return self._ranges.apply(x, self.mode, self.scale, self.positions, mask)
 
-            if self.site.hook == "input":
-
-                def pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-                    return (edit(args[0] if args else None), *args[1:])
-
-                handles.append(module.register_forward_pre_hook(pre_hook))
-            else:
-
-                def hook(_m: nn.Module, _args: tuple[Any, ...], out: object) -> object:
-                    if isinstance(out, tuple):
-                        return (edit(out[0] if out else None), *out[1:])
-                    return edit(out)
-
-                handles.append(module.register_forward_hook(hook))
+            path, is_input = self.site.module_path, self.site.hook == "input"
+            stack.enter_context(Trace(model, path, input=is_input, edit=edit, retain=False))
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def _replacement_of_concept(

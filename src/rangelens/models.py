@@ -1,8 +1,9 @@
-"""Load models: the embedded built-ins (shipped inside PyPI packages) or any hub id / local path.
+"""Load models: the embedded built-ins (shipped inside PyPI packages), a GGUF file, or any hub id / local path.
 
 ``smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised); it is dequantised once and cached as
 safetensors under the user cache dir so later loads take well under a second. ``minilm-l6`` is
-all-MiniLM-L6-v2 (BERT encoder).
+all-MiniLM-L6-v2 (BERT encoder). A user's ``.gguf`` file (or a folder holding exactly one) goes through the
+same conversion, cached under a key of the file's content hash.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from rangelens.artifacts import file_digest
 from rangelens.errors import RangelensError, choices
 
 ModelKind = Literal["decoder", "encoder"]
@@ -138,6 +140,36 @@ def builtin_model_dir(name: str) -> Path:
     return dest
 
 
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: itself if a ``.gguf`` file, the only ``.gguf`` in a folder without
+    a ``config.json``; None for anything else. Several ``.gguf`` files in a folder are refused."""
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(found) > 1:
+        raise RangelensError(
+            f"folder {str(path)!r} holds {len(found)} .gguf files; give one as --model: "
+            f"{choices([p.name for p in found])}"
+        )
+    return found[0] if found else None
+
+
+def gguf_model_dir(file: Path) -> Path:
+    """A GGUF checkpoint converted once (dequantised) into the cache, keyed by its content hash."""
+    digest = file_digest(file, memo=cache_dir() / "digests.json")
+    dest = cache_dir() / "models" / f"gguf-{digest[:16]}"
+    if not (dest / "config.json").exists():
+        try:
+            _convert_gguf(file.parent, file.name, dest)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise RangelensError(
+                f"cannot convert GGUF file {str(file)!r}: {err}".splitlines()[0]
+            ) from err
+    return dest
+
+
 def _infer_kind(config: Any) -> ModelKind:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(
@@ -167,9 +199,12 @@ def load_model(
         raise RangelensError(f"unknown device {device!r}; valid: 'cpu', 'cuda', 'cuda:N'") from err
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise RangelensError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    gguf = None if name_or_path in BUILTIN_MODELS else gguf_file(Path(name_or_path))
     if name_or_path in BUILTIN_MODELS:
         path: str | Path = builtin_model_dir(name_or_path)
         kind = kind or BUILTIN_MODELS[name_or_path].kind
+    elif gguf is not None:
+        path, kind = gguf_model_dir(gguf), kind or "decoder"
     else:
         path = name_or_path
     try:
@@ -177,7 +212,7 @@ def load_model(
     except (OSError, ValueError) as err:
         raise RangelensError(
             f"model {name_or_path!r} is not a built-in ({choices(BUILTIN_MODELS)}), a local model "
-            f"directory, or a reachable Hugging Face hub id"
+            f"directory, a .gguf file, or a reachable Hugging Face hub id"
         ) from err
     kind = kind or _infer_kind(config)
     loader = AutoModelForCausalLM if kind == "decoder" else AutoModel

