@@ -31,8 +31,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rangelens.errors import RangelensError
-from rangelens.models import LoadedModel, cache_dir, load_model
-from rangelens.models import _convert_gguf as convert_gguf
+from rangelens.models import LoadedModel, load_model
 
 Message = dict[str, str]
 T = TypeVar("T")
@@ -504,21 +503,5 @@ class LLM:
 
 def load_chat_model(name_or_path: str) -> LoadedModel:
     """A chat model for the local backend: a built-in name, a `transformers` directory, or a
-    ``.gguf`` file (dequantised once into ``cache_dir()/models`` through the built-in GGUF
-    conversion, keyed by the file's path, size and modification time)."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix.lower() != ".gguf":
-        return load_model(name_or_path, kind="decoder")
-    if not path.is_file():
-        raise RangelensError(f"--llm-model {name_or_path!r}: no such .gguf file")
-    stat = path.stat()
-    tag = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    dest = cache_dir() / "models" / f"gguf-{hashlib.sha256(tag.encode()).hexdigest()[:16]}"
-    if not (dest / "config.json").exists():
-        try:
-            convert_gguf(path.parent, path.name, dest)
-        except (OSError, ValueError, KeyError) as err:
-            raise RangelensError(
-                f"--llm-model {name_or_path!r} could not be read as a GGUF model ({err})"
-            ) from err
-    return load_model(str(dest), kind="decoder")
+    ``.gguf`` file (converted once by :func:`rangelens.models.load_model`)."""
+    return load_model(name_or_path, kind="decoder")
