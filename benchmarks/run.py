@@ -32,7 +32,7 @@ from rangelens.analysis import AnalysisConfig, peak_rss_mb, run_capture
 from rangelens.artifacts import library_versions, write_text
 from rangelens.capture import TokenBatch, capture, model_inputs, pool, tokenize
 from rangelens.data import load_texts
-from rangelens.evaluate import ErasureConfig, run_erasure
+from rangelens.erasure import ErasureConfig, ErasureProtocol, erasure_ranges, run_erasure
 from rangelens.explain import explain_neurons, make_roles
 from rangelens.intervene import RangeMask
 from rangelens.models import LoadedModel, builtin_model_dir, load_model
@@ -202,14 +202,18 @@ def bench_intervene(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str
 
 def bench_suffix(lm: LoadedModel, out: Path) -> dict[str, float]:
     """The erasure experiment (last-block site) with vs without suffix-only evaluation."""
-    analysis = AnalysisConfig(max_per_class=20, max_length=64)
+    analysis = AnalysisConfig(max_per_class=20, max_length=64, taus=[1.0])
     data = load_texts(analysis.dataset, max_per_class=20, seed=0)
     cap = run_capture(lm, data, analysis, progress=False)
     seconds = {}
     for suffix in (True, False):
-        config = ErasureConfig(taus=[1.0, 2.0], ppl_texts=8, suffix=suffix)
+        config = ErasureConfig(ppl_texts=8, suffix=suffix, folds=2, conditions=["range", "neuron"])
+        protocol = ErasureProtocol(lm, data, analysis, config)
+        ranges = erasure_ranges(protocol, cap)
         start = time.perf_counter()
-        run_erasure(lm, data, cap, analysis, config, out / f"suffix-{suffix}", progress=False)
+        run_erasure(
+            lm, data, cap, ranges, analysis, config, out / f"suffix-{suffix}", progress=False
+        )
         seconds[suffix] = time.perf_counter() - start
     return {
         "suffix_s": seconds[True],
@@ -291,7 +295,7 @@ def report(results: dict[str, object]) -> str:
             ],
         ),
         "",
-        "## Suffix-only erasure evaluation (resid, last block; 16 conditions, 20 test texts, 8 ppl texts)",
+        "## Suffix-only erasure evaluation (resid, last block; 16 conditions per fold, 2 folds over 100 texts, 8 ppl texts)",
         "",
         f"- full forwards {sfx['full_s']:.1f} s, suffix-only {sfx['suffix_s']:.1f} s: "
         f"**{sfx['speedup']:.1f}x** faster ({sfx['layers']:.0f} layers)",

@@ -14,7 +14,9 @@ from rangelens.ranges import ConceptRange
 from rangelens.sites import resolve_site
 
 pytestmark = pytest.mark.integration
-SMALL = ExemplarConfig(n_top=8, n_quantile_bins=2, n_per_bin=3, n_validation=8, n_held_out=8)
+SMALL = ExemplarConfig(
+    n_top=8, n_quantile_bins=2, n_per_bin=3, n_feedback=8, n_validation=8, n_held_out=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_offline_end_to_end(setup, tmp_path):
     assert [r.neuron for r in records] == [5, 77]
     for rec, res in zip(records, results, strict=True):
         assert rec.top[0].max_activation >= rec.top[-1].max_activation
-        assert res.modes and all(m.explanation.startswith("fires on") for m in res.modes)
+        assert res.modes and all(m.explanation.startswith(f"{m.label}: ") for m in res.modes)
         assert -1.0 <= res.iterative.held_out <= 1.0 and 0.0 <= res.iterative.auc <= 1.0
         assert res.iterative.validation >= res.single_pass.validation - 0.05
         assert res.history[0].round == 0
@@ -52,18 +54,18 @@ def test_explain_concept_range(setup):
     assert result.target == record.target
 
 
-def test_local_transformers_client_prefill_and_cache(setup, tmp_path):
-    from rangelens.explain import CachedClient, ResponseCache, TransformersClient
+def test_local_transformers_client_prefill_logprobs_and_cache(setup, tmp_path):
+    from rangelens.explain import LLM, ResponseCache, TransformersClient
 
     lm, _, _ = setup
-    client = CachedClient(TransformersClient(lm, max_new_tokens=6), ResponseCache(tmp_path))
-    msgs = [
-        {"role": "user", "content": "Name a sport."},
-        {"role": "assistant", "content": '{"sport": "'},
-    ]
-    reply = client.complete(msgs)
-    assert reply.startswith('{"sport": "') and client.misses == 1
-    assert client.complete(msgs) == reply and client.hits == 1
+    llm = LLM(TransformersClient(lm, max_new_tokens=6), ResponseCache(tmp_path))
+    msgs = [{"role": "user", "content": "Name a sport."}]
+    reply, _ = llm.ask(msgs, lambda c: c, prefill='{"sport": "', top_logprobs=5)
+    assert reply is not None and reply.text.startswith('{"sport": "')
+    assert reply.logprobs and "".join(s.token for s in reply.logprobs) == reply.text
+    assert all(len(s.top) >= 5 and s.token in s.top for s in reply.logprobs[1:])
+    again, _ = llm.ask(msgs, lambda c: c, prefill='{"sport": "', top_logprobs=5)
+    assert again == reply and llm.stats.cache_hits == 1 and llm.stats.requests == 1
 
 
 def test_explain_command_writes_directory(tmp_path):

@@ -236,3 +236,29 @@ def test_mostly_failed_llm_run_exits_nonzero(serve, tiny_model_dir, topics_csv, 
     assert result.exit_code == 2 and "in a row failed" in result.output
     assert "0 ok" in result.output and "timeout" in result.output
     assert hanging.calls <= 5 + 3  # stopped early (steps already in flight may still finish)
+
+
+def scripted_roles(prompt: str) -> str | Reply:
+    """Valid answers for every LLM role (the refiner's aside), echo simulation for the simulator."""
+    if "Copy each of the" in prompt:
+        return echo_server(prompt)
+    if "make the neuron fire" in prompt:
+        return '{"components": ["goal", "match"]}'
+    if "groups of related meaning" in prompt:
+        return '{"modes": [{"label": "sport", "components": [0, 1]}]}'
+    if "improved description" in prompt:
+        return "no"
+    return '{"explanation": "sport words such as \'goal\'", "keywords": ["goal"]}'
+
+
+def test_cli_selects_the_llm_simulator(serve, tiny_model_dir, topics_csv, tmp_path):
+    server = serve(scripted_roles)
+    result = explain_cli(
+        tiny_model_dir, topics_csv, server.url, tmp_path / "out", "--simulator", "llm"
+    )
+    assert result.exit_code == 0, result.output
+    prompts = [b["messages"][-1]["content"] for b in server.bodies]
+    assert any("Copy each of the" in p and "'goal'" in p for p in prompts)
+    assert "LLM steps:" in result.output
+    bad = explain_cli(tiny_model_dir, topics_csv, server.url, tmp_path / "o", "--simulator", "x")
+    assert bad.exit_code == 2 and "unknown --simulator 'x'" in bad.output

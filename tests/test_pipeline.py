@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -11,6 +12,8 @@ from typer.testing import CliRunner
 
 from rangelens.cli import app
 from rangelens.pipeline import example_config, load_config, run
+from rangelens.ranges import RangeMap
+from rangelens.rangeset import RangeSet
 
 
 def write_config(path: Path, data: dict) -> Path:
@@ -27,8 +30,9 @@ def config_data(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> dict:
             "dataset": str(corpus),
             "label_column": "topic",
             "max_length": 32,
+            "taus": [1.0],
         },
-        "erasure": {"taus": [1.0, 2.0], "ppl_texts": 4, "ppl_max_length": 16},
+        "erasure": {"ppl_texts": 4, "ppl_max_length": 16, "folds": 2, "bootstrap": 100},
     }
 
 
@@ -37,14 +41,20 @@ def test_run_end_to_end_and_resume(tmp_path: Path, config_data: dict) -> None:
     first = run(load_config(path), progress=False)  # analysis only, as if stopped before erasure
     assert first.erasure is None
     out = Path(config_data["out"])
-    stamps = {s: (out / s / "stage.json").read_text() for s in ("capture", "ranges")}
+    stamp = (out / "capture" / "stage.json").read_text()
 
     second = run(load_config(write_config(tmp_path / "full.yaml", config_data)), progress=False)
     assert second.erasure is not None
-    for stage, stamp in stamps.items():  # finished stages were not redone
-        assert (out / stage / "stage.json").read_text() == stamp
+    assert (out / "capture" / "stage.json").read_text() == stamp  # the capture was not redone
     table = pd.read_csv(out / "erasure" / "erasure.csv")
-    assert set(table["state"]) == {"base", "range", "neuron"}
+    assert set(table["state"]) == {"base", "range", "neuron", "random"}
+    ranges = RangeSet.load(out / "ranges")  # the atlas' map is the erased (full split) one
+    shown = RangeMap.load(out / "ranges")
+    np.testing.assert_array_equal(
+        shown.lo, ranges.map(shown.metadata["site_name"], "full", 2.0, 0.3).lo
+    )
+    assert shown.metadata["rows"].startswith("correctly classified training rows")
+    assert first.analysis.range_map.metadata["rows"].startswith("all training rows")
     assert set(table["concept"]) == {"money", "sport", "tech"}
     assert "average" in second.erasure.headline["concept"].tolist()
     erasure_stamp = (out / "erasure" / "stage.json").read_text()
@@ -72,6 +82,10 @@ def test_cli_run_prints_table_and_atlas(tmp_path: Path, config_data: dict) -> No
         ({"analysis": {"layer": "last"}}, "analysis.layer"),
         ({"erasure": {"concepts": ["weather"]}}, "weather"),
         ({"erasure": {"task": "prompt"}}, "prompt"),
+        ({"erasure": {"positions": "last"}}, "positions 'last' with ppl_texts 4"),
+        ({"erasure": {"mode": "hard", "scale": 0.5}}, "scale 0.5 only applies to mode 'soft'"),
+        ({"erasure": {"folds": 20}}, "folds 20 > the 12 texts of the smallest class"),
+        ({"erasure": {"tau": 2.0}}, "set analysis.tau"),
     ],
 )
 def test_bad_configs(tmp_path: Path, config_data: dict, patch: dict, message: str) -> None:
@@ -84,6 +98,8 @@ def test_bad_configs(tmp_path: Path, config_data: dict, patch: dict, message: st
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], res.output
+    if "erasure" in patch and "task" not in patch["erasure"]:  # found before any model work
+        assert not (tmp_path / "bad-run").exists()  # nothing written
 
 
 def test_unreadable_configs(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ runs, escaping of untrusted text, and path-traversal refusal.
 
 The run directory is a real analysis of a tiny random Llama on a small CSV corpus, plus NeuronScope
 explanations made with the offline roles and an erasure stage in the format of
-:mod:`rangelens.evaluate`. Exemplar texts, tokens, concept labels and explanations carry HTML and
+:mod:`rangelens.erasure`. Exemplar texts, tokens, concept labels and explanations carry HTML and
 ``<script>`` on purpose.
 """
 
@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 
 from rangelens.analysis import AnalysisConfig, analyze
 from rangelens.cli import user_errors
+from rangelens.erasure import FORMAT_VERSION
 from rangelens.errors import RangelensError
-from rangelens.evaluate import FORMAT_VERSION
 from rangelens.explain import explain_record, records_from_activations, save_results
 from rangelens.explain.offline import offline_roles
 from rangelens.models import LoadedModel
@@ -93,24 +93,45 @@ def _explanations(directory: Path, neurons: list[int], site: str) -> None:
 
 
 def _erasure(directory: Path, concepts: list[str]) -> None:
-    """An erasure stage in the format :mod:`rangelens.evaluate` writes (format rangelens.erasure/1)."""
+    """An erasure stage in the format :mod:`rangelens.erasure` writes (format rangelens.erasure/2)."""
     directory.mkdir()
     rows = []
     for tau in (1.0, 2.0):
         for c in concepts:
-            for state, drop in (("base", 0.0), ("range", 0.3), ("neuron", 0.5)):
+            for state, drop in (("base", 0.0), ("range", 0.3), ("neuron", 0.5), ("random", 0.05)):
                 accuracy = {"target_acc": 0.9 - drop, "complement_acc": 0.9 - drop / 5}
-                rows.append({"concept": c, "state": state, "layer": 2, "tau": tau, **accuracy})
+                rows.append(
+                    {"concept": c, "state": state, "site": "resid.2", "tau": tau, **accuracy}
+                )
     pd.DataFrame(rows).to_csv(directory / "erasure.csv", index=False)
-    metrics = ("target_acc_drop", "complement_acc_drop", "ppl_change")
+    metrics = ("target_drop", "complement_drop", "complement_flip", "ppl_change")
+    states = (("range", 0.3), ("neuron", 0.5), ("random", 0.05))
     headline = [
-        {"concept": c, "base_target_acc": 0.9, "base_complement_acc": 0.9, "base_ppl": None}
-        | {f"{s}_{m}": v for s, v in (("range", 0.3), ("neuron", 0.5)) for m in metrics}
+        {"concept": c, "base_target_acc": 0.9, "base_target_acc_lo": 0.8, "base_target_acc_hi": 1.0}
+        | {
+            f"{s}_{m}{x}": v + d
+            for s, v in states
+            for m in metrics
+            for x, d in (("", 0.0), ("_lo", -0.1), ("_hi", 0.1))
+        }
         for c in [*concepts, "average"]
     ]
-    sweep = [{"tau": t, "range_target_drop": t / 4, "neuron_target_drop": 0.5} for t in (1.0, 2.0)]
-    info = {"task": "head", "test_acc": 0.9, "n_test": 8, "sites": ["resid.2"], "sweep": sweep}
-    summary = {"format": FORMAT_VERSION, "config": {"tau": 2.0, "p": 0.25}, "info": info}
+    sweep = [
+        {"tau": t, "range_target_drop": t / 4, "range_target_drop_lo": 0, "range_target_drop_hi": 1}
+        for t in (1.0, 2.0)
+    ]
+    info = {
+        "task": "head",
+        "base_acc": 0.9,
+        "chance": 0.33,
+        "n_test_texts": 8,
+        "sites": ["resid.2"],
+        "conditions": ["range", "neuron", "random"],
+        "sweep": sweep,
+        "verdict": "Range masking matched neuron masking's erasure.",
+        "warnings": ["concepts with fewer than 30 test texts: <b>x</b>"],
+    }
+    summary = {"format": FORMAT_VERSION, "config": {"replacement": "zero"}, "info": info}
     (directory / "erasure.json").write_text(json.dumps({**summary, "headline": headline}))
     for name in ("erasure_bars", "tau_tradeoff"):
         fig = Figure(figsize=(3, 2))
@@ -179,7 +200,11 @@ def test_atlas_has_every_page_and_figure(atlas: Path, report_run: Path) -> None:
         assert (atlas / "figures" / name).is_file() and f'src="figures/{name}"' in site[
             "erasure.html"
         ]
+    erasure = site["erasure.html"]
+    assert "Erased ranges" in erasure and "0.30 [0.20, 0.40]" in erasure
+    assert "matched neuron masking" in erasure and "&lt;b&gt;x&lt;/b&gt;" in erasure
     j = min(salient)
+    assert f'href="neurons/{j}.html"' in erasure
     page = site[f"neurons/{j}.html"]
     assert page.count('<g class="band"') >= 1 and page.count('<g class="series"') == 3
     assert "Texts at the extremes" in page

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -39,8 +39,9 @@ from rangelens.data import LabeledTexts, load_texts, split
 from rangelens.distributed import gather, is_main, local_device, shard, world
 from rangelens.errors import RangelensError, choices
 from rangelens.models import LoadedModel, load_model
-from rangelens.ranges import RangeMap, distribution_summary, distribution_table, fit_ranges
-from rangelens.ranking import RANKING_METHODS, polysemanticity, rank, top_neurons
+from rangelens.ranges import RangeMap
+from rangelens.rangeset import FULL, FeatureSource, RangeSet, RangesPlan, run_ranges
+from rangelens.ranking import RANKING_METHODS, top_neurons
 from rangelens.sites import resolve_site
 from rangelens.stats import ConceptStats
 
@@ -63,9 +64,21 @@ class AnalysisConfig(BaseModel):
     site: str = Field("resid", description="resid | mlp | attn | module:<dotted.path>")
     layer: int = Field(-1, description="block index; negative counts from the end")
     position: str = Field("last", description="last | first | cls | mean | tokens")
-    ranking: str = Field("mean_abs", description="mean_abs | probeless | probe | dprime")
+    ranking: str = Field(
+        "dprime",
+        description="dprime | mean_abs (NeuronLens reference code) | probeless | probe",
+    )
     tau: float = Field(2.0, gt=0, description="range half-width in standard deviations")
     p: float = Field(0.3, gt=0, le=1, description="share of neurons that are salient per concept")
+    taus: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=list, description="tau sweep: more range maps fitted beside tau"
+    )
+    ps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=list, description="p sweep: more range maps fitted beside p"
+    )
+    layers: list[int] = Field(
+        default_factory=list, description="layer sweep: more mask sites (site kind of 'site')"
+    )
     range_method: Literal["gaussian", "quantile"] = "gaussian"
     n_bins: int = Field(64, ge=4)
     batch_size: int = Field(16, ge=1)
@@ -122,7 +135,8 @@ class AnalysisConfig(BaseModel):
         return {k: getattr(self, k) for k in keys}
 
     def range_inputs(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in ("ranking", "tau", "p", "range_method", "seed")}
+        keys = ("ranking", "tau", "p", "taus", "ps", "layers", "range_method", "seed")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -145,10 +159,17 @@ class AnalysisResult:
     run_dir: Path
     capture: CaptureResult
     scores: np.ndarray
-    range_map: RangeMap
+    rangeset: RangeSet
     distribution: pd.DataFrame
     summary: pd.DataFrame
     polysemanticity: pd.DataFrame
+
+    @property
+    def range_map(self) -> RangeMap:
+        """The headline range map: analysis site, split ``full``, the config's tau and p."""
+        site = str(self.capture.info["site"])
+        meta = self.rangeset.metadata
+        return self.rangeset.map(site, FULL, float(meta["tau"]), float(meta["p"]))
 
 
 def peak_rss_mb() -> float:
@@ -239,26 +260,6 @@ def load_capture(directory: Path) -> CaptureResult:
     )
 
 
-def run_ranges(
-    cap: CaptureResult, config: AnalysisConfig, metadata: dict[str, object]
-) -> tuple[np.ndarray, RangeMap, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Rank neurons per concept, fit ranges, and analyse the concept distributions."""
-    features = labels = None
-    if config.ranking == "probe" and cap.features is not None:
-        features, labels = cap.features[cap.train], cap.labels[cap.train]
-    scores = rank(config.ranking, cap.stats, features, labels, seed=config.seed)
-    top = top_neurons(scores, config.p)
-    range_map = fit_ranges(
-        cap.stats, scores, tau=config.tau, p=config.p, method=config.range_method, metadata=metadata
-    )
-    table = distribution_table(cap.stats, range_map)
-    summary = distribution_summary(table)
-    poly = pd.DataFrame(
-        {"concept": cap.label_names, "n_salient": top.shape[1], "shared": polysemanticity(top)}
-    )
-    return scores, range_map, table, summary, poly
-
-
 def _ranking_table(scores: np.ndarray, top: np.ndarray, names: list[str]) -> pd.DataFrame:
     rows = [
         {"concept": names[c], "rank": r, "neuron": int(j), "score": float(scores[c, j])}
@@ -268,14 +269,30 @@ def _ranking_table(scores: np.ndarray, top: np.ndarray, names: list[str]) -> pd.
     return pd.DataFrame(rows)
 
 
+def load_ranges(
+    directory: Path,
+) -> tuple[np.ndarray, RangeSet, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Load a finished ranges stage."""
+    return (
+        load_file(str(directory / "scores.safetensors"))["scores"],
+        RangeSet.load(directory),
+        pd.read_csv(directory / "distribution.csv"),
+        pd.read_csv(directory / "summary.csv"),
+        pd.read_csv(directory / "polysemanticity.csv"),
+    )
+
+
 def analyze(
     config: AnalysisConfig,
     run_dir: str | Path,
     *,
     lm: LoadedModel | None = None,
+    plan: RangesPlan | None = None,
     progress: bool = True,
 ) -> AnalysisResult:
-    """Run (or resume) the analysis into ``run_dir``; finished stages with unchanged inputs are skipped."""
+    """Run (or resume) the analysis into ``run_dir``; finished stages with unchanged inputs are
+    skipped. With a ``plan`` (a classification task exists) ranges are fitted on the rows it picks
+    (by default the correctly classified training rows, per split), else on all training rows."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir, config.model)
     torch.manual_seed(config.seed)
@@ -287,7 +304,10 @@ def analyze(
     capture_fp = fingerprint(config.capture_inputs())
     capture_dir = run_dir / "capture"
     current = stage_is_current(capture_dir, capture_fp)
-    if not current:  # validate model and site before anything is written
+    ranges_fp = fingerprint(capture_fp, config.range_inputs(), plan.inputs if plan else None)
+    ranges_dir = run_dir / "ranges"
+    ranges_current = stage_is_current(ranges_dir, ranges_fp)
+    if not current or (not ranges_current and config.layers):  # validate before writing
         device = local_device(config.device)
         lm = lm or load_model(config.model, device=device, dtype=config.dtype)
         resolve_site(lm.model, config.site, config.layer)
@@ -303,6 +323,9 @@ def analyze(
             with atomic_dir(capture_dir) as tmp:
                 _save_capture(cap, tmp)
                 mark_stage(tmp, "capture", capture_fp, seconds=cap.info["seconds"])
+    if ranges_current:
+        scores, rangeset, table, summary, poly = load_ranges(ranges_dir)
+        return AnalysisResult(run_dir, cap, scores, rangeset, table, summary, poly)
     metadata = {
         "model": config.model,
         "dataset": data.name,
@@ -313,12 +336,14 @@ def analyze(
         "ranking": config.ranking,
         "seed": config.seed,
     }
-    ranges_fp = fingerprint(capture_fp, config.range_inputs())
-    ranges_dir = run_dir / "ranges"
-    scores, range_map, table, summary, poly = run_ranges(cap, config, metadata)
-    if main and not stage_is_current(ranges_dir, ranges_fp):
+    source, splits = plan.make(cap) if plan else (FeatureSource(cap, config, lm), None)
+    scores, rangeset, table, summary, poly = run_ranges(
+        cap, config, metadata, source=source, splits=splits
+    )
+    if main:
         with atomic_dir(ranges_dir) as tmp:
-            range_map.save(tmp)
+            rangeset.save(tmp)
+            rangeset.map(source.main, FULL, config.tau, config.p).save(tmp)
             save_file({"scores": scores}, str(tmp / "scores.safetensors"))
             top = top_neurons(scores, config.p)
             write_table(tmp / "rankings.csv", _ranking_table(scores, top, cap.label_names))
@@ -327,4 +352,4 @@ def analyze(
             write_table(tmp / "polysemanticity.csv", poly)
             write_json(tmp / "summary.json", summary.to_dict(orient="records"))
             mark_stage(tmp, "ranges", ranges_fp)
-    return AnalysisResult(run_dir, cap, scores, range_map, table, summary, poly)
+    return AnalysisResult(run_dir, cap, scores, rangeset, table, summary, poly)

@@ -94,6 +94,16 @@ def print_analysis(result: Any) -> None:
         "overlap with another concept; purity: median share of in-range activations from the "
         "concept[/]"
     )
+    from rangelens.rangeset import overlap_statement
+
+    console.print(
+        f"ranges fitted on: {result.range_map.metadata.get('rows', 'all training rows')}, "
+        f"ranking '{result.range_map.metadata.get('ranking')}'"
+    )
+    console.print(
+        f"[bold]{overlap_statement(result.summary, len(result.capture.label_names))}[/]",
+        highlight=False,
+    )
     console.print(f"[bold green]run directory:[/] {result.run_dir}")
 
 
@@ -112,8 +122,12 @@ def analyze(
     layer: Annotated[int, typer.Option(help="block index; negative counts from the end")] = -1,
     position: Annotated[str, typer.Option(help="last | first | cls | mean | tokens")] = "last",
     ranking: Annotated[
-        str, typer.Option(help="mean_abs | probeless | probe | dprime")
-    ] = "mean_abs",
+        str,
+        typer.Option(
+            help="dprime | mean_abs (NeuronLens reference; at the last block it picks "
+            "massive-activation dimensions) | probeless | probe"
+        ),
+    ] = "dprime",
     tau: Annotated[float, typer.Option(help="range half-width in standard deviations")] = 2.0,
     p: Annotated[float, typer.Option(help="share of neurons salient per concept, in (0, 1]")] = 0.3,
     range_method: Annotated[str, typer.Option(help="gaussian | quantile")] = "gaussian",
@@ -158,31 +172,59 @@ def analyze(
 
 
 def print_erasure(result: Any) -> None:
-    """The erasure headline: target vs collateral effects of range (R) vs neuron (N) masking."""
-    table = Table(title=f"erasure on the test split ({result.info.get('n_test', '?')} texts)")
-    columns = [
-        ("target drop", "target_acc_drop", "{:+.2f}"),
-        ("compl. drop", "complement_acc_drop", "{:+.2f}"),
-        ("ppl change", "ppl_change", "{:+.0f}"),
-    ]
-    table.add_column("concept", max_width=13, no_wrap=True)
-    table.add_column("base", justify="right")
-    for title, _, _ in columns:
-        table.add_column(f"{title} R", justify="right")
-        table.add_column("N", justify="right")
-    for row in result.headline.to_dict(orient="records"):
-        cells = [str(row["concept"]), f"{row['base_target_acc']:.2f}"]
-        for _, key, fmt in columns:
-            for state in ("range", "neuron"):
-                value = row.get(f"{state}_{key}")
-                cells.append("-" if value is None or value != value else fmt.format(value))
-        table.add_row(*cells)
-    console.print(table)
-    console.print(
-        "[dim]R: range masking, N: neuron masking. Accuracy drops are base - masked (erasure "
-        "wants a large target drop, ~0 complement drop); ppl change is masked - base perplexity "
-        "on general text.[/]"
+    """The erasure headline with 95% intervals, the random-neuron control, warnings and the
+    verdict."""
+    from rangelens.erasure.outputs import interval_text
+
+    info = result.info
+    states = list(info.get("conditions", ["range", "neuron"]))
+    frame = result.headline.set_index("concept")
+    average = frame.loc["average"].to_dict()
+    protocol = info.get("protocol", {})
+    table = Table(
+        title=f"erasure, average over concepts ({info.get('n_test_texts', '?')} test texts, "
+        f"{protocol.get('folds', '?')}-fold x {protocol.get('repeats', 1)})"
     )
+    table.add_column("effect vs base (95% CI)")
+    for state in states:
+        table.add_column(state, justify="right")
+    diff = "diff_range_neuron_target_drop" in average
+    if diff:
+        table.add_column("range − neuron", justify="right")
+    metrics = [
+        ("target accuracy drop", "target_drop", 2),
+        ("complement accuracy drop", "complement_drop", 2),
+        ("complement flip rate", "complement_flip", 2),
+        ("perplexity change", "ppl_change", 1),
+    ]
+    for title, key, digits in metrics:
+        cells = [interval_text(average, f"{s}_{key}", digits) for s in states]
+        if diff:
+            cells.append(interval_text(average, f"diff_range_neuron_{key}", digits))
+        table.add_row(title, *cells)
+    console.print(table)
+    per = Table(title="per concept (points; intervals in erasure/headline.md)")
+    per.add_column("concept", max_width=13, no_wrap=True)
+    per.add_column("texts", justify="right")
+    per.add_column("base acc", justify="right")
+    for key in ("target drop", "flip"):
+        for state in states:
+            per.add_column(f"{key} {state}", justify="right")
+    for name, row in frame.iterrows():
+        cells = [str(name), str(int(row["n_target"])), f"{row['base_target_acc']:.2f}"]
+        for key in ("target_drop", "complement_flip"):
+            cells += [f"{row[f'{s}_{key}']:+.2f}" for s in states]
+        per.add_row(*cells)
+    console.print(per)
+    console.print(
+        "[dim]Drops are base - masked accuracy (erasure wants a large target drop and ~0 "
+        "collateral); flip: share of other-concept texts whose prediction changed; perplexity "
+        f"change is masked - base on general text (base {info.get('base_ppl', float('nan')):.1f})."
+        " range: range mask; neuron: neuron mask; random: as many random neurons masked.[/]"
+    )
+    for warning in info.get("warnings", []):
+        err_console.print(f"[bold red]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]Verdict.[/] {info.get('verdict', '')}", highlight=False)
 
 
 def run_and_print(config: Any, progress: bool) -> None:

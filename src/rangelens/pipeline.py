@@ -1,4 +1,4 @@
-"""End-to-end runs from one YAML config: analysis (capture, ranges) then the erasure experiment.
+"""End-to-end runs from one YAML config: capture -> ranges -> the erasure experiment.
 
 Resumable: every stage directory records a fingerprint of its inputs, and a stage whose outputs exist
 with unchanged inputs is skipped, so an interrupted run picks up where it stopped.
@@ -14,11 +14,19 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from rangelens.analysis import AnalysisConfig, AnalysisResult, analyze
+from rangelens.analysis import AnalysisConfig, AnalysisResult, CaptureResult, analyze
 from rangelens.artifacts import atomic_dir, fingerprint, mark_stage, stage_is_current
+from rangelens.erasure import (
+    ErasureConfig,
+    ErasureProtocol,
+    ErasureResult,
+    load_erasure,
+    run_erasure,
+)
+from rangelens.erasure.protocol import RANGE_INPUTS, check_protocol
 from rangelens.errors import RangelensError
-from rangelens.evaluate import ErasureConfig, ErasureResult, load_erasure, run_erasure
 from rangelens.models import load_model
+from rangelens.rangeset import FeatureSource, RangesPlan, Split
 
 
 class RunConfig(BaseModel):
@@ -62,25 +70,45 @@ class RunResult:
 
 
 def run(config: RunConfig, *, progress: bool = True) -> RunResult:
-    """Run (or resume) every stage of ``config`` into ``config.out``; the model loads at most once."""
+    """Run (or resume) every stage of ``config`` into ``config.out``; the model loads at most once.
+
+    Stages: capture -> ranges (every range map, fitted once; with an erasure section on each
+    split's correctly classified training rows) -> erasure (loads those maps).
+    """
     start = time.perf_counter()
-    a = config.analysis
+    a, e = config.analysis, config.erasure
     stage = config.out / "erasure"
-    erasure_fp = fingerprint(
-        a.capture_inputs(),
-        a.range_inputs(),
-        config.erasure.model_dump() if config.erasure is not None else None,
-    )
-    erasure_due = config.erasure is not None and not stage_is_current(stage, erasure_fp)
+    inputs = e.model_dump() if e is not None else None
+    erasure_fp = fingerprint(a.capture_inputs(), a.range_inputs(), inputs)
+    erasure_due = e is not None and not stage_is_current(stage, erasure_fp)
+    data = a.load_data()
+    if e is not None:
+        check_protocol(data, e)  # bad protocol options fail before anything is written
     lm = load_model(a.model, device=a.device, dtype=a.dtype) if erasure_due else None
-    analysis = analyze(a, config.out, lm=lm, progress=progress)
+    protocol = ErasureProtocol(lm, data, a, e, progress=progress) if lm and e else None
+    plan = protocol.plan() if protocol is not None else None
+    if e is not None and plan is None:  # erasure current: the ranges fingerprint needs the plan
+        plan = RangesPlan({k: getattr(e, k) for k in RANGE_INPUTS}, _never)
+    analysis = analyze(a, config.out, lm=lm, plan=plan, progress=progress)
     erasure: ErasureResult | None = None
-    if config.erasure is not None and not erasure_due:
+    if e is not None and not erasure_due:
         erasure = load_erasure(stage)
-    elif config.erasure is not None and lm is not None:
+    elif e is not None and lm is not None:
         with atomic_dir(stage) as tmp:
             erasure = run_erasure(
-                lm, a.load_data(), analysis.capture, a, config.erasure, tmp, progress=progress
+                lm,
+                data,
+                analysis.capture,
+                analysis.rangeset,
+                a,
+                e,
+                tmp,
+                protocol=protocol,
+                progress=progress,
             )
             mark_stage(tmp, "erasure", erasure_fp)
     return RunResult(config.out, analysis, erasure, time.perf_counter() - start)
+
+
+def _never(_cap: CaptureResult) -> tuple[FeatureSource, list[Split]]:
+    raise RangelensError("the ranges stage is out of date while the erasure stage is current")

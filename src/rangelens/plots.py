@@ -1,7 +1,8 @@
 """Erasure plots for the NeuronLens experiment (Haider et al., arXiv 2502.06809).
 
 Plain functions returning matplotlib figures drawn on the Agg canvas (no pyplot state, no display):
-per-concept target vs collateral accuracy drops for range vs neuron masking, and the tau trade-off.
+per-concept target erasure vs collateral flips for every masked state, and the tau trade-off, each
+with its 95% bootstrap interval.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-RANGE_COLOR = "#1f77b4"
-NEURON_COLOR = "#ff7f0e"
+COLORS = {"range": "#1f77b4", "neuron": "#ff7f0e", "random": "#7f7f7f"}
+OTHER_COLORS = ("#2ca02c", "#9467bd", "#8c564b")
+
+
+def _color(state: str, k: int) -> str:
+    return COLORS.get(state, OTHER_COLORS[k % len(OTHER_COLORS)])
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Axes]]:
@@ -27,77 +32,70 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[A
     return fig, axes
 
 
-def erasure_bars(headline: pd.DataFrame, *, title: str = "") -> Figure:
-    """Per concept (and the average): target and complement accuracy drops, range vs neuron masking.
+def _errors(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """``(2, n)`` distances from the point to the interval bounds (0 where missing)."""
+    point = frame[name].to_numpy(dtype=float)
+    lo = frame.get(f"{name}_lo", frame[name]).to_numpy(dtype=float)
+    hi = frame.get(f"{name}_hi", frame[name]).to_numpy(dtype=float)
+    return np.nan_to_num(np.vstack([point - lo, hi - point]).clip(min=0))
 
-    ``headline`` is :func:`rangelens.evaluate.headline_table`'s frame. Erasure wants tall solid bars
+
+def erasure_bars(headline: pd.DataFrame, states: list[str], *, title: str = "") -> Figure:
+    """Per concept (and the average): target accuracy drop and complement flip rate of every masked
+    state, with 95% interval whiskers.
+
+    ``headline`` is :class:`rangelens.erasure.ErasureResult`'s frame. Erasure wants tall solid bars
     (target) and short hatched ones (collateral).
     """
     concepts = headline["concept"].astype(str).tolist()
     x = np.arange(len(concepts))
-    fig, (ax,) = _figure(max(6.0, 1.3 * len(concepts) + 2), 4.0)
-    bars = [
-        ("range", "target", RANGE_COLOR, ""),
-        ("range", "complement", RANGE_COLOR, "//"),
-        ("neuron", "target", NEURON_COLOR, ""),
-        ("neuron", "complement", NEURON_COLOR, "//"),
-    ]
+    fig, (ax,) = _figure(max(6.0, 1.5 * len(concepts) + 2), 4.0)
+    bars = [(s, m, h) for s in states for m, h in (("target_drop", ""), ("complement_flip", "//"))]
     width = 0.8 / len(bars)
-    for k, (state, group, color, hatch) in enumerate(bars):
+    for k, (state, metric, hatch) in enumerate(bars):
+        color = _color(state, k)
         ax.bar(
             x + (k - (len(bars) - 1) / 2) * width,
-            headline[f"{state}_{group}_acc_drop"],
+            headline[f"{state}_{metric}"],
             width,
+            yerr=_errors(headline, f"{state}_{metric}"),
             color=color if not hatch else "white",
             edgecolor=color,
+            ecolor="black",
+            capsize=2,
             hatch=hatch,
-            label=f"{state} mask: {group}",
+            label=f"{state}: {metric.replace('_', ' ')}",
         )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(x, concepts, rotation=30, ha="right")
-    ax.set_ylabel("accuracy drop vs base")
-    ax.set_title(title or "target vs collateral accuracy drop")
+    ax.set_ylabel("accuracy drop / flip rate (95% CI)")
+    ax.set_title(title or "target erasure vs collateral flips")
     ax.legend(fontsize="small")
     return fig
 
 
-def tau_tradeoff(table: pd.DataFrame, *, p: float, site: str, title: str = "") -> Figure:
-    """Average over concepts, against tau: range masking's target and complement accuracy and
-    confidence drops, neuron masking (independent of tau) as horizontal references, and the
-    perplexity change when the table has perplexities.
+def tau_tradeoff(sweep: pd.DataFrame, states: list[str], *, title: str = "") -> Figure:
+    """Average over concepts, against tau: target accuracy drop, complement flip rate and (when
+    measured) perplexity change, each with a 95% band; tau-independent states are flat lines.
 
-    ``table`` is :func:`rangelens.evaluate.run_erasure`'s long table; ``site`` picks its mask site.
+    ``sweep`` is the ``sweep`` records of :class:`rangelens.erasure.ErasureResult`'s info.
     """
-    at = table[(table["p"] == p) & (table["site"] == site)]
-    metrics = ("target_acc", "complement_acc", "target_conf", "complement_conf", "ppl")
-    columns = [f"delta_{m}" for m in metrics]
-    ranged = at[at["state"] == "range"].groupby("tau")[columns].mean()
-    neuron = at[at["state"] == "neuron"][columns].mean()
-    panels = [("acc", "accuracy drop"), ("conf", "gold-label confidence drop")]
-    has_ppl = bool(np.isfinite(ranged["delta_ppl"]).any())
-    fig, axes = _figure(4.5 * (len(panels) + has_ppl), 4.0, ncols=len(panels) + has_ppl)
-    taus = ranged.index.to_numpy(dtype=float)
-    for ax, (metric, label) in zip(axes, panels, strict=False):
-        for group, style in (("target", "-"), ("complement", "--")):
-            col = f"delta_{group}_{metric}"
-            drop = 0.0 - ranged[col]
-            ax.plot(taus, drop, style, marker="o", color=RANGE_COLOR, label=f"range: {group}")
-            ax.axhline(
-                0.0 - neuron[col], linestyle=style, color=NEURON_COLOR, label=f"neuron: {group}"
-            )
+    panels = [("target_drop", "target accuracy drop"), ("complement_flip", "complement flip rate")]
+    if any(np.isfinite(sweep.get(f"{s}_ppl_change", pd.Series([np.nan]))).any() for s in states):
+        panels.append(("ppl_change", "perplexity change (general text)"))
+    fig, axes = _figure(4.5 * len(panels), 4.0, ncols=len(panels))
+    taus = sweep["tau"].to_numpy(dtype=float)
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        for k, state in enumerate(states):
+            name = f"{state}_{metric}"
+            color = _color(state, k)
+            ax.plot(taus, sweep[name], "-", marker="o", color=color, label=state)
+            ax.fill_between(taus, sweep[f"{name}_lo"], sweep[f"{name}_hi"], color=color, alpha=0.2)
         ax.set_xlabel("tau (range half-width in standard deviations)")
-        ax.set_ylabel("vs base, average over concepts")
+        ax.set_ylabel("vs base, average over concepts (95% band)")
         ax.set_title(label)
         ax.legend(fontsize="small")
-    if has_ppl:
-        ax = axes[-1]
-        ax.plot(taus, ranged["delta_ppl"], "-", marker="o", color=RANGE_COLOR, label="range")
-        ax.axhline(neuron["delta_ppl"], color=NEURON_COLOR, label="neuron")
-        ax.set_xlabel("tau (range half-width in standard deviations)")
-        ax.set_ylabel("vs base, average over concepts")
-        ax.set_title("perplexity change (general text)")
-        ax.legend(fontsize="small")
-    fig.suptitle(title or f"tau trade-off at {site}, p = {p:g}")
+    fig.suptitle(title or "tau trade-off")
     return fig
 
 

@@ -21,7 +21,7 @@ from rangelens.explain.clients import (
     load_chat_model,
 )
 from rangelens.explain.exemplars import ExemplarConfig, build_records
-from rangelens.explain.llm import llm_roles
+from rangelens.explain.llm import SIMULATORS, llm_roles
 from rangelens.explain.records import NeuronRecord
 from rangelens.models import load_model
 from rangelens.ranges import ConceptRange, RangeMap
@@ -96,6 +96,13 @@ def explain_command(
     max_attempts: Annotated[
         int, typer.Option(help="tries per LLM step (failed tries are counted, never cached)")
     ] = 3,
+    simulator: Annotated[
+        str,
+        typer.Option(
+            help="what scores explanations with an LLM backend: lexical (offline) or llm "
+            "(the LLM predicts each token's activation from the explanation text)"
+        ),
+    ] = "lexical",
     max_per_class: Annotated[int, typer.Option(help="texts per class")] = 60,
     output: Annotated[Path, typer.Option(help="explanations directory")] = Path("explanations"),
     rounds: Annotated[int, typer.Option(help="refinement rounds")] = 4,
@@ -106,6 +113,10 @@ def explain_command(
         raise RangelensError(f"unknown backend {backend!r}; valid: {choices(BACKENDS)}")
     if concept is not None and run_dir is None:
         raise RangelensError("--concept needs --run-dir (the concept's ranges come from it)")
+    if simulator not in SIMULATORS:
+        raise RangelensError(f"unknown --simulator {simulator!r}; valid: {choices(SIMULATORS)}")
+    if simulator == "llm" and backend == "offline":
+        raise RangelensError("--simulator llm needs an LLM: --backend openai or local")
     meta = _run_metadata(run_dir)
     model = model or meta.get("model") or "smollm2-135m"
     dataset = dataset or meta.get("dataset") or "bbc-news"
@@ -125,7 +136,7 @@ def explain_command(
     else:
         cache = ResponseCache(output.parent / f".{output.name}-llm-cache")
         llm = LLM(client, cache, max_attempts)
-        roles = llm_roles(llm, name=backend)
+        roles = llm_roles(llm, name=backend, simulator=simulator)
     config = ExemplarConfig(seed=seed)
     records: list[NeuronRecord] = []
     if concept is not None:

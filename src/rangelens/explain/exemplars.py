@@ -1,9 +1,9 @@
 """Build :class:`NeuronRecord` exemplars for many neurons from one token-level capture pass.
 
 As in Bills et al. (2023) and NeuronScope (Liu et al., arXiv 2601.03671): the top-activating texts
-and samples stratified across activation quantiles are shown to the explainer; a validation set and
-a held-out set (each half top-activating, half random, so both activating and non-activating texts
-are scored) come from disjoint pools of texts.
+and samples stratified across activation quantiles are shown to the explainer; a feedback set, a
+validation (acceptance) set and a held-out set (each half top-activating, half random, so both
+activating and non-activating texts are scored) come from disjoint pools of texts.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class ExemplarConfig:
     n_top: int = 20
     n_quantile_bins: int = 4
     n_per_bin: int = 5
+    n_feedback: int = 16
     n_validation: int = 16
     n_held_out: int = 20
     activating_fraction: float = 0.2
@@ -70,8 +71,8 @@ def records_from_activations(
     config: ExemplarConfig = ExemplarConfig(),
     target_range: tuple[float, float] | None = None,
 ) -> list[NeuronRecord]:
-    """Split texts into disjoint explain / validation / held-out pools and pick exemplars per
-    neuron.
+    """Split texts into disjoint explain / feedback / validation / held-out pools and pick
+    exemplars per neuron.
 
     ``values`` is ``(n_tokens, len(neurons))`` with text i at rows ``offsets[i]:offsets[i + 1]``.
     With ``target_range``, each neuron's signal becomes the 0/1 indicator of ``lo <= a <= hi``.
@@ -81,19 +82,23 @@ def records_from_activations(
     bounds = [(int(offsets[i]) + start, int(offsets[i + 1])) for i in range(n_texts)]
     keep = np.array([b > a for a, b in bounds])
     needed = config.n_top + config.n_quantile_bins * config.n_per_bin
-    needed += config.n_validation + config.n_held_out
+    needed += config.n_feedback + config.n_validation + config.n_held_out
     if keep.sum() < needed:
         raise RangelensError(
             f"need at least {needed} texts with {start + 1}+ tokens for exemplars, got {keep.sum()}"
         )
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(np.flatnonzero(keep))
-    n_val = max(config.n_validation * 2, round(0.2 * len(order)))
-    n_held = max(config.n_held_out * 2, round(0.2 * len(order)))
+    n_val = max(config.n_validation, round(0.15 * len(order)))
+    n_fb = max(config.n_feedback, round(0.15 * len(order)))
+    n_held = max(config.n_held_out, round(0.2 * len(order)))
     held_pool, val_pool = order[:n_held], order[n_held : n_held + n_val]
-    explain_pool = order[n_held + n_val :]
+    fb_pool = order[n_held + n_val : n_held + n_val + n_fb]
+    explain_pool = order[n_held + n_val + n_fb :]
     if len(explain_pool) < config.n_top + config.n_quantile_bins * config.n_per_bin:
-        raise RangelensError(f"too few texts ({keep.sum()}) for explain/validation/held-out pools")
+        raise RangelensError(
+            f"too few texts ({keep.sum()}) for explain/feedback/validation/held-out pools"
+        )
 
     records = []
     for col, neuron in enumerate(neurons):
@@ -118,6 +123,7 @@ def records_from_activations(
         top, rest = ranked[: config.n_top], ranked[config.n_top :]
         bins = np.array_split(rest, config.n_quantile_bins)
         quantiles = [i for chunk in bins for i in rng.permutation(chunk)[: config.n_per_bin]]
+        feedback = _top_and_random(fb_pool, scores, config.n_feedback, rng)
         validation = _top_and_random(val_pool, scores, config.n_validation, rng)
         held_out = _top_and_random(held_pool, scores, config.n_held_out, rng)
         maxima = scores[keep]
@@ -129,6 +135,7 @@ def records_from_activations(
                 neuron=int(neuron),
                 top=[rec(i) for i in top],
                 quantiles=[rec(i) for i in quantiles],
+                feedback=[rec(i) for i in feedback],
                 validation=[rec(i) for i in validation],
                 held_out=[rec(i) for i in held_out],
                 threshold=float(np.quantile(maxima, 1.0 - config.activating_fraction)),

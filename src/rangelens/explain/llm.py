@@ -21,8 +21,9 @@ from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
+from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import LLM, Message, ReplyError, parallel_map
-from rangelens.explain.offline import LexicalSimulator
+from rangelens.explain.lexical import LexicalSimulator
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Component, Mode, Roles, Trace
 
@@ -177,13 +178,17 @@ def _scale(record: NeuronRecord) -> float:
 def contrast_sets(
     record: NeuronRecord, k: int, n_negative: int = 2
 ) -> tuple[list[ActivationRecord], list[ActivationRecord], list[ActivationRecord]]:
-    """From the explain set only: the ``k`` top exemplars, ``n_negative`` non-activating texts, and
-    ``n_negative`` hard negatives (non-activating texts sharing a peak token of the top ones)."""
+    """From the explain set only: the ``k`` top exemplars, ``n_negative`` non-activating texts (the
+    least active below the threshold), and ``n_negative`` hard negatives (non-activating texts that
+    share a peak token of the top ones)."""
     top = [r for r in record.top if r.max_activation >= record.threshold][:k] or record.top[:k]
-    quiet = [r for r in record.explain_set if r.max_activation < 0.3 * record.threshold]
+    below = sorted(
+        (r for r in record.explain_set if r.max_activation < record.threshold),
+        key=lambda r: r.max_activation,
+    )
     peaks = {r.tokens[r.peak].strip().lower() for r in top} - {""}
-    hard = [r for r in quiet if peaks & {t.strip().lower() for t in r.tokens}][:n_negative]
-    easy = [r for r in quiet if r not in hard][:n_negative]
+    hard = [r for r in below if peaks & {t.strip().lower() for t in r.tokens}][:n_negative]
+    easy = [r for r in below if r not in hard][:n_negative]
     return top, easy, hard
 
 
@@ -422,14 +427,24 @@ class LLMRefiner:
         return [] if revised is None else [revised]
 
 
-def llm_roles(llm: LLM, *, name: str = "llm", n_exemplars: int = 6) -> Roles:
+SIMULATORS = ("lexical", "llm")
+
+
+def llm_roles(
+    llm: LLM, *, name: str = "llm", n_exemplars: int = 6, simulator: str = "lexical"
+) -> Roles:
     """LLM decomposer, clusterer, explainer and refiner over one :class:`LLM` (its cache, attempts
-    and failure counts are shared); the simulator is the offline lexical one."""
+    and failure counts are shared). The simulator that scores explanations is the offline lexical
+    one (cheap), or with ``simulator="llm"`` the LLM itself (one call per scored text)."""
+    from rangelens.explain.llm_scoring import LLMSimulator  # it imports this module
+
+    if simulator not in SIMULATORS:
+        raise RangelensError(f"unknown simulator {simulator!r}; valid: {choices(SIMULATORS)}")
     return Roles(
         name=name,
         decomposer=LLMDecomposer(llm, n_exemplars),
         clusterer=LLMClusterer(llm),
         explainer=LLMExplainer(llm),
-        simulator=LexicalSimulator(),
+        simulator=LLMSimulator(llm) if simulator == "llm" else LexicalSimulator(),
         refiner=LLMRefiner(llm),
     )

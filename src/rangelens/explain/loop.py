@@ -13,16 +13,25 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rangelens.explain.offline import LexicalSimulator
+from rangelens.errors import RangelensError
 from rangelens.explain.records import ActivationRecord, NeuronRecord, write_json
-from rangelens.explain.roles import Mode, Roles, StepFailure, Trace
-from rangelens.explain.scoring import best_threshold, detection, score_records
+from rangelens.explain.roles import Mode, Roles, StepFailure, Trace, explanation_text
+from rangelens.explain.scoring import (
+    Calibration,
+    CalibrationKind,
+    best_threshold,
+    detection,
+    fit_calibration,
+    score_records,
+    text_scores,
+)
 
 EXPLANATION_FORMAT = "rangelens.explain.neuron/1"
 
@@ -33,19 +42,24 @@ class Round:
 
     round: int
     action: str
-    validation: float
+    validation: float | None
     accepted: bool
     modes: list[Mode]
 
 
 @dataclass
 class MethodScores:
-    """Validation and held-out correlation, held-out detection (AUC, balanced accuracy)."""
+    """Validation and held-out correlation, held-out detection (AUC, balanced accuracy); the
+    held-out texts whose simulation failed (left out of the scores); ``empty``: no explanation
+    (a failure, scored as chance)."""
 
     validation: float
     held_out: float
     auc: float
     balanced_accuracy: float
+    failed_texts: int = 0
+    empty: bool = False
+    calibration: str = "linear"
 
 
 @dataclass
@@ -90,82 +104,140 @@ class NeuronExplanation:
 
 
 class Evaluator:
-    """Simulate and score mode sets on a record's validation / held-out texts."""
+    """Simulate explanations from their text and score them: acceptance (``validation``) on the
+    validation pool, the final scores on held-out texts after a calibration fitted on the
+    calibration pool (see :mod:`rangelens.explain.scoring`)."""
 
-    def __init__(self, roles: Roles, record: NeuronRecord, trace: Trace) -> None:
+    def __init__(
+        self,
+        roles: Roles,
+        record: NeuronRecord,
+        trace: Trace,
+        calibration: CalibrationKind = "linear",
+    ) -> None:
         self.roles = roles
         self.record = record
         self.trace = trace
+        self.calibration = calibration
 
-    def predict(self, modes: list[Mode], records: list[ActivationRecord]) -> list[np.ndarray]:
-        if not modes:
-            return [np.zeros(len(r.activations)) for r in records]
-        sim = self.roles.simulator.simulate(modes, self.record.explain_set, records, self.trace)
-        return sim.predictions
+    def raw(self, explanation: str, records: Sequence[ActivationRecord]) -> list[np.ndarray | None]:
+        """The simulator's raw predictions; an empty explanation fails every text, and a prediction
+        of the wrong length counts as a failed text."""
+        if not explanation.strip():
+            return [None] * len(records)
+        preds = self.roles.simulator.simulate(explanation, [r.tokens for r in records], self.trace)
+        if len(preds) != len(records):
+            self.trace.fail(
+                "simulator", "texts", f"{len(preds)} predictions for {len(records)} texts", 1
+            )
+            return [None] * len(records)
+        out: list[np.ndarray | None] = []
+        for pred, rec in zip(preds, records, strict=True):
+            arr = None if pred is None else np.asarray(pred, dtype=np.float64)
+            if arr is not None and (arr.shape != (len(rec.tokens),) or not np.isfinite(arr).all()):
+                self.trace.fail(
+                    "simulator", f"text {rec.text_index}", "bad prediction shape/value", 1
+                )
+                arr = None
+            out.append(arr)
+        return out
 
-    def validation(self, modes: list[Mode]) -> float:
+    def validation(self, modes: list[Mode]) -> float | None:
+        """Correlation on the validation pool; None (a failure) when the explanation is empty or
+        every text's simulation failed."""
         recs = self.record.validation
-        return self.roles.scorer.score(self.predict(modes, recs), recs)
+        preds = self.raw(explanation_text(modes), recs)
+        if all(p is None for p in preds):
+            return None
+        return self.roles.scorer.score(preds, recs)
+
+    def calibrate(self, explanation: str) -> tuple[Calibration, list[np.ndarray | None]]:
+        """Calibration fitted on the calibration pool only, and the pool's raw predictions."""
+        pool = self.record.calibration
+        raw = self.raw(explanation, pool)
+        return fit_calibration(raw, pool, self.calibration), raw
 
     def final(self, modes: list[Mode]) -> MethodScores:
-        val_pred = self.predict(modes, self.record.validation)
-        held_pred = self.predict(modes, self.record.held_out)
-        positive = np.array(
-            [r.max_activation >= self.record.threshold for r in self.record.validation]
+        text = explanation_text(modes)
+        held_recs = self.record.held_out
+        if not text.strip():
+            return MethodScores(0.0, 0.0, 0.5, 0.5, failed_texts=len(held_recs), empty=True)
+        cal, cal_raw = self.calibrate(text)
+        cal_pool = self.record.calibration
+        positive = np.array([r.max_activation >= self.record.threshold for r in cal_pool])
+        cal_scores = text_scores(cal.apply(cal_raw))
+        kept = [i for i, v in enumerate(cal_scores) if v is not None]
+        cut = best_threshold(
+            np.array([cal_scores[i] for i in kept], dtype=np.float64), positive[kept]
         )
-        cut = best_threshold(np.array([float(p.max()) for p in val_pred]), positive)
-        det = detection(held_pred, self.record.held_out, self.record.threshold, cut)
+        held = cal.apply(self.raw(text, held_recs))
+        det = detection(held, held_recs, self.record.threshold, cut)
+        val = self.validation(modes)
         return MethodScores(
-            validation=self.roles.scorer.score(val_pred, self.record.validation),
-            held_out=self.roles.scorer.score(held_pred, self.record.held_out),
+            validation=0.0 if val is None else val,
+            held_out=self.roles.scorer.score(held, held_recs),
             auc=det.auc,
             balanced_accuracy=det.balanced_accuracy,
+            failed_texts=sum(p is None for p in held),
+            calibration=self.calibration,
         )
 
     def worst_fit(self, modes: list[Mode], n: int) -> list[ActivationRecord]:
-        """Validation texts with the largest residual after a linear fit of simulated to true."""
-        recs = self.record.validation
-        preds = self.predict(modes, recs)
-        x, y = np.concatenate(preds), np.concatenate([r.activations for r in recs])
-        slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(y.mean()))
+        """Feedback texts with the largest residual after a linear calibration on those texts."""
+        recs = self.record.feedback
+        raw = self.raw(explanation_text(modes), recs)
+        preds = fit_calibration(raw, recs, "linear").apply(raw)
+        mean = float(np.mean([a for r in recs for a in r.activations]))
         errors = [
-            float(np.abs(np.asarray(r.activations) - (slope * p + intercept)).max())
+            float(np.abs(np.asarray(r.activations) - (mean if p is None else p)).max())
             for r, p in zip(recs, preds, strict=True)
         ]
         return [recs[i] for i in np.argsort(errors)[::-1][:n]]
 
 
-def attach_ranges(modes: list[Mode], record: NeuronRecord) -> list[Mode]:
-    """Assign each activating explain-set exemplar to the mode whose lexicon best explains its peak;
-    a mode's range is the span of its exemplars' peak activations; its score is the held-out
-    correlation of its own share of the lexical simulation."""
+def attach_ranges(modes: list[Mode], record: NeuronRecord, ev: Evaluator) -> list[Mode]:
+    """Assign each activating explain-set exemplar to the mode whose own explanation predicts its
+    peak highest (above that mode's median prediction); a mode's range is the span of its
+    exemplars' peak activations (None when it owns none); its score is the held-out correlation of
+    its own explanation, calibrated on the calibration pool."""
     if not modes:
         return modes
-    lexical = LexicalSimulator()
-    trace = Trace()
     explain = [r for r in record.explain_set if r.max_activation >= record.threshold]
-    sim = lexical.simulate(modes, record.explain_set, explain, trace)
-    owners: dict[int, list[ActivationRecord]] = {m: [] for m in range(len(modes))}
-    for r, rec in enumerate(explain):
-        shares = [float(sim.per_mode[m][r][rec.peak]) for m in range(len(modes))]
-        if max(shares) > 0:
-            owners[int(np.argmax(shares))].append(rec)
-    held = lexical.simulate(modes, record.explain_set, record.held_out, trace)
+    shares = np.full((len(modes), len(explain)), -np.inf)
+    for m, mode in enumerate(modes):
+        preds = ev.raw(mode.explanation, explain)
+        flat = [p for p in preds if p is not None]
+        base = float(np.median(np.concatenate(flat))) if flat else 0.0
+        for r, (pred, rec) in enumerate(zip(preds, explain, strict=True)):
+            if pred is not None:
+                shares[m, r] = float(pred[rec.peak]) - base
     out = []
     for m, mode in enumerate(modes):
-        peaks = [rec.max_activation for rec in owners[m]]
+        owned = [
+            rec
+            for r, rec in enumerate(explain)
+            if shares[m, r] > 0 and int(np.argmax(shares[:, r])) == m
+        ]
+        peaks = [rec.max_activation for rec in owned]
+        cal, _ = ev.calibrate(mode.explanation)
+        held = cal.apply(ev.raw(mode.explanation, record.held_out))
         out.append(
             Mode(
                 mode.label,
                 mode.explanation,
                 mode.components,
-                exemplars=[rec.text_index for rec in owners[m]],
+                exemplars=[rec.text_index for rec in owned],
                 lo=min(peaks) if peaks else None,
                 hi=max(peaks) if peaks else None,
-                score=score_records(held.per_mode[m], record.held_out),
+                score=score_records(held, record.held_out),
             )
         )
     return out
+
+
+def _better(score: float | None, best: float | None, margin: float) -> bool:
+    """A failed score (None) never wins; any score beats a failed best."""
+    return score is not None and (best is None or score > best + margin)
 
 
 def explain_record(
@@ -179,18 +251,22 @@ def explain_record(
     single_pass_k: int | None = None,
 ) -> NeuronExplanation:
     """Run NeuronScope and the single-pass baseline on one neuron's exemplars."""
+    if not record.feedback:
+        raise RangelensError(
+            f"neuron {record.neuron}'s record has no feedback pool (an old format); rebuild it"
+        )
     trace = Trace()
     ev = Evaluator(roles, record, trace)
     history: list[Round] = []
     components = roles.decomposer.decompose(record, trace)
     single = roles.explainer.explain_top(record, single_pass_k or len(record.top), trace)
-    best: list[Mode] = [single] if single.components else []
+    best: list[Mode] = [single] if single.explanation.strip() else []
     best_score = ev.validation(best)
     history.append(Round(0, "start from the single-pass explanation", best_score, True, best))
     for grouping in roles.clusterer.candidates(components, record, trace):
         modes = roles.explainer.explain(grouping, record, trace)
         score = ev.validation(modes)
-        accepted = score > best_score
+        accepted = _better(score, best_score, 0.0)
         history.append(Round(0, f"cluster into {len(modes)} mode(s)", score, accepted, modes))
         if accepted:
             best, best_score = modes, score
@@ -202,7 +278,7 @@ def explain_record(
         kept = False
         for proposal in roles.refiner.propose(best, worst, record, trace):
             score = ev.validation(proposal)
-            accepted = score > best_score + min_delta
+            accepted = _better(score, best_score, min_delta)
             history.append(
                 Round(r, f"refine to {len(proposal)} mode(s)", score, accepted, proposal)
             )
@@ -216,9 +292,9 @@ def explain_record(
         neuron=record.neuron,
         backend=roles.name,
         target=record.target,
-        modes=attach_ranges(best, record),
+        modes=attach_ranges(best, record, ev),
         iterative=ev.final(best),
-        single_pass_mode=attach_ranges([single], record)[0],
+        single_pass_mode=attach_ranges([single], record, ev)[0],
         single_pass=ev.final([single]),
         history=history,
         failures=trace.failures,

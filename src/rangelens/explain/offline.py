@@ -1,14 +1,15 @@
-"""The deterministic offline backend: NeuronScope's roles without an LLM (the default).
+"""The deterministic offline backend, a LEXICAL BASELINE: NeuronScope's roles without an LLM.
 
 - decomposer: contrastive token / bigram / previous-token features at activation peaks, kept when
   they are over-represented at peaks (binomial z-score against all explain-set tokens); weight =
   shrunk mean activation where the feature occurs;
 - clusterer: agglomerative clustering of the components' MiniLM embeddings into K = 1..4 modes (K is
   chosen on validation by the loop);
-- explainer: each mode's lexicon rendered as text; single-pass baseline: the peak tokens of the top
-  exemplars (as Bills et al. 2023 explain from top-activating contexts);
-- simulator: per token, each mode's strongest matching component and a decaying echo of recent
-  matches, calibrated by ridge regression on the explain set only (never on the scored texts);
+- explainer: each mode rendered as a readable line ``label: word, word, after "word"`` (subwords
+  merged into words, strongest first, the label naming the shared pattern when there is one);
+  single-pass baseline: the peak words of the top exemplars (as Bills et al. 2023 explain from
+  top-activating contexts);
+- simulator: :class:`~rangelens.explain.lexical.LexicalSimulator`, which reads only that text;
 - refiner: add components from under-predicted worst-fit exemplars, drop components firing in
   over-predicted ones, split or merge modes.
 """
@@ -16,74 +17,17 @@
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from sklearn.cluster import AgglomerativeClustering
 
+from rangelens.explain.lexical import LexicalSimulator, Words, name_pattern, readable, segment
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.explain.roles import (
-    Component,
-    ComponentKind,
-    Mode,
-    Roles,
-    Simulation,
-    Trace,
-    normalize,
-)
+from rangelens.explain.roles import Component, ComponentKind, Mode, Roles, Trace, normalize
 from rangelens.models import LoadedModel, load_model
-
-ECHO = 3  # tokens after a match that still get a (halving) share of it
-STOPWORDS = frozenset(
-    [
-        "the",
-        "a",
-        "an",
-        "and",
-        "or",
-        "of",
-        "to",
-        "in",
-        "on",
-        "at",
-        "for",
-        "with",
-        "by",
-        "from",
-        "as",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "it",
-        "its",
-        "this",
-        "that",
-        "these",
-        "those",
-        "neuron",
-        "fires",
-        "activates",
-        "activation",
-        "tokens",
-        "token",
-        "words",
-        "word",
-        "text",
-        "texts",
-        "about",
-        "mode",
-        "related",
-        "such",
-        "like",
-        "when",
-        "which",
-    ]
-)
 
 
 class MiniLMEmbedder:
@@ -107,20 +51,50 @@ class MiniLMEmbedder:
         return np.stack([self._memo[t] for t in texts]) if texts else np.zeros((0, 384))
 
 
-def display(text: str) -> str:
-    """Readable one-line form of token text (whitespace-only tokens escaped, e.g. ``\\n``)."""
-    return text.strip() or text.encode("unicode_escape").decode("ascii")
+def match(comp: Component, tokens: Sequence[str]) -> np.ndarray:
+    """Where ``comp`` occurs in ``tokens`` (token level; the offline roles' own bookkeeping, never
+    used to score an explanation)."""
+    toks = np.array([normalize(t) for t in tokens], dtype=object)
+    out = np.zeros(len(toks), dtype=bool)
+    if comp.kind == "token":
+        out = toks == comp.pattern[0]
+    elif comp.kind == "bigram" and len(toks) > 1:
+        out[1:] = (toks[:-1] == comp.pattern[0]) & (toks[1:] == comp.pattern[1])
+    elif comp.kind == "after" and len(toks) > 1:
+        out[1:] = toks[:-1] == comp.pattern[0]
+    return np.asarray(out, dtype=bool)
 
 
-def _features(tokens: Sequence[str], t: int) -> list[tuple[ComponentKind, list[str], str]]:
-    """(kind, pattern, display text) of the offline features at position ``t``."""
-    n = normalize(tokens[t])
-    feats: list[tuple[ComponentKind, list[str], str]] = [("token", [n], display(tokens[t]))]
+def _features(
+    tokens: Sequence[str], words: Words, t: int
+) -> list[tuple[ComponentKind, list[str], str]]:
+    """(kind, pattern, readable text) of the offline features at position ``t``: the token (shown
+    as its whole word), the bigram ending here (the words it spans) and, at a word start, the
+    previous word as context (``after``)."""
+    w = int(words.index[t])
+    feats: list[tuple[ComponentKind, list[str], str]] = [
+        ("token", [normalize(tokens[t])], readable(words.shown[w]))
+    ]
     if t >= 1:
-        p = normalize(tokens[t - 1])
-        feats.append(("bigram", [p, n], display(tokens[t - 1] + tokens[t])))
-        feats.append(("after", [p], display(tokens[t - 1])))
+        p = int(words.index[t - 1])
+        span = "".join(
+            _merge(tokens[int(i)] for i in np.flatnonzero((words.index >= p) & (words.index <= w)))
+        )
+        feats.append(("bigram", [normalize(tokens[t - 1]), normalize(tokens[t])], readable(span)))
+        if p != w:
+            feats.append(("after", [normalize(tokens[t - 1])], readable(words.shown[p])))
     return feats
+
+
+def _merge(tokens: Iterable[str]) -> list[str]:
+    """Token strings with subword markers resolved (``##ing`` -> ``ing``, ``Ġx`` -> `` x``)."""
+    out = []
+    for tok in tokens:
+        if tok.startswith("##"):
+            out.append(tok[2:])
+        else:
+            out.append(tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n"))
+    return out
 
 
 def _peaks(rec: ActivationRecord, threshold: float) -> list[int]:
@@ -142,7 +116,8 @@ class OfflineDecomposer:
     def decompose(self, record: NeuronRecord, trace: Trace) -> list[Component]:
         recs = record.explain_set
         mean = float(np.mean([a for r in recs for a in r.activations]))
-        seen: dict[str, tuple[ComponentKind, list[str], str]] = {}
+        seen: dict[str, tuple[ComponentKind, list[str]]] = {}
+        shown: dict[str, Counter[str]] = defaultdict(Counter)
         total: dict[str, int] = defaultdict(int)
         act_sum: dict[str, float] = defaultdict(float)
         at_peak: dict[str, int] = defaultdict(int)
@@ -150,17 +125,19 @@ class OfflineDecomposer:
         n_all = n_peak = 0
         for rec in recs:
             peaks = set(_peaks(rec, record.threshold))
+            words = segment(rec.tokens)
             for t, a in enumerate(rec.activations):
                 n_all += 1
                 n_peak += t in peaks
-                for kind, pattern, text in _features(rec.tokens, t):
+                for kind, pattern, text in _features(rec.tokens, words, t):
                     key = f"{kind}:{'|'.join(pattern)}"
-                    seen.setdefault(key, (kind, pattern, text))
+                    seen.setdefault(key, (kind, pattern))
                     total[key] += 1
                     act_sum[key] += a
                     if t in peaks:
                         at_peak[key] += 1
                         sources[key].add(rec.text_index)
+                        shown[key][text] += 1
         scored = []
         for key, k in at_peak.items():
             p = (total[key] + 0.5) / (n_all + 1.0)
@@ -171,7 +148,8 @@ class OfflineDecomposer:
         scored.sort(key=lambda s: -s[0])
         comps = []
         for _, key, weight in scored[: self.max_components]:
-            kind, pattern, text = seen[key]
+            kind, pattern = seen[key]
+            text = shown[key].most_common(1)[0][0]
             comps.append(Component(text, kind, pattern, float(weight), sorted(sources[key])))
         return comps
 
@@ -210,127 +188,60 @@ def group(components: list[Component], k: int, embedder: MiniLMEmbedder) -> list
 
 
 class OfflineExplainer:
-    """Render each mode's lexicon (strongest first, with weights) as its explanation."""
+    """Render each mode as one readable line (see :func:`render`)."""
 
     def explain(self, modes: list[Mode], record: NeuronRecord, trace: Trace) -> list[Mode]:
         return [render(m) for m in modes if m.components]
 
     def explain_top(self, record: NeuronRecord, k: int, trace: Trace) -> Mode:
+        """The words at the peaks of the top ``k`` exemplars (up to 3 peaks per text)."""
         peaks: dict[str, list[float]] = defaultdict(list)
-        texts: dict[str, str] = {}
+        texts: dict[str, Counter[str]] = defaultdict(Counter)
         for rec in record.top[:k]:
             acts = np.asarray(rec.activations)
+            words = segment(rec.tokens)
             for t in [int(i) for i in np.argsort(-acts)[:3]]:
                 if acts[t] >= 0.5 * acts.max() and acts.max() > 0:
                     key = normalize(rec.tokens[t])
                     peaks[key].append(float(acts[t]))
-                    texts.setdefault(key, display(rec.tokens[t]))
+                    texts[key][readable(words.shown[int(words.index[t])])] += 1
         comps = [
-            Component(texts[key], "token", [key], float(np.mean(v))) for key, v in peaks.items()
+            Component(texts[key].most_common(1)[0][0], "token", [key], float(np.mean(v)))
+            for key, v in peaks.items()
         ]
-        return render(Mode("single-pass", "", comps))
+        return render(Mode("", "", comps))
+
+
+MAX_ITEMS = 12  # words shown per mode
+
+
+def _quote(text: str) -> str:
+    plain = text.replace(" ", "").isalnum() or re.fullmatch(r"[\w'-]+( [\w'-]+)*", text)
+    return text if plain else '"' + text.replace('"', "'") + '"'
 
 
 def render(mode: Mode) -> Mode:
+    """``label: item, item, after "word"``: the components' readable words, strongest first and
+    without repeats (subword components that share a word collapse into it), at most
+    :data:`MAX_ITEMS`; the label names their shared pattern (:func:`name_pattern`)."""
     comps = sorted(mode.components, key=lambda c: -c.weight)
-    label = mode.label or " / ".join(
-        f"after {c.text}" if c.kind == "after" else c.text for c in comps[:2]
-    )
-    lexicon = ", ".join(f"{c.render()} ({c.weight:.2f})" for c in comps)
-    return Mode(label, f"fires on {lexicon}", comps)
-
-
-def _content_words(text: str) -> list[str]:
-    return [
-        w for w in re.findall(r"[a-z0-9']+", text.lower()) if len(w) >= 3 and w not in STOPWORDS
-    ]
-
-
-class LexicalSimulator:
-    """Per-token simulation from the modes' lexicons, calibrated by ridge regression on ``fit``.
-
-    For each mode two features: the strongest matching component weight at the token, and an echo
-    ``max_d weight(t - d) / 2**(d - 1)`` of matches in the previous :data:`ECHO` tokens.
-    """
-
-    def __init__(self, ridge: float = 1e-3) -> None:
-        self.ridge = ridge
-        self._norm: dict[int, tuple[ActivationRecord, np.ndarray]] = {}
-
-    def _tokens(self, rec: ActivationRecord) -> np.ndarray:
-        hit = self._norm.get(id(rec))
-        if hit is None or hit[0] is not rec:
-            if len(self._norm) > 20_000:  # bounded memo across many neurons
-                self._norm.clear()
-            hit = (rec, np.array([normalize(t) for t in rec.tokens], dtype=object))
-            self._norm[id(rec)] = hit
-        return hit[1]
-
-    def match(self, comp: Component, rec: ActivationRecord) -> np.ndarray:
-        """0..1 match strength of ``comp`` at every token of ``rec``."""
-        toks = self._tokens(rec)
-        out = np.zeros(len(toks))
-        if comp.kind == "token":
-            out[toks == comp.pattern[0]] = 1.0
-        elif comp.kind == "bigram" and len(toks) > 1:
-            out[1:][(toks[:-1] == comp.pattern[0]) & (toks[1:] == comp.pattern[1])] = 1.0
-        elif comp.kind == "after" and len(toks) > 1:
-            out[1:][toks[:-1] == comp.pattern[0]] = 1.0
-        elif comp.kind == "phrase":
-            words = set(_content_words(" ".join(comp.pattern)))
-            for t, tok in enumerate(toks):
-                if tok in words and len(tok) >= 2:
-                    out[t] = 1.0
-                elif len(tok) >= 3 and tok.isalpha() and any(w.startswith(tok) for w in words):
-                    out[t] = 0.5
-        return out
-
-    def features(self, modes: list[Mode], rec: ActivationRecord) -> np.ndarray:
-        """``(n_tokens, 2 * n_modes)``: per mode, [match, echo]."""
-        n = len(rec.tokens)
-        cols = []
-        for mode in modes:
-            f = np.zeros(n)
-            for comp in mode.components:
-                np.maximum(f, comp.weight * self.match(comp, rec), out=f)
-            echo = np.zeros(n)
-            for d in range(1, ECHO + 1):
-                np.maximum(echo[d:], f[:-d] / 2 ** (d - 1), out=echo[d:])
-            cols += [f, echo]
-        return np.stack(cols, axis=1) if cols else np.zeros((n, 0))
-
-    def simulate(
-        self,
-        modes: list[Mode],
-        fit: Sequence[ActivationRecord],
-        records: Sequence[ActivationRecord],
-        trace: Trace,
-    ) -> Simulation:
-        x_fit = np.concatenate([self.features(modes, r) for r in fit])
-        y_fit = np.concatenate([np.asarray(r.activations) for r in fit])
-        x_mean, y_mean = x_fit.mean(0), float(y_fit.mean())
-        xc = x_fit - x_mean
-        gram = xc.T @ xc + self.ridge * len(xc) * np.eye(xc.shape[1])
-        beta = np.linalg.solve(gram, xc.T @ (y_fit - y_mean)) if xc.shape[1] else np.zeros(0)
-        preds: list[np.ndarray] = []
-        per_mode: list[list[np.ndarray]] = [[] for _ in modes]
-        for rec in records:
-            x = self.features(modes, rec) - x_mean
-            preds.append(y_mean + x @ beta)
-            for m in range(len(modes)):
-                per_mode[m].append(x[:, 2 * m : 2 * m + 2] @ beta[2 * m : 2 * m + 2])
-        return Simulation(preds, per_mode)
+    items = list(
+        dict.fromkeys(
+            f"after {_quote(c.text)}" if c.kind == "after" else _quote(c.text) for c in comps
+        )
+    )[:MAX_ITEMS]
+    words = [c.text for c in comps if c.kind != "after"]
+    contexts = [c.text for c in comps if c.kind == "after"]
+    label = name_pattern(words, contexts)
+    return Mode(label, f"{label}: {', '.join(items)}" if items else "", comps)
 
 
 class OfflineRefiner:
     """Revisions from the worst-fit exemplars: add their peak features, drop components that fire in
     over-predicted texts, split the largest mode, merge the two closest modes."""
 
-    def __init__(
-        self, embedder: MiniLMEmbedder, simulator: LexicalSimulator, max_drops: int = 3
-    ) -> None:
+    def __init__(self, embedder: MiniLMEmbedder, max_drops: int = 3) -> None:
         self.embedder = embedder
-        self.simulator = simulator
         self.max_drops = max_drops
 
     def propose(
@@ -351,7 +262,7 @@ class OfflineRefiner:
             proposals.append(self._add(modes, new))
         firing = []
         for comp in (c for m in modes for c in m.components):
-            if any(self.simulator.match(comp, r).any() for r in over):
+            if any(match(comp, r.tokens).any() for r in over):
                 firing.append(comp)
         firing.sort(key=lambda c: c.weight)
         for comp in firing[: self.max_drops]:
@@ -379,8 +290,9 @@ class OfflineRefiner:
         statistics."""
         spec: dict[str, Component] = {}
         for rec in recs:
+            words = segment(rec.tokens)
             for t in _peaks(rec, record.threshold):
-                for kind, pattern, text in _features(rec.tokens, t):
+                for kind, pattern, text in _features(rec.tokens, words, t):
                     comp = Component(text, kind, pattern, 1.0, [rec.text_index])
                     if comp.key not in known:
                         spec.setdefault(comp.key, comp)
@@ -389,7 +301,7 @@ class OfflineRefiner:
         out = []
         for comp in spec.values():
             hits = np.concatenate(
-                [np.asarray(r.activations)[self.simulator.match(comp, r) > 0] for r in explain]
+                [np.asarray(r.activations)[match(comp, r.tokens)] for r in explain]
             )
             if len(hits) == 0:  # no explain-set evidence: would only memorise validation
                 continue
@@ -421,12 +333,11 @@ def replace_components(mode: Mode, components: list[Component]) -> Mode:
 def offline_roles(embedder: MiniLMEmbedder | None = None) -> Roles:
     """The default deterministic backend."""
     embedder = embedder or MiniLMEmbedder()
-    simulator = LexicalSimulator()
     return Roles(
         name="offline",
         decomposer=OfflineDecomposer(),
         clusterer=OfflineClusterer(embedder),
         explainer=OfflineExplainer(),
-        simulator=simulator,
-        refiner=OfflineRefiner(embedder, simulator),
+        simulator=LexicalSimulator(),
+        refiner=OfflineRefiner(embedder),
     )

@@ -3,9 +3,12 @@ on.
 
 decomposer -> atomic :class:`Component` s of the activating exemplars; clusterer -> candidate
 groupings into :class:`Mode` s; explainer -> one explanation per mode (and the single-pass baseline
-of Bills et al. 2023 from the top exemplars); simulator -> per-token activations predicted from the
-explanations only; scorer -> how well a simulation fits; refiner -> revised modes from the worst-fit exemplars. Offline implementations
-live in :mod:`rangelens.explain.offline`, LLM-backed ones in :mod:`rangelens.explain.llm`.
+of Bills et al. 2023 from the top exemplars); simulator -> raw per-token predictions from the
+explanation TEXT alone (its signature carries no activations; calibration happens afterwards, in
+:mod:`rangelens.explain.scoring`); judge -> delphi-style detection/fuzzing verdicts from the text
+alone; scorer -> how well a simulation fits; refiner -> revised modes from the worst-fit feedback
+exemplars. Offline implementations live in :mod:`rangelens.explain.offline` and
+:mod:`rangelens.explain.lexical`, LLM-backed ones in :mod:`rangelens.explain.llm`.
 """
 
 from __future__ import annotations
@@ -91,13 +94,11 @@ class Trace:
         self.failures.append(StepFailure(role, target, error, attempts))
 
 
-@dataclass
-class Simulation:
-    """Predicted activations per record, and each mode's share of them (``per_mode[m][r]``; empty
-    when the simulator cannot split its prediction by mode)."""
-
-    predictions: list[np.ndarray]
-    per_mode: list[list[np.ndarray]]
+def explanation_text(modes: Sequence[Mode]) -> str:
+    """The one text a simulator or judge reads for a set of modes: each mode's explanation, one
+    ``- `` line per mode when there are several; empty when no mode says anything."""
+    said = [m.explanation.strip() for m in modes if m.explanation.strip()]
+    return said[0] if len(said) == 1 else "\n".join(f"- {e}" for e in said)
 
 
 class Decomposer(Protocol):
@@ -117,18 +118,33 @@ class Explainer(Protocol):
 
 
 class Simulator(Protocol):
+    """Predict, from the explanation text alone, a raw (uncalibrated) activation for every token of
+    each text (``texts[i]`` is its token strings): one array per text, or None where that text's
+    simulation failed (recorded in ``trace``; never replaced by zeros)."""
+
     def simulate(
+        self, explanation: str, texts: Sequence[Sequence[str]], trace: Trace
+    ) -> list[np.ndarray | None]: ...
+
+
+class Judge(Protocol):
+    """Delphi-style judge (Paulo et al. 2024): from the explanation text alone, how likely each text
+    is to activate the neuron (detection, ``highlights`` None) or to have its marked tokens be the
+    activating ones (fuzzing, ``highlights[i][t]`` marks token t): a score in [0, 1] per text, or
+    None where judging that text failed (recorded in ``trace``)."""
+
+    def judge(
         self,
-        modes: list[Mode],
-        fit: Sequence[ActivationRecord],
-        records: Sequence[ActivationRecord],
+        explanation: str,
+        texts: Sequence[Sequence[str]],
+        highlights: Sequence[Sequence[bool]] | None,
         trace: Trace,
-    ) -> Simulation: ...
+    ) -> list[float | None]: ...
 
 
 class Scorer(Protocol):
     def score(
-        self, simulated: Sequence[np.ndarray], records: Sequence[ActivationRecord]
+        self, simulated: Sequence[np.ndarray | None], records: Sequence[ActivationRecord]
     ) -> float: ...
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from rangelens.artifacts import atomic_dir, read_json, write_json
+from rangelens.erasure.outputs import interval_text
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.report import figures
@@ -340,14 +341,65 @@ class _Site:
             return {"erasure": None}
         summary = erasure.summary
         info = summary.get("info", {})
-        headline = pd.DataFrame(summary.get("headline", []))
-        sweep = pd.DataFrame(info.get("sweep", []))
+        states = list(info.get("conditions", []))
+        rows = summary.get("headline", [])
+        metrics = ("target_drop", "complement_drop", "complement_flip", "ppl_change")
+        headline = pd.DataFrame(
+            [
+                {
+                    "concept": r["concept"],
+                    "base acc": interval_text(r, "base_target_acc"),
+                    **{
+                        f"{s} {m.replace('_', ' ')}": interval_text(
+                            r, f"{s}_{m}", 1 + ("ppl" not in m)
+                        )
+                        for s in states
+                        for m in metrics
+                    },
+                    **{
+                        f"range−neuron {m.replace('_', ' ')}": interval_text(
+                            r, f"diff_range_neuron_{m}", 1 + ("ppl" not in m)
+                        )
+                        for m in metrics
+                        if f"diff_range_neuron_{m}" in r
+                    },
+                }
+                for r in rows
+            ]
+        )
+        sweep = pd.DataFrame(
+            [
+                {
+                    "tau": r["tau"],
+                    **{
+                        f"{s} {m.replace('_', ' ')}": interval_text(
+                            r, f"{s}_{m}", 1 + ("ppl" not in m)
+                        )
+                        for s in states
+                        for m in metrics
+                        if f"{s}_{m}" in r
+                    },
+                }
+                for r in info.get("sweep", [])
+            ]
+        )
+        erased: list[dict[str, Any]] = []
+        if self.run.ranges is not None:
+            rm = self.run.ranges.range_map
+            for c, name in enumerate(rm.concepts):
+                ranges = [
+                    (int(j), float(rm.lo[c, r]), float(rm.hi[c, r]))
+                    for r, j in enumerate(rm.neurons[c, :12])
+                ]
+                erased.append({"concept": name, "k": rm.neurons.shape[1], "ranges": ranges})
         return {
             "erasure": erasure,
             "config": summary.get("config", {}),
             "info": info,
-            "headline": _table(headline),
-            "sweep": _table(sweep),
+            "headline": _table(headline, grouped=False),
+            "sweep": _table(sweep, grouped=False),
+            "erased": erased,
+            "rows": self.run.ranges.range_map.metadata.get("rows") if self.run.ranges else None,
             "table": _table(erasure.table, grouped=False) if erasure.table is not None else None,
         }
 

@@ -15,8 +15,8 @@ import pandas as pd
 from rangelens.analysis import CaptureResult, load_capture
 from rangelens.artifacts import read_json
 from rangelens.data import load_texts
+from rangelens.erasure.outputs import FORMAT_VERSION as ERASURE_FORMAT
 from rangelens.errors import RangelensError
-from rangelens.evaluate import FORMAT_VERSION as ERASURE_FORMAT
 from rangelens.explain.api import RESULTS_FORMAT
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import NeuronRecord
@@ -52,7 +52,7 @@ class Ranges:
 
 @dataclass
 class Erasure:
-    """The ``erasure/`` stage as written by :mod:`rangelens.evaluate`: ``erasure.json`` (config,
+    """The ``erasure/`` stage as written by :mod:`rangelens.erasure`: ``erasure.json`` (config,
     info, headline), the long results table and the figures that exist."""
 
     table: pd.DataFrame | None

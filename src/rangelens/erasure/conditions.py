@@ -1,0 +1,93 @@
+"""The masked states the erasure experiment compares with the unmasked base.
+
+A condition is a name and a function building its mask from a :class:`MaskSpec` (a concept's saved
+:class:`~rangelens.ranges.RangeMap` at one site, tau and p, and the replacement values). Adding a
+condition is one :func:`register` call. ``per_tau`` says whether the mask changes with tau (range
+masks) or only with the salient-neuron set, i.e. with p (neuron masks, the random control).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rangelens.intervene import NeuronMask, RangeMask
+from rangelens.ranges import RangeMap
+from rangelens.sites import NeuronSite
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What a condition's mask is built from: ``concept``'s row of ``range_map`` at ``site``;
+    ``replacement`` ``(site.width,)`` per-neuron values; ``seed`` for conditions that draw."""
+
+    site: NeuronSite
+    range_map: RangeMap
+    concept: int
+    replacement: np.ndarray
+    positions: str
+    mode: str
+    scale: float
+    seed: tuple[int, ...]
+
+    def options(self) -> dict[str, Any]:
+        return {"positions": self.positions, "mode": self.mode, "scale": self.scale}
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    build: Callable[[MaskSpec], RangeMask]
+    per_tau: bool
+    description: str
+
+
+CONDITIONS: dict[str, Condition] = {}
+
+
+def register(condition: Condition) -> Condition:
+    CONDITIONS[condition.name] = condition
+    return condition
+
+
+def _range(spec: MaskSpec) -> RangeMask:
+    return RangeMask.from_range_map(
+        spec.site, spec.range_map, spec.concept, replacement=spec.replacement, **spec.options()
+    )
+
+
+def _neuron(spec: MaskSpec) -> RangeMask:
+    return NeuronMask.from_range_map(
+        spec.site, spec.range_map, spec.concept, replacement=spec.replacement, **spec.options()
+    )
+
+
+def random_neurons(spec: MaskSpec) -> np.ndarray:
+    """As many neurons as the concept has salient ones, drawn uniformly without replacement."""
+    k = spec.range_map.neurons.shape[1]
+    rng = np.random.default_rng(list(spec.seed))
+    return np.sort(rng.choice(spec.site.width, size=k, replace=False))
+
+
+def _random(spec: MaskSpec) -> RangeMask:
+    neurons = random_neurons(spec)
+    return NeuronMask(spec.site, neurons, replacement=spec.replacement[neurons], **spec.options())
+
+
+register(
+    Condition("range", _range, True, "salient neurons replaced only inside the concept's range")
+)
+register(
+    Condition("neuron", _neuron, False, "the same salient neurons replaced whatever their value")
+)
+register(
+    Condition(
+        "random",
+        _random,
+        False,
+        "control: as many randomly drawn neurons, replaced whatever their value",
+    )
+)

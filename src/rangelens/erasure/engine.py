@@ -1,0 +1,135 @@
+"""Suffix-only evaluation: run the blocks before a mask site once, then only the suffix per mask.
+
+A mask at block L cannot change anything before L, so each batch runs the network prefix once and
+caches the hidden state entering the first block that must run; every condition then re-runs the
+stock forward with the prefix blocks swapped for pass-through modules returning that cache
+(:func:`skip_blocks`). Model code is never forked; the stock forward still builds its masks and
+rotary tables. All hook code of the erasure experiment lives here and in
+:meth:`rangelens.intervene.RangeMask.attach`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from rangelens.errors import RangelensError
+from rangelens.intervene import RangeMask
+from rangelens.sites import FAMILIES, NeuronSite, blocks
+
+T = TypeVar("T")
+
+
+class _PrefixDone(Exception):
+    """Ends the prefix forward once the cached block has run."""
+
+
+class _Cached(nn.Module):
+    """Stands in for a skipped block: returns the cached hidden state, in the block's output type."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.as_tuple = as_tuple
+
+    def forward(self, *args: Any, **_kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
+        incoming = args[0] if args else None
+        if isinstance(incoming, torch.Tensor) and incoming.shape != self.hidden.shape:
+            raise RangelensError(
+                f"cached hidden state has shape {tuple(self.hidden.shape)} but this forward has "
+                f"{tuple(incoming.shape)}; run the conditions on the batch the prefix ran on"
+            )
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+def suffix_start(model: nn.Module, sites: Sequence[NeuronSite]) -> int:
+    """How many leading blocks no mask or readout at ``sites`` depends on (0: run everything).
+
+    A ``resid`` site at layer L is block L's output, so blocks 0..L can be replaced by the cached
+    output of block L; ``mlp``/``attn`` sites live inside block L, which must run. Only the mapped
+    families (``rangelens.sites.FAMILIES``) are skipped, and only for sites inside the blocks.
+    """
+    mapped = getattr(model.config, "model_type", None) in FAMILIES
+    if not mapped or not sites or any(s.layer is None for s in sites):
+        return 0
+    return min(s.layer + (s.kind == "resid") for s in sites if s.layer is not None)
+
+
+@contextmanager
+def skip_blocks(
+    model: nn.Module, n: int, hidden: torch.Tensor, *, as_tuple: bool = False
+) -> Iterator[None]:
+    """Swap blocks ``0..n-1`` for pass-throughs returning ``hidden`` (block n-1's output).
+
+    Block n then receives ``hidden`` exactly as in a full forward; embeddings, attention masks and
+    rotary tables are still built by the stock forward. Each skipped block gets its own stand-in, so
+    a mask hooked at the last skipped block's output (a ``resid`` site) runs once per forward. The
+    original blocks are always restored.
+    """
+    _, layers = blocks(model)
+    if not 0 < n <= len(layers):
+        raise RangelensError(f"can skip 1..{len(layers)} blocks of this model, not {n}")
+    originals = [layers[i] for i in range(n)]
+    try:
+        for i in range(n):
+            layers[i] = _Cached(hidden, as_tuple)
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            layers[i] = block
+
+
+def _prefix(model: nn.Module, inputs: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, bool]:
+    """Run blocks 0..n-1 once; return block n-1's output and whether the block returns a tuple."""
+    _, layers = blocks(model)
+    seen: list[object] = []
+
+    def hook(_m: nn.Module, _args: tuple[Any, ...], out: object) -> None:
+        seen.append(out)
+        raise _PrefixDone
+
+    handle = layers[n - 1].register_forward_hook(hook)
+    try:
+        model(**inputs)
+    except _PrefixDone:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RangelensError(f"block {n - 1} did not run in the forward; use suffix=False")
+    out = seen[0]
+    if isinstance(out, tuple):
+        return out[0], True
+    if not isinstance(out, torch.Tensor):
+        raise RangelensError(f"block {n - 1} returns a {type(out).__name__}; use suffix=False")
+    return out, False
+
+
+def run_conditions(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    masks: Sequence[RangeMask | None],
+    forward: Callable[[dict[str, torch.Tensor]], T],
+    *,
+    start: int = 0,
+) -> list[T]:
+    """``forward(inputs)`` once per mask (None: no mask), in order.
+
+    With ``start > 0`` (see :func:`suffix_start`) blocks ``0..start-1`` run once for all masks and
+    only the suffix runs per mask; ``start = 0`` runs full forwards. Masks are attached inside the
+    swap, so a mask on a skipped block's output edits the cached value.
+    """
+    cached = _prefix(model, inputs, start) if start > 0 else None
+    results = []
+    for mask in masks:
+        with ExitStack() as stack:
+            if cached is not None:
+                stack.enter_context(skip_blocks(model, start, cached[0], as_tuple=cached[1]))
+            if mask is not None:
+                stack.enter_context(mask.attach(model))
+            results.append(forward(inputs))
+    return results
