@@ -27,6 +27,7 @@ from rangelens.data import load_texts
 from rangelens.explain import ExemplarConfig, OpenAIClient, records_from_activations
 from rangelens.explain.clients import LLM, ResponseCache
 from rangelens.explain.exemplars import token_strings
+from rangelens.explain.lexical import LexicalSimulator
 from rangelens.explain.llm import LLMExplainer
 from rangelens.explain.llm_scoring import (
     LLMJudge,
@@ -35,16 +36,16 @@ from rangelens.explain.llm_scoring import (
     fuzzing_items,
     judge_scores,
 )
-from rangelens.explain.offline import offline_roles
+from rangelens.explain.offline import OfflineExplainer
 from rangelens.explain.records import NeuronRecord
 from rangelens.explain.roles import Trace
 from rangelens.explain.scoring import correlation
 from rangelens.models import cache_dir, load_model
 from rangelens.sites import resolve_site
 
-LAYER, MAX_LENGTH = 8, 32
+LAYER, MAX_LENGTH = 8, 24
 CONFIG = ExemplarConfig(
-    n_top=12, n_quantile_bins=2, n_per_bin=4, n_validation=8, n_held_out=12, seed=0
+    n_top=12, n_quantile_bins=2, n_per_bin=4, n_feedback=8, n_validation=8, n_held_out=8, seed=0
 )
 METRICS = ("corr", "det_bacc", "det_auc", "fuzz_bacc", "fuzz_auc")
 
@@ -77,12 +78,15 @@ def pick_records(n: int) -> list[NeuronRecord]:
     )
 
 
-def score(llm: LLM, explanation: str, record: NeuronRecord, trace: Trace) -> dict[str, float]:
+def score(
+    llm: LLM, explanation: str, record: NeuronRecord, trace: Trace, simulate: bool = True
+) -> dict[str, float]:
     """Simulation correlation over the held-out tokens of the texts simulated successfully, and
     detection / fuzzing on the held-out texts; failures counted."""
     held = record.held_out
     tokens = [r.tokens for r in held]
-    preds = LLMSimulator(llm).simulate(explanation, tokens, trace)
+    nan = float("nan")
+    preds = LLMSimulator(llm).simulate(explanation, tokens, trace) if simulate else []
     ok = [i for i, p in enumerate(preds) if p is not None]
     corr = (
         correlation(
@@ -90,23 +94,33 @@ def score(llm: LLM, explanation: str, record: NeuronRecord, trace: Trace) -> dic
             np.concatenate([held[i].activations for i in ok]),
         )
         if ok
-        else float("nan")
+        else nan
     )
     texts, labels = detection_items(held, record.threshold)
     det = judge_scores(LLMJudge(llm).judge(explanation, texts, None, trace), labels)
     ftexts, marks, flabels = fuzzing_items(held, record.threshold, seed=record.neuron)
     fuzz = judge_scores(LLMJudge(llm).judge(explanation, ftexts, marks, trace), flabels)
-    nan = float("nan")
     return {
         "corr": corr,
         "det_bacc": det.balanced_accuracy,
         "det_auc": det.auc if det.auc is not None else nan,
         "fuzz_bacc": fuzz.balanced_accuracy,
         "fuzz_auc": fuzz.auc if fuzz.auc is not None else nan,
-        "sim_failed": float(len(preds) - len(ok)),
+        "sim_failed": float(len(preds) - len(ok)) if simulate else nan,
         "det_failed": float(det.failures),
         "fuzz_failed": float(fuzz.failures),
     }
+
+
+def score_lexical(explanation: str, record: NeuronRecord) -> float:
+    """Held-out correlation of the offline lexical simulator reading ``explanation``."""
+    held = record.held_out
+    preds = LexicalSimulator().simulate(explanation, [r.tokens for r in held], Trace())
+    ok = [i for i, p in enumerate(preds) if p is not None]
+    if not ok:
+        return float("nan")
+    sim = np.concatenate([preds[i] for i in ok])  # type: ignore[misc]
+    return correlation(sim, np.concatenate([held[i].activations for i in ok]))
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float], seed: int = 0) -> str:
@@ -140,21 +154,26 @@ def main() -> None:
         trace = Trace()
         mode = LLMExplainer(llm).explain_top(rec, 6, trace)
         explanations["llm"].append(mode.explanation)
-        explanations["lexical"].append(
-            offline_roles().explainer.explain_top(rec, 20, trace).explanation
-        )
+        lexical = OfflineExplainer().explain_top(rec, len(rec.top), trace)
+        explanations["lexical"].append(lexical.explanation)
         print(f"neuron {rec.neuron}: {mode.explanation!r}", flush=True)
     n = len(records)
     explanations["mismatched"] = [explanations["llm"][(i + 1) % n] for i in range(n)]
-    rows: dict[str, list[dict[str, float]]] = {m: [] for m in explanations}
+    # the offline lexical simulator reading the lexical explanation: the baseline's own score
+    runs = [("llm", "llm", True), ("lexical", "lexical", True), ("mismatched", "mismatched", False)]
+    runs.append(("lexical-offline-sim", "lexical", False))
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
     failures: dict[str, int] = {}
-    for method, texts in explanations.items():
-        for rec, text in zip(records, texts, strict=True):
+    for name, method, simulate in runs:
+        for rec, text in zip(records, explanations[method], strict=True):
             trace = Trace()
-            rows[method].append(score(llm, text, rec, trace) if text else {})
+            if name == "lexical-offline-sim":
+                rows[name].append({"corr": score_lexical(text, rec)})
+                continue
+            rows[name].append(score(llm, text, rec, trace, simulate) if text else {})
             for f in trace.failures:
                 failures[f.role] = failures.get(f.role, 0) + 1
-            print(method, rec.neuron, rows[method][-1], flush=True)
+            print(name, rec.neuron, rows[name][-1], flush=True)
     result = {
         "neurons": [r.neuron for r in records],
         "explanations": explanations,
