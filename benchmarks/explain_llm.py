@@ -144,16 +144,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/explain_llm.json"))
     args = parser.parse_args()
     start = time.time()
-    records = pick_records(args.neurons)
+    saved = cache_dir() / "bench" / f"explain-llm-records-{args.neurons}"
+    if saved.is_dir():
+        records = [NeuronRecord.load(p) for p in sorted(saved.glob("*.json"))]
+    else:
+        records = pick_records(args.neurons)
+        for i, rec in enumerate(records):
+            rec.save(saved / f"{i:02d}.json")
     client = OpenAIClient(
         args.base_url, args.llm_model, timeout=args.timeout, max_concurrency=1, max_tokens=400
     )
     llm = LLM(client, ResponseCache(cache_dir() / "bench" / "explain-llm-cache"), attempts=2)
     explanations: dict[str, list[str]] = {"llm": [], "lexical": []}
+    failures: dict[str, int] = {}
     for rec in records:
         trace = Trace()
         mode = LLMExplainer(llm).explain_top(rec, 6, trace)
         explanations["llm"].append(mode.explanation)
+        for f in trace.failures:
+            print(f"  explainer failure: {f.error}", flush=True)
+            failures[f.role] = failures.get(f.role, 0) + 1
         lexical = OfflineExplainer().explain_top(rec, len(rec.top), trace)
         explanations["lexical"].append(lexical.explanation)
         print(f"neuron {rec.neuron}: {mode.explanation!r}", flush=True)
@@ -163,7 +173,6 @@ def main() -> None:
     runs = [("llm", "llm", True), ("lexical", "lexical", True), ("mismatched", "mismatched", False)]
     runs.append(("lexical-offline-sim", "lexical", False))
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
-    failures: dict[str, int] = {}
     for name, method, simulate in runs:
         for rec, text in zip(records, explanations[method], strict=True):
             trace = Trace()

@@ -210,6 +210,8 @@ def _explanation(data: dict[str, Any]) -> tuple[str, list[str]]:
     text = data.get("explanation")
     if not isinstance(text, str) or not text.strip():
         raise ReplyError("'explanation' must be a non-empty string")
+    if "not as an aim" in text:
+        raise ReplyError("the explanation copies the worked example; describe these texts")
     keywords = _strings(data, "keywords", 1, 12) if "keywords" in data else []
     return check_explanation(text), keywords
 
@@ -435,8 +437,9 @@ def llm_roles(
 ) -> Roles:
     """LLM decomposer, clusterer, explainer and refiner over one :class:`LLM` (its cache, attempts
     and failure counts are shared). The simulator that scores explanations is the offline lexical
-    one (cheap), or with ``simulator="llm"`` the LLM itself (one call per scored text)."""
-    from rangelens.explain.llm_scoring import LLMSimulator  # it imports this module
+    one (cheap), or with ``simulator="llm"`` the LLM itself (one call per scored text), which then
+    also judges the held-out texts (delphi detection and fuzzing)."""
+    from rangelens.explain.llm_scoring import LLMJudge, LLMSimulator  # they import this module
 
     if simulator not in SIMULATORS:
         raise RangelensError(f"unknown simulator {simulator!r}; valid: {choices(SIMULATORS)}")
@@ -447,4 +450,5 @@ def llm_roles(
         explainer=LLMExplainer(llm),
         simulator=LLMSimulator(llm) if simulator == "llm" else LexicalSimulator(),
         refiner=LLMRefiner(llm),
+        judge=LLMJudge(llm) if simulator == "llm" else None,
     )
