@@ -37,7 +37,7 @@ from rangelens.explain.llm_scoring import (
     judge_scores,
 )
 from rangelens.explain.offline import OfflineExplainer
-from rangelens.explain.records import NeuronRecord
+from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Trace
 from rangelens.explain.scoring import correlation
 from rangelens.models import cache_dir, load_model
@@ -78,43 +78,50 @@ def pick_records(n: int) -> list[NeuronRecord]:
     )
 
 
+def subset(record: NeuronRecord, n: int) -> list[ActivationRecord]:
+    """``n`` held-out texts, half activating (the top ones) and half not, in held-out order."""
+    pos = [r for r in record.held_out if r.max_activation >= record.threshold]
+    neg = [r for r in record.held_out if r.max_activation < record.threshold]
+    return pos[: n - min(n // 2, len(neg))] + neg[: n // 2]
+
+
 def score(
-    llm: LLM, explanation: str, record: NeuronRecord, trace: Trace, simulate: bool = True
+    llm: LLM, explanation: str, record: NeuronRecord, trace: Trace, n_sim: int, n_judge: int
 ) -> dict[str, float]:
-    """Simulation correlation over the held-out tokens of the texts simulated successfully, and
-    detection / fuzzing on the held-out texts; failures counted."""
-    held = record.held_out
-    tokens = [r.tokens for r in held]
+    """Simulation correlation over the tokens of ``n_sim`` held-out texts simulated successfully
+    (skipped when 0), detection on ``n_judge`` held-out texts and fuzzing on their activating
+    ones; failures counted."""
     nan = float("nan")
-    preds = LLMSimulator(llm).simulate(explanation, tokens, trace) if simulate else []
-    ok = [i for i, p in enumerate(preds) if p is not None]
-    corr = (
-        correlation(
-            np.concatenate([preds[i] for i in ok]),  # type: ignore[misc]
-            np.concatenate([held[i].activations for i in ok]),
+    out: dict[str, float] = {}
+    if n_sim:
+        held = subset(record, n_sim)
+        preds = LLMSimulator(llm).simulate(explanation, [r.tokens for r in held], trace)
+        ok = [i for i, p in enumerate(preds) if p is not None]
+        sim = [preds[i] for i in ok]
+        out["corr"] = (
+            correlation(np.concatenate(sim), np.concatenate([held[i].activations for i in ok]))  # type: ignore[arg-type]
+            if ok
+            else nan
         )
-        if ok
-        else nan
-    )
-    texts, labels = detection_items(held, record.threshold)
+        out["sim_failed"] = float(len(preds) - len(ok))
+    judged = subset(record, n_judge)
+    texts, labels = detection_items(judged, record.threshold)
     det = judge_scores(LLMJudge(llm).judge(explanation, texts, None, trace), labels)
-    ftexts, marks, flabels = fuzzing_items(held, record.threshold, seed=record.neuron)
+    ftexts, marks, flabels = fuzzing_items(judged, record.threshold, seed=record.neuron)
     fuzz = judge_scores(LLMJudge(llm).judge(explanation, ftexts, marks, trace), flabels)
-    return {
-        "corr": corr,
-        "det_bacc": det.balanced_accuracy,
-        "det_auc": det.auc if det.auc is not None else nan,
-        "fuzz_bacc": fuzz.balanced_accuracy,
-        "fuzz_auc": fuzz.auc if fuzz.auc is not None else nan,
-        "sim_failed": float(len(preds) - len(ok)) if simulate else nan,
-        "det_failed": float(det.failures),
-        "fuzz_failed": float(fuzz.failures),
-    }
+    out.update(
+        det_bacc=det.balanced_accuracy,
+        det_auc=det.auc if det.auc is not None else nan,
+        fuzz_bacc=fuzz.balanced_accuracy,
+        fuzz_auc=fuzz.auc if fuzz.auc is not None else nan,
+        det_failed=float(det.failures),
+        fuzz_failed=float(fuzz.failures),
+    )
+    return out
 
 
-def score_lexical(explanation: str, record: NeuronRecord) -> float:
-    """Held-out correlation of the offline lexical simulator reading ``explanation``."""
-    held = record.held_out
+def score_lexical(explanation: str, held: list[ActivationRecord]) -> float:
+    """Correlation of the offline lexical simulator reading ``explanation`` on ``held``."""
     preds = LexicalSimulator().simulate(explanation, [r.tokens for r in held], Trace())
     ok = [i for i, p in enumerate(preds) if p is not None]
     if not ok:
@@ -140,9 +147,15 @@ def main() -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8765/v1")
     parser.add_argument("--llm-model", default="local")
     parser.add_argument("--neurons", type=int, default=6)
-    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--sim-texts", type=int, default=4)
+    parser.add_argument("--judge-texts", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/explain_llm.json"))
+    parser.add_argument("--report", action="store_true", help="print the table of --out")
     args = parser.parse_args()
+    if args.report:
+        print(table(json.loads(args.out.read_text())))
+        return
     start = time.time()
     saved = cache_dir() / "bench" / f"explain-llm-records-{args.neurons}"
     if saved.is_dir():
@@ -152,50 +165,56 @@ def main() -> None:
         for i, rec in enumerate(records):
             rec.save(saved / f"{i:02d}.json")
     client = OpenAIClient(
-        args.base_url, args.llm_model, timeout=args.timeout, max_concurrency=1, max_tokens=400
+        args.base_url, args.llm_model, timeout=args.timeout, max_concurrency=1, max_tokens=300
     )
     llm = LLM(client, ResponseCache(cache_dir() / "bench" / "explain-llm-cache"), attempts=2)
     explanations: dict[str, list[str]] = {"llm": [], "lexical": []}
     failures: dict[str, int] = {}
+
+    def count(trace: Trace) -> None:
+        for f in trace.failures:
+            print(f"  {f.role} failure: {f.error}", flush=True)
+            failures[f.role] = failures.get(f.role, 0) + 1
+
     for rec in records:
         trace = Trace()
-        mode = LLMExplainer(llm).explain_top(rec, 6, trace)
+        mode = LLMExplainer(llm, n_shown=3, n_negative=1).explain_top(rec, 3, trace)
+        count(trace)
         explanations["llm"].append(mode.explanation)
-        for f in trace.failures:
-            print(f"  explainer failure: {f.error}", flush=True)
-            failures[f.role] = failures.get(f.role, 0) + 1
         lexical = OfflineExplainer().explain_top(rec, len(rec.top), trace)
         explanations["lexical"].append(lexical.explanation)
-        print(f"neuron {rec.neuron}: {mode.explanation!r}", flush=True)
+        print(f"neuron {rec.neuron}: {mode.explanation!r} | {lexical.explanation!r}", flush=True)
     n = len(records)
     explanations["mismatched"] = [explanations["llm"][(i + 1) % n] for i in range(n)]
-    # the offline lexical simulator reading the lexical explanation: the baseline's own score
-    runs = [("llm", "llm", True), ("lexical", "lexical", True), ("mismatched", "mismatched", False)]
-    runs.append(("lexical-offline-sim", "lexical", False))
-    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
-    for name, method, simulate in runs:
-        for rec, text in zip(records, explanations[method], strict=True):
+    rows: dict[str, list[dict[str, float]]] = {m: [] for m in (*explanations, "lexical-offline")}
+    result: dict = {"neurons": [r.neuron for r in records], "explanations": explanations}
+    for i, rec in enumerate(records):
+        for method, n_sim in (
+            ("llm", args.sim_texts),
+            ("lexical", args.sim_texts),
+            ("mismatched", 0),
+        ):
             trace = Trace()
-            if name == "lexical-offline-sim":
-                rows[name].append({"corr": score_lexical(text, rec)})
-                continue
-            rows[name].append(score(llm, text, rec, trace, simulate) if text else {})
-            for f in trace.failures:
-                failures[f.role] = failures.get(f.role, 0) + 1
-            print(name, rec.neuron, rows[name][-1], flush=True)
-    result = {
-        "neurons": [r.neuron for r in records],
-        "explanations": explanations,
-        "scores": rows,
-        "failed_steps_by_role": failures,
-        "llm": llm.stats.to_dict(),
-        "seconds": time.time() - start,
-    }
-    args.out.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+            text = explanations[method][i]
+            rows[method].append(
+                score(llm, text, rec, trace, n_sim, args.judge_texts) if text else {}
+            )
+            count(trace)
+            print(method, rec.neuron, rows[method][-1], flush=True)
+        held = subset(rec, args.sim_texts)
+        rows["lexical-offline"].append({"corr": score_lexical(explanations["lexical"][i], held)})
+        result.update(
+            scores=rows,
+            failed_steps_by_role=failures,
+            llm=llm.stats.to_dict(),
+            seconds=time.time() - start,
+        )
+        args.out.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
     print(table(result))
 
 
 def table(result: dict) -> str:
+    """Markdown: mean per method and paired differences with 95% bootstrap intervals."""
     rows = result["scores"]
     nan = float("nan")
 
@@ -203,7 +222,10 @@ def table(result: dict) -> str:
         return [r.get(metric, nan) for r in rows[method]]
 
     lines = [
-        "| metric | LLM (mean) | lexical (mean) | mismatched (mean) | LLM - lexical [95% CI] "
+        f"{len(rows['llm'])} neurons; LLM steps: {result['llm']}; failed steps by role: "
+        f"{result['failed_steps_by_role']}",
+        "",
+        "| metric | LLM | lexical | mismatched LLM (control) | LLM - lexical [95% CI] "
         "| LLM - mismatched [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
@@ -214,6 +236,8 @@ def table(result: dict) -> str:
             f"{paired_interval(col('llm', m), col('lexical', m))} | "
             f"{paired_interval(col('llm', m), col('mismatched', m))} |"
         )
+    offline = np.nanmean(col("lexical-offline", "corr"))
+    lines.append(f"\nlexical explanation read by the offline lexical simulator: corr {offline:.3f}")
     return "\n".join(lines)
 
 

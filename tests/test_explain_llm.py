@@ -179,9 +179,10 @@ def test_explainer_is_contrastive_and_rejects_echoes(serve):
     trace = Trace()
     mode = LLMExplainer(LLM(server.client())).explain_top(rec, 5, trace)
     assert mode.explanation == "football words like 'goal' and 'match'" and not trace.failures
-    prompt = server.bodies[0]["messages"][1]["content"]
+    first = server.bodies[0]["messages"]
+    prompt = first[-1]["content"]
     assert "activating 0" in prompt and "not activating 0" in prompt and "[[" in prompt
-    assert "Worked example" in prompt
+    assert [m["role"] for m in first] == ["system", "user", "assistant", "user"]  # worked example
     errors = [b["messages"][-1]["content"] for b in server.bodies[1:]]
     assert "repeats the instructions" in errors[0] and "repeats the marker" in errors[1]
     assert check_explanation("the word 'the'") == "the word 'the'"

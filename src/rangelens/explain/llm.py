@@ -192,14 +192,22 @@ def contrast_sets(
     return top, easy, hard
 
 
-FEW_SHOT = (
-    "Worked example (a different neuron):\n"
-    "activating: 'the striker scored a late [[goal]] to win' / 'two [[goals]] in the first half'\n"
-    "not activating: 'the bank raised interest rates' / 'his goal is to retire early' "
-    "(the same word in another sense)\n"
-    'reply: {"explanation": "the noun \\"goal\\" as a score in football matches, not as an aim",'
-    ' "keywords": ["goal", "goals"]}\n\n'
-)
+# One worked example, given as an earlier chat turn (small models copy inline examples).
+FEW_SHOT: list[Message] = [
+    {
+        "role": "user",
+        "content": "<<<TEXT activating 0\nthe striker scored a late [[goal]] to win\nTEXT>>>\n"
+        "<<<TEXT activating 1\ntwo [[goals]] in the first half\nTEXT>>>\n"
+        "<<<TEXT not activating although it shares words 0\nhis goal is to retire early\n"
+        "TEXT>>>\n\nWhat makes this neuron activate, unlike in the other texts? Reply with a "
+        'JSON object with keys "explanation" and "keywords".',
+    },
+    {
+        "role": "assistant",
+        "content": '{"explanation": "the noun goal as a score in football, not as an aim", '
+        '"keywords": ["goal", "goals"]}',
+    },
+]
 _EXPLAIN_FORMAT = (
     'Reply with a JSON object with keys "explanation" (one sentence naming the words or contexts '
     'the neuron fires on) and "keywords" (a list of the words from the texts it fires on).'
@@ -210,7 +218,7 @@ def _explanation(data: dict[str, Any]) -> tuple[str, list[str]]:
     text = data.get("explanation")
     if not isinstance(text, str) or not text.strip():
         raise ReplyError("'explanation' must be a non-empty string")
-    if "not as an aim" in text:
+    if "not as an aim" in text or "score in football" in text:
         raise ReplyError("the explanation copies the worked example; describe these texts")
     keywords = _strings(data, "keywords", 1, 12) if "keywords" in data else []
     return check_explanation(text), keywords
@@ -319,7 +327,7 @@ class LLMExplainer:
     def _ask(self, prompt: str, target: str, trace: Trace) -> tuple[str, list[str]] | None:
         return ask_json(
             self.llm,
-            _chat(FEW_SHOT + prompt),
+            [{"role": "system", "content": SYSTEM}, *FEW_SHOT, {"role": "user", "content": prompt}],
             _explanation,
             role="explainer",
             target=target,
