@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rangelens.data import load_texts
+from rangelens import cliconfig
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
 from rangelens.explain.clients import (
@@ -21,6 +21,7 @@ from rangelens.explain.clients import (
     load_chat_model,
 )
 from rangelens.explain.exemplars import ExemplarConfig, build_records
+from rangelens.explain.inputs import ExplainInputs, check_size, resolve_inputs
 from rangelens.explain.llm import SIMULATORS, llm_roles
 from rangelens.explain.records import NeuronRecord
 from rangelens.models import load_model
@@ -50,23 +51,8 @@ def _neurons(neurons: str | None, run_dir: Path | None, top_k: int) -> list[int]
     return picked
 
 
-def _run_metadata(run_dir: Path | None) -> dict[str, Any]:
-    return RangeMap.load(run_dir / "ranges").metadata if run_dir is not None else {}
-
-
+@cliconfig.with_config(ExplainInputs, "inputs", defaults=dict.fromkeys(ExplainInputs.model_fields))
 def explain_command(
-    model: Annotated[
-        str | None, typer.Option(help="built-in name, local dir or hub id [run's, smollm2-135m]")
-    ] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="built-in dataset or file/folder [run's, bbc-news]")
-    ] = None,
-    site: Annotated[
-        str | None, typer.Option(help="resid | mlp | attn | module:<path> [run's, mlp]")
-    ] = None,
-    layer: Annotated[
-        int | None, typer.Option(help="block index, negative from the end [run's, 15]")
-    ] = None,
     neurons: Annotated[str | None, typer.Option(help="comma-separated neuron ids")] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="a rangelens run dir: explain its top salient neurons")
@@ -103,10 +89,12 @@ def explain_command(
             "(the LLM predicts each token's activation from the explanation text)"
         ),
     ] = "lexical",
-    max_per_class: Annotated[int, typer.Option(help="texts per class")] = 60,
-    output: Annotated[Path, typer.Option(help="explanations directory")] = Path("explanations"),
+    output: Annotated[
+        Path | None,
+        typer.Option(help="explanations directory [RUN_DIR/explanations, else ./explanations]"),
+    ] = None,
     rounds: Annotated[int, typer.Option(help="refinement rounds")] = 4,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    inputs: dict[str, Any] | None = None,
 ) -> None:
     """Explain neurons as NeuronScope modes with activation ranges, vs a single-pass baseline."""
     if backend not in BACKENDS:
@@ -117,14 +105,16 @@ def explain_command(
         raise RangelensError(f"unknown --simulator {simulator!r}; valid: {choices(SIMULATORS)}")
     if simulator == "llm" and backend == "offline":
         raise RangelensError("--simulator llm needs an LLM: --backend openai or local")
-    meta = _run_metadata(run_dir)
-    model = model or meta.get("model") or "smollm2-135m"
-    dataset = dataset or meta.get("dataset") or "bbc-news"
-    site = site or meta.get("site") or "mlp"
-    layer = layer if layer is not None else meta.get("layer", 15)
-    lm = load_model(model)
-    resolved = resolve_site(lm.model, site, layer)
-    texts = load_texts(dataset, max_per_class=max_per_class, seed=seed).texts
+    given = resolve_inputs(inputs or {}, run_dir)
+    model, seed = given.model, given.seed
+    if output is None:
+        output = run_dir / "explanations" if run_dir is not None else Path("explanations")
+    config = ExemplarConfig(seed=seed)
+    data = given.load_texts()
+    check_size(data, given, config)  # before loading the model or capturing anything
+    texts = data.texts
+    lm = load_model(model, device=given.device, dtype=given.dtype)
+    resolved = resolve_site(lm.model, given.site, given.layer)
     client: LLMClient | None = None
     if backend == "openai":
         client = OpenAIClient(base_url, llm_model, api_key_env=api_key_env, timeout=timeout)
@@ -137,20 +127,34 @@ def explain_command(
         cache = ResponseCache(output.parent / f".{output.name}-llm-cache")
         llm = LLM(client, cache, max_attempts)
         roles = llm_roles(llm, name=backend, simulator=simulator)
-    config = ExemplarConfig(seed=seed)
     records: list[NeuronRecord] = []
     if concept is not None:
         assert run_dir is not None
         picked: list[ConceptRange] = RangeMap.load(run_dir / "ranges").ranges(concept)[:top_k]
         for r in picked:
             records += build_records(
-                lm, texts, resolved, [r.neuron], config=config, target_range=(r.lo, r.hi)
+                lm,
+                texts,
+                resolved,
+                [r.neuron],
+                config=config,
+                target_range=(r.lo, r.hi),
+                max_length=given.max_length,
+                batch_size=given.batch_size,
             )
     else:
         ids = _neurons(neurons, run_dir, top_k)
-        records = build_records(lm, texts, resolved, ids, config=config)
+        records = build_records(
+            lm,
+            texts,
+            resolved,
+            ids,
+            config=config,
+            max_length=given.max_length,
+            batch_size=given.batch_size,
+        )
     results = explain_records(records, roles, rounds=rounds)
-    info = {"model": model, "dataset": dataset, "site": resolved.name, "backend": backend}
+    info = {"model": model, "dataset": given.dataset, "site": resolved.name, "backend": backend}
     save_results(output, records, results, {**info, "concept": concept, "seed": seed})
     table = Table(title=f"explanations of {resolved.name} ({backend}) -> {output}")
     for col in ("neuron", "target", "iterative r", "single-pass r", "AUC", "modes [range]"):
