@@ -223,6 +223,45 @@ def _perplexity(
     return Perplexities(nll, tokens), how
 
 
+def _classify_folds(
+    lm: LoadedModel,
+    data: LabeledTexts,
+    cap: CaptureResult,
+    ranges: RangeSet,
+    sites: list[NeuronSite],
+    protocol: ErasureProtocol,
+    config: ErasureConfig,
+    bar: Any,
+) -> tuple[Outcomes, dict[str, Any]]:
+    """Every condition on every fold's test texts, with that fold's classifier and ranges."""
+    task = protocol.task(cap)
+    text: list[np.ndarray] = []
+    pred: dict[Key, list[np.ndarray]] = {}
+    gold: dict[Key, list[np.ndarray]] = {}
+    how: dict[str, Any] = {}
+    for split in ranges.splits.values():
+        if split.name == FULL:
+            continue
+        rows = np.setdiff1d(split.test, task.reserved)
+        groups = _groups(
+            ranges, sites, split.name, protocol.concepts, config, protocol.analysis.seed
+        )
+        classifier = protocol.classifier(cap, split)
+        logps, how = _classify(lm, task, classifier, rows, groups, config, bar)
+        text.append(rows)
+        for key, logp in logps.items():
+            pred.setdefault(key, []).append(logp.argmax(axis=1))
+            gold.setdefault(key, []).append(np.exp(logp[np.arange(len(rows)), data.labels[rows]]))
+    every = np.concatenate(text)
+    outcomes = Outcomes(
+        every,
+        data.labels[every],
+        {k: np.concatenate(v) for k, v in pred.items()},
+        {k: np.concatenate(v) for k, v in gold.items()},
+    )
+    return outcomes, how
+
+
 def _check_capture(data: LabeledTexts, cap: CaptureResult) -> None:
     if len(cap.labels) != len(data) or not np.array_equal(cap.labels, data.labels):
         raise RangelensError(
@@ -257,36 +296,15 @@ def run_erasure(
     sites = _sites(lm, analysis, ranges)
     seconds: dict[str, float] = {}
     bar = tqdm(total=0, desc="erasure", unit="forward", disable=not progress, leave=False)
-    text, pred, gold = [], {}, {}  # type: ignore[var-annotated]
     with torch.inference_mode(), bar:
         clock = time.perf_counter()
         task = protocol.task(cap)
-        how: dict[str, Any] = {}
-        for split in ranges.splits.values():
-            if split.name == FULL:
-                continue
-            rows = np.setdiff1d(split.test, task.reserved)
-            groups = _groups(ranges, sites, split.name, concepts, config, analysis.seed)
-            classifier = protocol.classifier(cap, split)
-            logps, how = _classify(lm, task, classifier, rows, groups, config, bar)
-            text.append(rows)
-            for key, logp in logps.items():
-                pred.setdefault(key, []).append(logp.argmax(axis=1))
-                gold.setdefault(key, []).append(
-                    np.exp(logp[np.arange(len(rows)), data.labels[rows]])
-                )
+        outcomes, how = _classify_folds(lm, data, cap, ranges, sites, protocol, config, bar)
         seconds["classify"] = time.perf_counter() - clock
         clock = time.perf_counter()
         full = _groups(ranges, sites, FULL, concepts, config, analysis.seed)
         ppl, ppl_how = _perplexity(lm, full, config, analysis.seed, bar)
         seconds["perplexity"] = time.perf_counter() - clock
-    rows_all = np.concatenate(text)
-    outcomes = Outcomes(
-        rows_all,
-        data.labels[rows_all],
-        {k: np.concatenate(v) for k, v in pred.items()},
-        {k: np.concatenate(v) for k, v in gold.items()},
-    )
     figures = Figures(outcomes, ppl, config.bootstrap, analysis.seed)
     random_neurons = {
         f"{site}/{c}": m.neurons.tolist()
