@@ -69,13 +69,15 @@ def _groups(
     concepts: list[int],
     config: ErasureConfig,
     seed: int,
+    points: list[tuple[float, float]] | None = None,
 ) -> list[_Group]:
-    """Every condition's mask at every site, (tau, p) and concept, built from the split's maps."""
+    """Every condition's mask at every site, (tau, p) (default: every saved point) and concept,
+    built from the split's maps."""
     index = list(ranges.splits).index(split)
     groups = []
     for s, site in enumerate(sites):
         masks: dict[Key, RangeMask | None] = {}
-        for tau, p in ranges.points:
+        for tau, p in points or ranges.points:
             range_map = ranges.map(site.name, split, tau, p)
             for c in concepts:
                 values = ranges.replacement(site.name, split, config.replacement, c)
@@ -218,6 +220,7 @@ def _perplexity(
         "n_texts": len(general),
         "n_tokens": int(tokens.sum()),
         "ranges": "split 'full' (the analysis training split), one set for all folds",
+        "points": "every (tau, p)" if config.ppl_sweep else "the headline tau and p only",
         "forwards": _skipping(lm, groups, starts),
     }
     return Perplexities(nll, tokens), how
@@ -302,7 +305,8 @@ def run_erasure(
         outcomes, how = _classify_folds(lm, data, cap, ranges, sites, protocol, config, bar)
         seconds["classify"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        full = _groups(ranges, sites, FULL, concepts, config, analysis.seed)
+        at = None if config.ppl_sweep else [(float(analysis.tau), float(analysis.p))]
+        full = _groups(ranges, sites, FULL, concepts, config, analysis.seed, at)
         ppl, ppl_how = _perplexity(lm, full, config, analysis.seed, bar)
         seconds["perplexity"] = time.perf_counter() - clock
     figures = Figures(outcomes, ppl, config.bootstrap, analysis.seed)
