@@ -36,7 +36,7 @@ def test_offline_end_to_end(setup, tmp_path):
         assert rec.top[0].max_activation >= rec.top[-1].max_activation
         assert res.modes and all(m.explanation.startswith(f"{m.label}: ") for m in res.modes)
         assert -1.0 <= res.iterative.held_out <= 1.0 and 0.0 <= res.iterative.auc <= 1.0
-        assert res.iterative.validation >= res.single_pass.validation - 0.05
+        assert res.n_candidates == len(res.history) and res.lookup is not None
         assert res.history[0].round == 0
     out = save_results(tmp_path / "run", records, results, {"model": "smollm2-135m"})
     summary = json.loads((out / "results.json").read_text())

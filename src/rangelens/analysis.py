@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ from rangelens.artifacts import (
     check_run_dir,
     fingerprint,
     mark_stage,
+    path_digest,
     read_json,
     stage_is_current,
     write_json,
@@ -35,15 +36,30 @@ from rangelens.artifacts import (
     write_table,
 )
 from rangelens.capture import POSITIONS, iter_activations
-from rangelens.data import LabeledTexts, load_texts, split
+from rangelens.data import LOADER_KEYS, LabeledTexts, load_texts, resolve_dataset, split
 from rangelens.distributed import gather, is_main, local_device, shard, world
 from rangelens.errors import RangelensError, choices
-from rangelens.models import LoadedModel, load_model
+from rangelens.models import BUILTIN_MODELS, LoadedModel, cache_dir, load_model
 from rangelens.ranges import RangeMap
-from rangelens.rangeset import FULL, FeatureSource, RangeSet, RangesPlan, run_ranges
-from rangelens.ranking import RANKING_METHODS, top_neurons
+from rangelens.rangeset import (
+    FULL,
+    FeatureSource,
+    RangeSet,
+    RangesPlan,
+    band_ratios,
+    run_ranges,
+)
+from rangelens.ranking import RANKING_METHODS
 from rangelens.sites import resolve_site
 from rangelens.stats import ConceptStats
+
+
+def input_digest(source: str) -> str:
+    """A built-in or hub name as is; a local file/folder by its content digest (cached by size+mtime)."""
+    path = Path(source).expanduser()
+    if source in BUILTIN_MODELS or not path.exists():
+        return source
+    return path_digest(path, memo=cache_dir() / "digests.json")
 
 
 class AnalysisConfig(BaseModel):
@@ -51,22 +67,33 @@ class AnalysisConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("smollm2-135m", description="built-in name, hub id or local path")
+    model: str = Field(
+        "smollm2-135m", description="built-in name, hub id, local folder or .gguf file"
+    )
     dataset: str = Field(
         "bbc-news", description="built-in name or CSV/TSV/JSONL/Parquet/folder path"
     )
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = Field("text", description="text column of a user file")
+    label_column: str = Field("label", description="label column of a user file")
+    header: bool = Field(True, description="the file's first row names its columns")
+    sep: str | None = Field(None, description="column separator of a delimited file")
+    missing_labels: Literal["drop", "error"] = Field(
+        "drop", description="rows with a missing label: drop them (with a count) or refuse"
+    )
     concepts: list[str] | None = Field(None, description="keep only these labels (default: all)")
+    min_per_class: int | None = Field(
+        None, ge=1, description="drop classes with fewer examples (with a notice)"
+    )
     max_per_class: int | None = Field(200, ge=1, description="cap examples per class")
     balance: bool = Field(False, description="cap every class at the smallest class size")
-    test_size: float = Field(0.2, gt=0, lt=1)
-    site: str = Field("resid", description="resid | mlp | attn | module:<dotted.path>")
+    test_size: float = Field(0.2, gt=0, lt=1, description="share of texts held out for testing")
+    site: str = Field("resid", description="resid | mlp | attn | module:<dotted.path>[:input]")
     layer: int = Field(-1, description="block index; negative counts from the end")
     position: str = Field("last", description="last | first | cls | mean | tokens")
     ranking: str = Field(
         "dprime",
-        description="dprime | mean_abs (NeuronLens reference code) | probeless | probe",
+        description="dprime | mean_abs (NeuronLens reference code; at the last block it picks "
+        "massive-activation dimensions) | probeless | probe",
     )
     tau: float = Field(2.0, gt=0, description="range half-width in standard deviations")
     p: float = Field(0.3, gt=0, le=1, description="share of neurons that are salient per concept")
@@ -79,14 +106,31 @@ class AnalysisConfig(BaseModel):
     layers: list[int] = Field(
         default_factory=list, description="layer sweep: more mask sites (site kind of 'site')"
     )
-    range_method: Literal["gaussian", "quantile"] = "gaussian"
-    n_bins: int = Field(64, ge=4)
-    batch_size: int = Field(16, ge=1)
+    range_method: Literal["gaussian", "quantile", "density"] = Field(
+        "gaussian",
+        description="gaussian (mean ± tau·std) | quantile | density (likelihood-ratio bands)",
+    )
+    density_ratio: float = Field(
+        1.0, gt=0, description="density bands: likelihood-ratio threshold concept / rest"
+    )
+    density_ratios: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=list,
+        description="likelihood-ratio sweep for the erasure 'density' condition, beside density_ratio",
+    )
+    select: Literal["ranking", "band"] = Field(
+        "ranking", description="keep neurons by ranking score, or by band purity × coverage"
+    )
+    n_bins: int = Field(64, ge=4, description="histogram bins per neuron (streaming statistics)")
+    batch_size: int = Field(16, ge=1, description="texts per forward")
     max_length: int = Field(128, ge=1, description="tokens per text (longer texts are truncated)")
-    padding_side: Literal["left", "right"] | None = None
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = 0
+    padding_side: Literal["left", "right"] | None = Field(
+        None, description="pad batches on this side (default: the tokenizer's)"
+    )
+    device: str = Field("cpu", description="cpu | cuda | cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights and activations dtype"
+    )
+    seed: int = Field(0, description="seed for capping, split and probes")
 
     @field_validator("position")
     @classmethod
@@ -102,40 +146,46 @@ class AnalysisConfig(BaseModel):
             raise ValueError(f"unknown ranking {v!r}; valid: {choices(RANKING_METHODS)}")
         return v
 
+    def loader_options(self) -> dict[str, Any]:
+        """How the dataset is read and filtered (everything :func:`load_texts` takes)."""
+        return {k: getattr(self, k) for k in LOADER_KEYS}
+
     def load_data(self) -> LabeledTexts:
         """The labelled texts this config selects (capped and balanced with its seed)."""
-        return load_texts(
-            self.dataset,
-            text_column=self.text_column,
-            label_column=self.label_column,
-            concepts=self.concepts,
-            max_per_class=self.max_per_class,
-            balance=self.balance,
-            seed=self.seed,
-        )
+        return load_texts(self.dataset, **self.loader_options())
+
+    def resolved(self) -> AnalysisConfig:
+        """Local dataset/model paths made absolute, so a run records where its inputs are."""
+        model = self.model
+        if model not in BUILTIN_MODELS and Path(model).expanduser().exists():
+            model = str(Path(model).expanduser().resolve())
+        return self.model_copy(update={"dataset": resolve_dataset(self.dataset), "model": model})
 
     def capture_inputs(self) -> dict[str, object]:
-        keys = [
-            "model",
-            "dataset",
-            "text_column",
-            "label_column",
-            "concepts",
-            "max_per_class",
-            "balance",
-            "test_size",
-            "site",
-            "layer",
-            "position",
-            "n_bins",
-            "max_length",
-            "dtype",
-            "seed",
-        ]
-        return {k: getattr(self, k) for k in keys}
+        """What determines the capture: content digests of local data and model files (not their
+        path spelling), loader options and capture settings."""
+        keys = ["test_size", "site", "layer", "position", "n_bins", "max_length", "dtype"]
+        return {
+            "dataset": input_digest(self.dataset),
+            "model": input_digest(self.model),
+            **self.loader_options(),
+            **{k: getattr(self, k) for k in keys},
+        }
 
     def range_inputs(self) -> dict[str, object]:
-        keys = ("ranking", "tau", "p", "taus", "ps", "layers", "range_method", "seed")
+        keys = (
+            "ranking",
+            "tau",
+            "p",
+            "taus",
+            "ps",
+            "layers",
+            "range_method",
+            "density_ratio",
+            "density_ratios",
+            "select",
+            "seed",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -294,6 +344,7 @@ def analyze(
     skipped. With a ``plan`` (a classification task exists) ranges are fitted on the rows it picks
     (by default the correctly classified training rows, per split), else on all training rows."""
     run_dir = Path(run_dir)
+    config = config.resolved()
     check_run_dir(run_dir, config.model)
     torch.manual_seed(config.seed)
     data = config.load_data()
@@ -337,16 +388,24 @@ def analyze(
         "seed": config.seed,
     }
     source, splits = plan.make(cap) if plan else (FeatureSource(cap, config, lm), None)
+    # Density bands beside the range maps when the erasure experiment masks them.
+    conditions = plan.inputs.get("conditions") if plan is not None else None
+    wants_bands = isinstance(conditions, list) and "density" in conditions
     scores, rangeset, table, summary, poly = run_ranges(
-        cap, config, metadata, source=source, splits=splits
+        cap,
+        config,
+        metadata,
+        source=source,
+        splits=splits,
+        ratios=band_ratios(config) if wants_bands else None,
     )
     if main:
         with atomic_dir(ranges_dir) as tmp:
             rangeset.save(tmp)
             rangeset.map(source.main, FULL, config.tau, config.p).save(tmp)
             save_file({"scores": scores}, str(tmp / "scores.safetensors"))
-            top = top_neurons(scores, config.p)
-            write_table(tmp / "rankings.csv", _ranking_table(scores, top, cap.label_names))
+            salient = rangeset.map(source.main, FULL, config.tau, config.p).neurons
+            write_table(tmp / "rankings.csv", _ranking_table(scores, salient, cap.label_names))
             write_table(tmp / "distribution.csv", table)
             write_table(tmp / "summary.csv", summary)
             write_table(tmp / "polysemanticity.csv", poly)

@@ -6,6 +6,7 @@ Every user error becomes one line on stderr naming the bad value and the valid c
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -16,6 +17,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from rangelens import cliconfig
+from rangelens.data import DataWarning
 from rangelens.errors import RangelensError
 from rangelens.explain.command import explain_command
 from rangelens.report.commands import report_command, serve_command
@@ -43,13 +46,30 @@ def one_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
+def show_notice(message: Warning | str, category: type[Warning], *_args: Any, **_kw: Any) -> None:
+    """Data notices (rows/classes dropped, small classes) as one ``note:`` line each on stderr; other
+    warnings as Python prints them."""
+    if issubclass(category, DataWarning):
+        err_console.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _show_warning(message, category, *_args, **_kw)
+
+
+_show_warning = warnings.showwarning
+
+
 def user_errors(func: F) -> F:
     """Turn user errors into one stderr line and exit code 2 (no traceback)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DataWarning)
+                result = func(*args, **kwargs)
+            for w in caught:  # after success only: a failed run shows just its one-line error
+                show_notice(w.message, w.category, w.filename, w.lineno)
+            return result
         except (RangelensError, ValidationError, FileNotFoundError) as err:
             err_console.print(
                 f"[bold red]error:[/] {one_line(err)}", highlight=False, soft_wrap=True
@@ -107,68 +127,39 @@ def print_analysis(result: Any) -> None:
     console.print(f"[bold green]run directory:[/] {result.run_dir}")
 
 
-@app.command()
-@user_errors
-def analyze(
-    model: Annotated[
-        str, typer.Option(help="built-in (smollm2-135m, minilm-l6), hub id or path")
-    ] = ("smollm2-135m"),
-    dataset: Annotated[
-        str,
-        typer.Option(help="built-in (bbc-news, rotten-tomatoes) or CSV/TSV/JSONL/Parquet/folder"),
-    ] = "bbc-news",
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/analysis"),
-    site: Annotated[str, typer.Option(help="resid | mlp | attn | module:<dotted.path>")] = "resid",
-    layer: Annotated[int, typer.Option(help="block index; negative counts from the end")] = -1,
-    position: Annotated[str, typer.Option(help="last | first | cls | mean | tokens")] = "last",
-    ranking: Annotated[
-        str,
-        typer.Option(
-            help="dprime | mean_abs (NeuronLens reference; at the last block it picks "
-            "massive-activation dimensions) | probeless | probe"
-        ),
-    ] = "dprime",
-    tau: Annotated[float, typer.Option(help="range half-width in standard deviations")] = 2.0,
-    p: Annotated[float, typer.Option(help="share of neurons salient per concept, in (0, 1]")] = 0.3,
-    range_method: Annotated[str, typer.Option(help="gaussian | quantile")] = "gaussian",
-    text_column: Annotated[str, typer.Option(help="text column of a user file")] = "text",
-    label_column: Annotated[str, typer.Option(help="label column of a user file")] = "label",
-    max_per_class: Annotated[int, typer.Option(help="cap examples per class (0: no cap)")] = 200,
-    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
-    batch_size: Annotated[int, typer.Option(help="texts per forward")] = 16,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    seed: Annotated[int, typer.Option(help="seed for capping, split and probes")] = 0,
-    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+def _analyze(
+    fields: dict[str, Any], *, out: Path = Path("runs/analysis"), progress: bool = True
 ) -> None:
     """Capture a site on labelled text, fit per-concept neuron ranges, and summarise them."""
     from rangelens.analysis import AnalysisConfig
     from rangelens.analysis import analyze as run_analysis
-
-    config = AnalysisConfig(
-        model=model,
-        dataset=dataset,
-        site=site,
-        layer=layer,
-        position=position,
-        ranking=ranking,
-        tau=tau,
-        p=p,
-        range_method=range_method,  # type: ignore[arg-type]
-        text_column=text_column,
-        label_column=label_column,
-        max_per_class=max_per_class or None,
-        max_length=max_length,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,  # type: ignore[arg-type]
-        seed=seed,
-    )
     from rangelens.distributed import is_main
 
-    result = run_analysis(config, out, progress=progress)
+    result = run_analysis(AnalysisConfig(**fields), out, progress=progress)
     if is_main():  # under torchrun only rank 0 reports
         print_analysis(result)
+
+
+def _analysis_config() -> Any:
+    from rangelens.analysis import AnalysisConfig
+
+    return AnalysisConfig
+
+
+app.command("analyze")(
+    user_errors(
+        cliconfig.command(
+            _analysis_config(),
+            _analyze,
+            extra=[
+                cliconfig.option(
+                    "out", Path, Path("runs/analysis"), "run directory", "--out", "-o"
+                ),
+                cliconfig.option("progress", bool, True, "show progress bars"),
+            ],
+        )
+    )
+)
 
 
 def print_erasure(result: Any) -> None:

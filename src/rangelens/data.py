@@ -7,7 +7,9 @@ JSONL/JSON, Parquet files, a folder of ``<label>/*.txt``, or a `datasets.Dataset
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,21 @@ GENERAL_TEXT = (
     "presidential-debates"  # held-out general English for perplexity (not classification data)
 )
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+MISSING_LABELS = ("drop", "error")
+STABLE_MIN = 20  # examples per concept below which its statistics get a notice
+# The options of :func:`load_texts` a run records (its config fields of the same names).
+LOADER_KEYS = (
+    "text_column",
+    "label_column",
+    "header",
+    "sep",
+    "missing_labels",
+    "concepts",
+    "min_per_class",
+    "max_per_class",
+    "balance",
+    "seed",
+)
 
 
 @dataclass
@@ -78,29 +95,47 @@ def _builtin_frame(name: str) -> pd.DataFrame:
     return frame[frame["text"].fillna("").str.strip() != ""].reset_index(drop=True)
 
 
-def _read_file(path: Path) -> pd.DataFrame:
+class DataWarning(UserWarning):
+    """A notice about the data (rows or classes dropped, classes too small for stable statistics)."""
+
+
+def notice(message: str) -> None:
+    """Tell the user about the data (the CLI prints these as one ``note:`` line each)."""
+    warnings.warn(message, DataWarning, stacklevel=3)
+
+
+def _read_file(path: Path, header: bool = True, sep: str | None = None) -> pd.DataFrame:
     suffix = path.suffix.lower()
+    head = 0 if header else None
+    sep = {"\\t": "\t", "tab": "\t"}.get(sep, sep) if sep is not None else None
     try:
-        if suffix == ".csv":
-            return pd.read_csv(path)
-        if suffix == ".tsv":
-            return pd.read_csv(path, sep="\t")
-        if suffix == ".jsonl":
-            return pd.read_json(path, lines=True)
-        if suffix == ".json":
-            return pd.read_json(path)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv") or (sep is not None and suffix not in FILE_SUFFIXES):
+            delim = sep or ("\t" if suffix == ".tsv" else ",")
+            # Tab-separated files carry no quoting (a quote is part of the text, as in SMS Spam).
+            quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
+            frame = pd.read_csv(path, sep=delim, header=head, quoting=quoting)
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True)
+        elif suffix == ".json":
+            frame = pd.read_json(path)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise RangelensError(
+                f"unsupported dataset file {str(path)!r}; valid suffixes: {choices(FILE_SUFFIXES)} "
+                f"(or give --sep for a delimited file)"
+            )
+    except RangelensError:
+        raise
     except Exception as err:  # pandas/pyarrow raise many types for unreadable files
         raise RangelensError(
             f"cannot read dataset file {str(path)!r}: {err}".splitlines()[0]
         ) from err
-    raise RangelensError(
-        f"unsupported dataset file {str(path)!r}; valid suffixes: {choices(FILE_SUFFIXES)}"
-    )
+    frame.columns = [str(c) for c in frame.columns]  # header-less files: columns '0', '1', ...
+    return frame
 
 
-def _frame(source: Any) -> tuple[pd.DataFrame, str]:
+def _frame(source: Any, header: bool = True, sep: str | None = None) -> tuple[pd.DataFrame, str]:
     if isinstance(source, pd.DataFrame):
         return source, "dataframe"
     if not isinstance(source, str | Path):
@@ -117,10 +152,38 @@ def _frame(source: Any) -> tuple[pd.DataFrame, str]:
     if path.is_dir():
         return _read_label_folders(path), path.name
     if path.is_file():
-        return _read_file(path), path.name
+        return _read_file(path, header, sep), path.name
     raise RangelensError(
         f"dataset {name!r} is not a built-in ({choices(BUILTIN_DATASETS)}) or an existing file/folder"
     )
+
+
+def resolve_dataset(source: str) -> str:
+    """A built-in name as is; a file or folder as its absolute resolved path (what a run records)."""
+    return source if source in BUILTIN_DATASETS else str(Path(source).expanduser().resolve())
+
+
+def _label_strings(labels: pd.Series, name: str, missing_labels: str) -> pd.Series:
+    """Labels as strings; missing ones (NaN, empty, NA) dropped with a notice or refused."""
+    missing = labels.isna() | (labels.astype(str).str.strip() == "")
+    if missing.any():
+        rows = [int(i) for i in np.flatnonzero(missing.to_numpy())[:5]]
+        if missing_labels == "error":
+            raise RangelensError(
+                f"dataset {name!r} has {int(missing.sum())} rows with a missing label (rows {rows}); "
+                f"remove them or use missing_labels 'drop'"
+            )
+        if missing_labels != "drop":
+            raise RangelensError(
+                f"unknown missing_labels {missing_labels!r}; valid: {choices(MISSING_LABELS)}"
+            )
+        notice(
+            f"dropped {int(missing.sum())} rows of {name!r} with a missing label (rows {rows}...)"
+        )
+        labels = labels[~missing]
+    if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
+        labels = labels.astype(np.int64)  # 0/1 read as 0.0/1.0 because of NaN rows
+    return labels.astype(str)
 
 
 def load_texts(
@@ -132,13 +195,19 @@ def load_texts(
     max_per_class: int | None = None,
     balance: bool = False,
     seed: int = 0,
+    header: bool = True,
+    sep: str | None = None,
+    missing_labels: str = "drop",
+    min_per_class: int | None = None,
 ) -> LabeledTexts:
     """Load labelled texts; optionally keep only ``concepts``, cap each class and balance classes.
 
-    Capping/balancing samples without replacement with ``seed``; label ids follow sorted label names so
-    they are stable across runs.
+    Files may lack a header (columns are then '0', '1', ...) and use any separator ``sep``. Rows with a
+    missing label are dropped with a notice (``missing_labels='error'`` refuses them); classes with
+    fewer than ``min_per_class`` examples are dropped with a notice. Capping/balancing samples without
+    replacement with ``seed``; label ids follow sorted label names so they are stable across runs.
     """
-    frame, name = _frame(source)
+    frame, name = _frame(source, header, sep)
     builtin = isinstance(source, str) and source in BUILTIN_DATASETS
     tcol, lcol = ("text", "label") if builtin else (text_column, label_column)
     for col, role in ((tcol, "text"), (lcol, "label")):
@@ -146,14 +215,15 @@ def load_texts(
             raise RangelensError(
                 f"{role} column {col!r} not in dataset {name!r}; columns: {choices(frame.columns)}"
             )
-    texts = frame[tcol]
+    labels = _label_strings(frame[lcol], name, missing_labels)
+    texts = frame[tcol].loc[labels.index].reset_index(drop=True)
+    labels = labels.reset_index(drop=True)
     bad = texts.isna() | (texts.astype(str).str.strip() == "")
     if bad.any():
         rows = [int(i) for i in np.flatnonzero(bad.to_numpy())[:5]]
         raise RangelensError(
             f"dataset {name!r} has {int(bad.sum())} empty texts (rows {rows}); remove them"
         )
-    labels = frame[lcol].astype(str)
     names = sorted(labels.unique())
     if concepts is not None:
         unknown = [c for c in concepts if c not in names]
@@ -162,10 +232,18 @@ def load_texts(
                 f"concept {unknown[0]!r} not in dataset {name!r}; valid: {choices(names)}"
             )
         names = sorted(concepts)
+    if min_per_class is not None:
+        if min_per_class < 1:
+            raise RangelensError(f"min_per_class must be >= 1, got {min_per_class}")
+        sizes = labels.value_counts()
+        small = {n: int(sizes[n]) for n in names if sizes[n] < min_per_class}
+        if small:
+            notice(f"dropped classes with fewer than {min_per_class} examples: {small}")
+            names = [n for n in names if n not in small]
     rng = np.random.default_rng(seed)
     per_class = [np.flatnonzero((labels == n).to_numpy()) for n in names]
     cap = max_per_class
-    if balance:
+    if balance and per_class:
         smallest = min(len(ix) for ix in per_class)
         cap = smallest if cap is None else min(cap, smallest)
     if cap is not None:
@@ -178,6 +256,7 @@ def load_texts(
         texts=[str(texts.iloc[i]) for ix in per_class for i in ix],
         labels=np.concatenate(
             [np.full(len(ix), k, dtype=np.int64) for k, ix in enumerate(per_class)]
+            or [np.zeros(0, dtype=np.int64)]
         ),
         label_names=list(names),
         name=name,
@@ -187,16 +266,25 @@ def load_texts(
 
 
 def validate_classes(data: LabeledTexts) -> None:
-    """Concept analysis needs at least two concepts, each with at least two examples."""
+    """Concept analysis needs at least two concepts, each with at least two examples; concepts with
+    fewer than ``STABLE_MIN`` examples get a notice (their means/SDs, hence ranges, are noisy)."""
     if len(data.label_names) < 2:
         raise RangelensError(
-            f"dataset {data.name!r} has only one class ({choices(data.label_names)}); need at least 2"
+            f"dataset {data.name!r} has only {'one class' if data.label_names else 'no class'} "
+            f"({choices(data.label_names)}); need at least 2"
         )
-    small = {n: c for n, c in data.counts().items() if c < 2}
+    counts = data.counts()
+    small = {n: c for n, c in counts.items() if c < 2}
     if small:
         raise RangelensError(
             f"class {next(iter(small))!r} of dataset {data.name!r} has fewer than 2 examples "
-            f"({small}); need at least 2 per class"
+            f"({small}); need at least 2 per class (or drop it with min_per_class)"
+        )
+    few = {n: c for n, c in counts.items() if c < STABLE_MIN}
+    if few:
+        notice(
+            f"concepts with fewer than {STABLE_MIN} examples give unstable statistics "
+            f"(a standard deviation from n examples has ~1/sqrt(2(n-1)) relative error): {few}"
         )
 
 

@@ -4,8 +4,8 @@ A mask at block L cannot change anything before L, so each batch runs the networ
 caches the hidden state entering the first block that must run; every condition then re-runs the
 stock forward with the prefix blocks swapped for pass-through modules returning that cache
 (:func:`skip_blocks`). Model code is never forked; the stock forward still builds its masks and
-rotary tables. All hook code of the erasure experiment lives here and in
-:meth:`rangelens.intervene.RangeMask.attach`.
+rotary tables. Hooks go through the one primitive, :class:`rangelens.hooks.Trace` (here, in
+:meth:`rangelens.intervene.RangeMask.attach` and in capture).
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ import torch
 from torch import nn
 
 from rangelens.errors import RangelensError
+from rangelens.hooks import Trace, stop_forward
 from rangelens.intervene import RangeMask
 from rangelens.sites import FAMILIES, NeuronSite, blocks
 
 T = TypeVar("T")
-
-
-class _PrefixDone(Exception):
-    """Ends the prefix forward once the cached block has run."""
 
 
 class _Cached(nn.Module):
@@ -85,28 +82,12 @@ def skip_blocks(
 
 def _prefix(model: nn.Module, inputs: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, bool]:
     """Run blocks 0..n-1 once; return block n-1's output and whether the block returns a tuple."""
-    _, layers = blocks(model)
-    seen: list[object] = []
-
-    def hook(_m: nn.Module, _args: tuple[Any, ...], out: object) -> None:
-        seen.append(out)
-        raise _PrefixDone
-
-    handle = layers[n - 1].register_forward_hook(hook)
-    try:
+    path, _ = blocks(model)
+    with Trace(model, f"{path}.{n - 1}", stop=True) as trace, stop_forward():
         model(**inputs)
-    except _PrefixDone:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
+    if trace.value is None:
         raise RangelensError(f"block {n - 1} did not run in the forward; use suffix=False")
-    out = seen[0]
-    if isinstance(out, tuple):
-        return out[0], True
-    if not isinstance(out, torch.Tensor):
-        raise RangelensError(f"block {n - 1} returns a {type(out).__name__}; use suffix=False")
-    return out, False
+    return trace.value, isinstance(trace.output, tuple | list)
 
 
 def run_conditions(

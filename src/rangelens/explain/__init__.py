@@ -18,7 +18,8 @@ from rangelens.explain.clients import (
     TransformersClient,
 )
 from rangelens.explain.exemplars import ExemplarConfig, build_records, records_from_activations
-from rangelens.explain.loop import MethodScores, NeuronExplanation, explain_record
+from rangelens.explain.loop import NeuronExplanation, explain_record
+from rangelens.explain.protocol import MethodScores
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Component, Mode, Roles
 from rangelens.explain.scoring import correlation, detection, score_records

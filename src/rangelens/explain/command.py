@@ -9,11 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rangelens.data import load_texts
+from rangelens import cliconfig
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
 from rangelens.explain.clients import LLMClient, OpenAIClient, TransformersClient
 from rangelens.explain.exemplars import ExemplarConfig, build_records
+from rangelens.explain.inputs import ExplainInputs, check_size, resolve_inputs
 from rangelens.explain.records import NeuronRecord
 from rangelens.models import load_model
 from rangelens.ranges import ConceptRange, RangeMap
@@ -33,6 +34,12 @@ def _neurons(neurons: str | None, run_dir: Path | None, top_k: int) -> list[int]
                 f"--neurons must be comma-separated integers, got {neurons!r}"
             ) from err
     assert run_dir is not None
+    return salient_neurons(run_dir, top_k)
+
+
+def salient_neurons(run_dir: Path, top_k: int) -> list[int]:
+    """The ``top_k`` most salient neurons of a run's range map (rank by rank, round-robin over
+    concepts, without duplicates)."""
     ranges = RangeMap.load(run_dir / "ranges")
     picked: list[int] = []
     for rank in range(ranges.neurons.shape[1]):
@@ -42,23 +49,8 @@ def _neurons(neurons: str | None, run_dir: Path | None, top_k: int) -> list[int]
     return picked
 
 
-def _run_metadata(run_dir: Path | None) -> dict[str, Any]:
-    return RangeMap.load(run_dir / "ranges").metadata if run_dir is not None else {}
-
-
+@cliconfig.with_config(ExplainInputs, "inputs", defaults=dict.fromkeys(ExplainInputs.model_fields))
 def explain_command(
-    model: Annotated[
-        str | None, typer.Option(help="built-in name, local dir or hub id [run's, smollm2-135m]")
-    ] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="built-in dataset or file/folder [run's, bbc-news]")
-    ] = None,
-    site: Annotated[
-        str | None, typer.Option(help="resid | mlp | attn | module:<path> [run's, mlp]")
-    ] = None,
-    layer: Annotated[
-        int | None, typer.Option(help="block index, negative from the end [run's, 15]")
-    ] = None,
     neurons: Annotated[str | None, typer.Option(help="comma-separated neuron ids")] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="a rangelens run dir: explain its top salient neurons")
@@ -68,7 +60,10 @@ def explain_command(
         str | None,
         typer.Option(help="with --run-dir: explain this concept's ranges (in-range tokens)"),
     ] = None,
-    backend: Annotated[str, typer.Option(help=f"one of {', '.join(BACKENDS)}")] = "offline",
+    backend: Annotated[
+        str,
+        typer.Option(help=f"one of {', '.join(BACKENDS)} (offline: the lexical baseline, no LLM)"),
+    ] = "offline",
     base_url: Annotated[
         str, typer.Option(help="OpenAI-compatible server (openai backend)")
     ] = "http://127.0.0.1:8000/v1",
@@ -78,53 +73,73 @@ def explain_command(
     api_key_env: Annotated[
         str, typer.Option(help="environment variable holding the API key")
     ] = "OPENAI_API_KEY",
-    max_per_class: Annotated[int, typer.Option(help="texts per class")] = 60,
-    output: Annotated[Path, typer.Option(help="explanations directory")] = Path("explanations"),
+    output: Annotated[
+        Path | None,
+        typer.Option(help="explanations directory [RUN_DIR/explanations, else ./explanations]"),
+    ] = None,
     rounds: Annotated[int, typer.Option(help="refinement rounds")] = 4,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    inputs: dict[str, Any] | None = None,
 ) -> None:
     """Explain neurons as NeuronScope modes with activation ranges, vs a single-pass baseline."""
     if backend not in BACKENDS:
         raise RangelensError(f"unknown backend {backend!r}; valid: {choices(BACKENDS)}")
     if concept is not None and run_dir is None:
         raise RangelensError("--concept needs --run-dir (the concept's ranges come from it)")
-    meta = _run_metadata(run_dir)
-    model = model or meta.get("model") or "smollm2-135m"
-    dataset = dataset or meta.get("dataset") or "bbc-news"
-    site = site or meta.get("site") or "mlp"
-    layer = layer if layer is not None else meta.get("layer", 15)
-    lm = load_model(model)
-    resolved = resolve_site(lm.model, site, layer)
-    texts = load_texts(dataset, max_per_class=max_per_class, seed=seed).texts
+    given = resolve_inputs(inputs or {}, run_dir)
+    model, seed = given.model, given.seed
+    if output is None:
+        output = run_dir / "explanations" if run_dir is not None else Path("explanations")
+    config = ExemplarConfig(seed=seed)
+    data = given.load_texts()
+    check_size(data, given, config)  # before loading the model or capturing anything
+    texts = data.texts
+    lm = load_model(model, device=given.device, dtype=given.dtype)
+    resolved = resolve_site(lm.model, given.site, given.layer)
     client: LLMClient | None = None
     if backend == "openai":
         client = OpenAIClient(base_url, llm_model, api_key_env=api_key_env)
     elif backend == "local":
         client = TransformersClient(lm if llm_model == model else load_model(llm_model))
     roles = make_roles(backend, client, cache_dir=output.parent / f".{output.name}-llm-cache")
-    config = ExemplarConfig(seed=seed)
     records: list[NeuronRecord] = []
     if concept is not None:
         assert run_dir is not None
         picked: list[ConceptRange] = RangeMap.load(run_dir / "ranges").ranges(concept)[:top_k]
         for r in picked:
             records += build_records(
-                lm, texts, resolved, [r.neuron], config=config, target_range=(r.lo, r.hi)
+                lm,
+                texts,
+                resolved,
+                [r.neuron],
+                config=config,
+                target_range=(r.lo, r.hi),
+                max_length=given.max_length,
+                batch_size=given.batch_size,
             )
     else:
         ids = _neurons(neurons, run_dir, top_k)
-        records = build_records(lm, texts, resolved, ids, config=config)
+        records = build_records(
+            lm,
+            texts,
+            resolved,
+            ids,
+            config=config,
+            max_length=given.max_length,
+            batch_size=given.batch_size,
+        )
     results = explain_records(records, roles, rounds=rounds)
-    info = {"model": model, "dataset": dataset, "site": resolved.name, "backend": backend}
+    info = {"model": model, "dataset": given.dataset, "site": resolved.name, "backend": backend}
     save_results(output, records, results, {**info, "concept": concept, "seed": seed})
-    table = Table(title=f"explanations of {resolved.name} ({backend}) -> {output}")
-    for col in ("neuron", "target", "iterative r", "single-pass r", "AUC", "modes [range]"):
+    shown = "offline lexical baseline" if backend == "offline" else backend
+    table = Table(title=f"explanations of {resolved.name} ({shown}) -> {output}")
+    cols = ("neuron", "target", "iterative r", "single-pass r", "lookup r", "AUC", "modes [range]")
+    for col in cols:
         table.add_column(col)
     for e in results:
         modes = "\n".join(
             f"{m.label} [{m.lo:.2f}, {m.hi:.2f}]"
             if m.lo is not None and m.hi is not None
-            else m.label
+            else f"{m.label} [no exemplar: no range]"
             for m in e.modes
         )
         table.add_row(
@@ -132,6 +147,7 @@ def explain_command(
             e.target,
             f"{e.iterative.held_out:.3f}",
             f"{e.single_pass.held_out:.3f}",
+            f"{e.lookup.held_out:.3f}" if e.lookup is not None else "-",
             f"{e.iterative.auc:.2f}",
             modes,
         )

@@ -5,8 +5,9 @@ components): quoted phrases and the items of a ``label: a, b, c`` list (``after 
 token that follows ``x``), the content words of free text, and a small vocabulary of named patterns
 ("numbers", "punctuation", "line breaks", "superlatives", "words ending in -ing", ...). Tokens are
 matched as words: subword pieces (byte-BPE, WordPiece ``##`` and SentencePiece ``▁``) are merged
-first, so "biggest" lights both " big" and "gest". Items listed earlier weigh more; quoted or listed
-items weigh more than free-text words. The output is raw: calibration is fitted afterwards on a
+first, so "biggest" lights both " big" and "gest"; a phrase of several words lights its last word
+(its earlier words at half weight). Items listed earlier weigh more; quoted or listed items weigh
+more than free-text words. The output is raw: calibration is fitted afterwards on a
 calibration pool (:mod:`rangelens.explain.scoring`), as in Bills et al. (2023).
 """
 
@@ -22,251 +23,45 @@ import numpy as np
 from rangelens.explain.roles import Trace
 
 MARKERS = ("Ġ", "▁", "Ċ")
+
+
+def _vocab(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
 SPECIAL = re.compile(r"^(\[[A-Z]+\]|<\|?[a-z_]+\|?>|</?s>)$")
-STOPWORDS = frozenset(
-    [
-        "the",
-        "a",
-        "an",
-        "and",
-        "or",
-        "of",
-        "to",
-        "in",
-        "on",
-        "at",
-        "for",
-        "with",
-        "by",
-        "from",
-        "as",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "it",
-        "its",
-        "this",
-        "that",
-        "these",
-        "those",
-        "neuron",
-        "fires",
-        "fire",
-        "firing",
-        "activates",
-        "activate",
-        "activation",
-        "activations",
-        "token",
-        "tokens",
-        "word",
-        "words",
-        "text",
-        "texts",
-        "about",
-        "mode",
-        "related",
-        "such",
-        "like",
-        "when",
-        "which",
-        "also",
-        "often",
-        "mostly",
-        "mainly",
-        "especially",
-        "including",
-        "include",
-        "includes",
-        "responds",
-        "respond",
-        "response",
-        "strongly",
-        "weakly",
-        "on",
-        "their",
-        "there",
-        "them",
-        "they",
-        "has",
-        "have",
-        "had",
-        "not",
-        "but",
-        "into",
-        "than",
-        "then",
-        "other",
-        "various",
-        "appear",
-        "appears",
-        "appearing",
-        "contexts",
-        "context",
-        "containing",
-        "contain",
-        "contains",
-        "used",
-        "uses",
-        "use",
-        "following",
-        "after",
-        "before",
-    ]
+STOPWORDS = _vocab(
+    "the a an and or of to in on at for with by from as is are was were be been it "
+    "its this that these those neuron fires fire firing activates activate activation "
+    "activations token tokens word words text texts about mode related such like when "
+    "which also often mostly mainly especially including include includes responds "
+    "respond response strongly weakly on their there them they has have had not but "
+    "into than then other various appear appears appearing contexts context "
+    "containing contain contains used uses use following after before"
 )
 PUNCT = frozenset(string.punctuation + "“”‘’«»–—…")
-NUMBER_WORDS = frozenset(
-    [
-        "zero",
-        "one",
-        "two",
-        "three",
-        "four",
-        "five",
-        "six",
-        "seven",
-        "eight",
-        "nine",
-        "ten",
-        "eleven",
-        "twelve",
-        "twenty",
-        "thirty",
-        "forty",
-        "fifty",
-        "hundred",
-        "thousand",
-        "million",
-        "billion",
-        "trillion",
-    ]
+NUMBER_WORDS = _vocab(
+    "zero one two three four five six seven eight nine ten eleven twelve twenty "
+    "thirty forty fifty hundred thousand million billion trillion"
 )
-MONTHS = frozenset(
-    [
-        "january",
-        "february",
-        "march",
-        "april",
-        "may",
-        "june",
-        "july",
-        "august",
-        "september",
-        "october",
-        "november",
-        "december",
-    ]
+MONTHS = _vocab(
+    "january february march april may june july august september october november december"
 )
-WEEKDAYS = frozenset(["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"])
-PRONOUNS = frozenset(
-    [
-        "i",
-        "me",
-        "my",
-        "we",
-        "us",
-        "our",
-        "you",
-        "your",
-        "he",
-        "him",
-        "his",
-        "she",
-        "her",
-        "they",
-        "them",
-        "their",
-        "it",
-        "its",
-    ]
+WEEKDAYS = _vocab("monday tuesday wednesday thursday friday saturday sunday")
+PRONOUNS = _vocab("i me my we us our you your he him his she her they them their it its")
+DETERMINERS = _vocab("the a an this that these those some any each every no")
+PREPOSITIONS = _vocab(
+    "of in on at for with by from to into onto over under about after before between "
+    "during through against within without across"
 )
-DETERMINERS = frozenset(
-    ["the", "a", "an", "this", "that", "these", "those", "some", "any", "each", "every", "no"]
+CONJUNCTIONS = _vocab("and or but nor yet so because although while whereas if")
+AUXILIARIES = _vocab(
+    "is are was were be been being am has have had do does did will would shall "
+    "should can could may might must"
 )
-PREPOSITIONS = frozenset(
-    [
-        "of",
-        "in",
-        "on",
-        "at",
-        "for",
-        "with",
-        "by",
-        "from",
-        "to",
-        "into",
-        "onto",
-        "over",
-        "under",
-        "about",
-        "after",
-        "before",
-        "between",
-        "during",
-        "through",
-        "against",
-        "within",
-        "without",
-        "across",
-    ]
-)
-CONJUNCTIONS = frozenset(
-    ["and", "or", "but", "nor", "yet", "so", "because", "although", "while", "whereas", "if"]
-)
-AUXILIARIES = frozenset(
-    [
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "am",
-        "has",
-        "have",
-        "had",
-        "do",
-        "does",
-        "did",
-        "will",
-        "would",
-        "shall",
-        "should",
-        "can",
-        "could",
-        "may",
-        "might",
-        "must",
-    ]
-)
-NOT_SUPERLATIVE = frozenset(
-    [
-        "interest",
-        "honest",
-        "forest",
-        "request",
-        "protest",
-        "contest",
-        "suggest",
-        "invest",
-        "arrest",
-        "harvest",
-        "digest",
-        "modest",
-        "guest",
-        "quest",
-        "west",
-        "test",
-        "rest",
-        "nest",
-        "chest",
-        "pest",
-        "manifest",
-    ]
+NOT_SUPERLATIVE = _vocab(
+    "interest honest forest request protest contest suggest invest arrest harvest "
+    "digest modest guest quest west test rest nest chest pest manifest"
 )
 
 
@@ -279,6 +74,7 @@ class Words:
     index: np.ndarray
     text: list[str]
     shown: list[str]
+    wordpiece: bool = False
 
 
 def _clean(token: str) -> str:
@@ -303,6 +99,8 @@ def segment(tokens: Sequence[str]) -> Words:
             new = True
         elif wordpiece:
             new = not tok.startswith("##")
+        elif prev.isspace() and "\n" not in prev:  # a lone space token leads the next word
+            new = False
         else:
             new = (
                 not clean[:1]
@@ -316,7 +114,7 @@ def segment(tokens: Sequence[str]) -> Words:
         index[t] = len(pieces) - 1
         prev = clean or prev
     shown = ["".join(p).strip() or "".join(p) for p in pieces]
-    return Words(index, [s.lower() for s in shown], shown)
+    return Words(index, [s.lower() for s in shown], shown, wordpiece)
 
 
 def readable(token: str) -> str:
@@ -494,9 +292,11 @@ def predict(items: Sequence[Item], tokens: Sequence[str]) -> np.ndarray:
                     following = np.flatnonzero(words.index > last)
                     if len(following):
                         hit[following[0]] = True
-            else:
+            else:  # a phrase lights its last word; its earlier words get half
                 for first, last in spans:
-                    hit |= (words.index >= first) & (words.index <= last)
+                    hit |= words.index == last
+                    lead = (words.index >= first) & (words.index < last)
+                    np.maximum(out, 0.5 * item.weight * lead, out=out)
             if len(item.words) == 1:  # a piece written alone may be a subword token
                 piece = item.words[0]
                 same = np.array([t == piece for t in norm_tokens], dtype=bool)
@@ -550,3 +350,30 @@ def name_pattern(words: Sequence[str], contexts: Sequence[str] = ()) -> str:
     if contexts:
         return f'words after "{readable(contexts[0])}"'
     return "no pattern"
+
+
+class LexicalJudge:
+    """The lexical baseline :class:`~rangelens.explain.roles.Judge` (delphi-style detection and
+    fuzzing without an LLM): detection scores a text by the strongest item of the explanation found
+    in it; fuzzing by the share of highlighted tokens the explanation's items cover."""
+
+    def __init__(self) -> None:
+        self.simulator = LexicalSimulator()
+
+    def judge(
+        self,
+        explanation: str,
+        texts: Sequence[Sequence[str]],
+        highlights: Sequence[Sequence[bool]] | None,
+        trace: Trace,
+    ) -> list[float | None]:
+        items = self.simulator.items(explanation)
+        out: list[float | None] = []
+        for i, tokens in enumerate(texts):
+            pred = predict(items, tokens)
+            if highlights is None:
+                out.append(float(np.clip(pred.max(initial=0.0), 0.0, 1.0)))
+            else:
+                marked = np.asarray(highlights[i], dtype=bool)
+                out.append(float((pred[marked] > 0).mean()) if marked.any() else None)
+        return out

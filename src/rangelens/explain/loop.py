@@ -1,44 +1,43 @@
-"""The NeuronScope loop (Liu et al., arXiv 2601.03671) and the single-pass baseline (Bills 2023).
+"""The NeuronScope loop (Liu et al., arXiv 2601.03671) against its baselines, on equal terms.
 
-decompose -> cluster (candidate groupings, the best on validation is kept) -> explain -> simulate ->
-score (the single-pass explanation is the starting point, so a grouping must beat it on validation),
-then rounds of refinement from the worst-fit validation exemplars: a revision is kept only if the
-validation correlation improves by ``min_delta``; the loop stops at a plateau (``patience`` rounds
-without a kept revision) or after ``rounds``. The held-out set is read only once, for the final
-report. Modes get the activation range ``[lo, hi]`` of the peak activations of the explain-set
-exemplars they account for.
+Iterative: decompose -> cluster (candidate groupings) -> explain -> simulate -> score on the
+validation pool (the best grouping is kept), then rounds of refinement from the worst-fit texts of
+the FEEDBACK pool: a revision is kept only if its validation correlation beats the best by
+``min_delta``; the loop stops at a plateau (``patience`` rounds without a kept revision) or after
+``rounds``. It never starts from the single-pass explanation.
+
+Baselines, each scored by :mod:`rangelens.explain.protocol` on the same held-out texts:
+single-pass (Bills et al. 2023) with an EQUAL BUDGET: as many candidates as the loop scored, each
+from a different sample of the top exemplars, the best kept on the same validation pool (the first
+candidate alone is reported too); a best-of-N control: the same loop with the refiner shown random
+feedback texts instead of the worst-fit ones; the per-token lookup table. Modes get the activation
+range ``[lo, hi]`` of the peak activations of the explain-set exemplars they account for.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rangelens.errors import RangelensError
+from rangelens.explain.protocol import Evaluator, MethodScores
 from rangelens.explain.records import ActivationRecord, NeuronRecord, write_json
-from rangelens.explain.roles import Mode, Roles, StepFailure, Trace, explanation_text
-from rangelens.explain.scoring import (
-    Calibration,
-    CalibrationKind,
-    best_threshold,
-    detection,
-    fit_calibration,
-    score_records,
-    text_scores,
-)
+from rangelens.explain.roles import Component, Mode, Roles, StepFailure, Trace
+from rangelens.explain.scoring import CalibrationKind, score_records
 
-EXPLANATION_FORMAT = "rangelens.explain.neuron/1"
+EXPLANATION_FORMAT = "rangelens.explain.neuron/2"
 
 
 @dataclass
 class Round:
-    """One step of the loop: what was tried, its validation score, whether it was kept."""
+    """One step of the loop: what was tried, its validation score (None: failed), whether kept."""
 
     round: int
     action: str
@@ -47,24 +46,17 @@ class Round:
     modes: list[Mode]
 
 
-@dataclass
-class MethodScores:
-    """Validation and held-out correlation, held-out detection (AUC, balanced accuracy); the
-    held-out texts whose simulation failed (left out of the scores); ``empty``: no explanation
-    (a failure, scored as chance)."""
-
-    validation: float
-    held_out: float
-    auc: float
-    balanced_accuracy: float
-    failed_texts: int = 0
-    empty: bool = False
-    calibration: str = "linear"
+def _scores(data: dict[str, Any] | None) -> MethodScores | None:
+    return None if data is None else MethodScores(**data)
 
 
 @dataclass
 class NeuronExplanation:
-    """One neuron's result: modes, the single-pass baseline, scores and the full history."""
+    """One neuron's result: modes, the baselines, their scores and the loop's history.
+
+    ``single_pass`` is the equal-budget single-pass baseline (best of ``n_candidates``),
+    ``single_pass_first`` its first candidate alone; ``control`` the random-feedback best-of-N
+    control; ``lookup`` the per-token lookup table."""
 
     model: str
     site: str
@@ -78,6 +70,11 @@ class NeuronExplanation:
     single_pass: MethodScores
     history: list[Round] = field(default_factory=list)
     failures: list[StepFailure] = field(default_factory=list)
+    n_candidates: int = 0
+    single_pass_first: MethodScores | None = None
+    control_modes: list[Mode] = field(default_factory=list)
+    control: MethodScores | None = None
+    lookup: MethodScores | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": EXPLANATION_FORMAT, **asdict(self)}
@@ -85,10 +82,11 @@ class NeuronExplanation:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NeuronExplanation:
         d = {k: v for k, v in data.items() if k != "format"}
-        d["modes"] = [Mode.from_dict(m) for m in d["modes"]]
+        for key in ("modes", "control_modes"):
+            d[key] = [Mode.from_dict(m) for m in d.get(key, [])]
         d["single_pass_mode"] = Mode.from_dict(d["single_pass_mode"])
-        d["iterative"] = MethodScores(**d["iterative"])
-        d["single_pass"] = MethodScores(**d["single_pass"])
+        for key in ("iterative", "single_pass", "single_pass_first", "control", "lookup"):
+            d[key] = _scores(d.get(key))
         d["history"] = [
             Round(**{**r, "modes": [Mode.from_dict(m) for m in r["modes"]]}) for r in d["history"]
         ]
@@ -103,103 +101,12 @@ class NeuronExplanation:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-class Evaluator:
-    """Simulate explanations from their text and score them: acceptance (``validation``) on the
-    validation pool, the final scores on held-out texts after a calibration fitted on the
-    calibration pool (see :mod:`rangelens.explain.scoring`)."""
-
-    def __init__(
-        self,
-        roles: Roles,
-        record: NeuronRecord,
-        trace: Trace,
-        calibration: CalibrationKind = "linear",
-    ) -> None:
-        self.roles = roles
-        self.record = record
-        self.trace = trace
-        self.calibration = calibration
-
-    def raw(self, explanation: str, records: Sequence[ActivationRecord]) -> list[np.ndarray | None]:
-        """The simulator's raw predictions; an empty explanation fails every text, and a prediction
-        of the wrong length counts as a failed text."""
-        if not explanation.strip():
-            return [None] * len(records)
-        preds = self.roles.simulator.simulate(explanation, [r.tokens for r in records], self.trace)
-        if len(preds) != len(records):
-            self.trace.fail(
-                "simulator", "texts", f"{len(preds)} predictions for {len(records)} texts", 1
-            )
-            return [None] * len(records)
-        out: list[np.ndarray | None] = []
-        for pred, rec in zip(preds, records, strict=True):
-            arr = None if pred is None else np.asarray(pred, dtype=np.float64)
-            if arr is not None and (arr.shape != (len(rec.tokens),) or not np.isfinite(arr).all()):
-                self.trace.fail(
-                    "simulator", f"text {rec.text_index}", "bad prediction shape/value", 1
-                )
-                arr = None
-            out.append(arr)
-        return out
-
-    def validation(self, modes: list[Mode]) -> float | None:
-        """Correlation on the validation pool; None (a failure) when the explanation is empty or
-        every text's simulation failed."""
-        recs = self.record.validation
-        preds = self.raw(explanation_text(modes), recs)
-        if all(p is None for p in preds):
-            return None
-        return self.roles.scorer.score(preds, recs)
-
-    def calibrate(self, explanation: str) -> tuple[Calibration, list[np.ndarray | None]]:
-        """Calibration fitted on the calibration pool only, and the pool's raw predictions."""
-        pool = self.record.calibration
-        raw = self.raw(explanation, pool)
-        return fit_calibration(raw, pool, self.calibration), raw
-
-    def final(self, modes: list[Mode]) -> MethodScores:
-        text = explanation_text(modes)
-        held_recs = self.record.held_out
-        if not text.strip():
-            return MethodScores(0.0, 0.0, 0.5, 0.5, failed_texts=len(held_recs), empty=True)
-        cal, cal_raw = self.calibrate(text)
-        cal_pool = self.record.calibration
-        positive = np.array([r.max_activation >= self.record.threshold for r in cal_pool])
-        cal_scores = text_scores(cal.apply(cal_raw))
-        kept = [i for i, v in enumerate(cal_scores) if v is not None]
-        cut = best_threshold(
-            np.array([cal_scores[i] for i in kept], dtype=np.float64), positive[kept]
-        )
-        held = cal.apply(self.raw(text, held_recs))
-        det = detection(held, held_recs, self.record.threshold, cut)
-        val = self.validation(modes)
-        return MethodScores(
-            validation=0.0 if val is None else val,
-            held_out=self.roles.scorer.score(held, held_recs),
-            auc=det.auc,
-            balanced_accuracy=det.balanced_accuracy,
-            failed_texts=sum(p is None for p in held),
-            calibration=self.calibration,
-        )
-
-    def worst_fit(self, modes: list[Mode], n: int) -> list[ActivationRecord]:
-        """Feedback texts with the largest residual after a linear calibration on those texts."""
-        recs = self.record.feedback
-        raw = self.raw(explanation_text(modes), recs)
-        preds = fit_calibration(raw, recs, "linear").apply(raw)
-        mean = float(np.mean([a for r in recs for a in r.activations]))
-        errors = [
-            float(np.abs(np.asarray(r.activations) - (mean if p is None else p)).max())
-            for r, p in zip(recs, preds, strict=True)
-        ]
-        return [recs[i] for i in np.argsort(errors)[::-1][:n]]
-
-
 def attach_ranges(modes: list[Mode], record: NeuronRecord, ev: Evaluator) -> list[Mode]:
     """Assign each activating explain-set exemplar to the mode whose own explanation predicts its
     peak highest (above that mode's median prediction); a mode's range is the span of its
-    exemplars' peak activations (None when it owns none); its score is the held-out correlation of
-    its own explanation, calibrated on the calibration pool."""
+    exemplars' peak activations, None when it owns none (it then has no range, and the report says
+    so); its score is the held-out correlation of its own explanation, calibrated on the
+    calibration pool."""
     if not modes:
         return modes
     explain = [r for r in record.explain_set if r.max_activation >= record.threshold]
@@ -219,13 +126,10 @@ def attach_ranges(modes: list[Mode], record: NeuronRecord, ev: Evaluator) -> lis
             if shares[m, r] > 0 and int(np.argmax(shares[:, r])) == m
         ]
         peaks = [rec.max_activation for rec in owned]
-        cal, _ = ev.calibrate(mode.explanation)
-        held = cal.apply(ev.raw(mode.explanation, record.held_out))
+        held = ev.held_out(partial(ev.raw, mode.explanation))
         out.append(
-            Mode(
-                mode.label,
-                mode.explanation,
-                mode.components,
+            replace(
+                mode,
                 exemplars=[rec.text_index for rec in owned],
                 lo=min(peaks) if peaks else None,
                 hi=max(peaks) if peaks else None,
@@ -240,6 +144,56 @@ def _better(score: float | None, best: float | None, margin: float) -> bool:
     return score is not None and (best is None or score > best + margin)
 
 
+Feedback = Callable[[list[Mode]], list[ActivationRecord]]
+
+
+def refine(
+    start: tuple[list[Mode], float | None],
+    roles: Roles,
+    record: NeuronRecord,
+    ev: Evaluator,
+    feedback: Feedback,
+    *,
+    rounds: int,
+    patience: int,
+    min_delta: float,
+    history: list[Round],
+) -> tuple[list[Mode], int]:
+    """Refinement rounds from ``start``; returns the best modes and the candidates scored."""
+    best, best_score = start
+    stale = n = 0
+    for r in range(1, rounds + 1):
+        if stale >= patience or not best:
+            break
+        kept = False
+        for proposal in roles.refiner.propose(best, feedback(best), record, ev.trace):
+            score = ev.validation(proposal)
+            n += 1
+            accepted = _better(score, best_score, min_delta)
+            history.append(
+                Round(r, f"refine to {len(proposal)} mode(s)", score, accepted, proposal)
+            )
+            if accepted:
+                best, best_score, kept = proposal, score, True
+        stale = 0 if kept else stale + 1
+    return best, n
+
+
+def single_pass_candidates(
+    record: NeuronRecord, roles: Roles, n: int, k: int, trace: Trace
+) -> list[Mode]:
+    """``n`` single-pass explanations: the first from the top ``k`` exemplars, the others each
+    from a seeded random sample of 60% of the top exemplars."""
+    out = [roles.explainer.explain_top(record, k, trace)]
+    top = record.top
+    size = max(2, int(np.ceil(0.6 * len(top))))
+    for i in range(1, n):
+        pick = np.sort(np.random.default_rng(i).choice(len(top), min(size, len(top)), False))
+        sub = replace(record, top=[top[j] for j in pick], quantiles=list(record.quantiles))
+        out.append(roles.explainer.explain_top(sub, min(k, len(sub.top)), trace))
+    return out
+
+
 def explain_record(
     record: NeuronRecord,
     roles: Roles,
@@ -249,42 +203,57 @@ def explain_record(
     min_delta: float = 5e-3,
     n_worst: int = 4,
     single_pass_k: int | None = None,
+    calibration: CalibrationKind = "linear",
+    controls: bool = True,
 ) -> NeuronExplanation:
-    """Run NeuronScope and the single-pass baseline on one neuron's exemplars."""
+    """Run NeuronScope and its baselines on one neuron's exemplars (see the module docstring);
+    ``controls=False`` skips the random-feedback control (the lookup table is always scored)."""
     if not record.feedback:
         raise RangelensError(
             f"neuron {record.neuron}'s record has no feedback pool (an old format); rebuild it"
         )
     trace = Trace()
-    ev = Evaluator(roles, record, trace)
+    ev = Evaluator(roles, record, trace, calibration)
     history: list[Round] = []
-    components = roles.decomposer.decompose(record, trace)
-    single = roles.explainer.explain_top(record, single_pass_k or len(record.top), trace)
-    best: list[Mode] = [single] if single.explanation.strip() else []
-    best_score = ev.validation(best)
-    history.append(Round(0, "start from the single-pass explanation", best_score, True, best))
+    components: list[Component] = roles.decomposer.decompose(record, trace)
+    best: list[Mode] = []
+    best_score: float | None = None
+    n_first = 0
     for grouping in roles.clusterer.candidates(components, record, trace):
         modes = roles.explainer.explain(grouping, record, trace)
         score = ev.validation(modes)
+        n_first += 1
         accepted = _better(score, best_score, 0.0)
         history.append(Round(0, f"cluster into {len(modes)} mode(s)", score, accepted, modes))
         if accepted:
             best, best_score = modes, score
-    stale = 0
-    for r in range(1, rounds + 1):
-        if stale >= patience:
-            break
-        worst = ev.worst_fit(best, n_worst)
-        kept = False
-        for proposal in roles.refiner.propose(best, worst, record, trace):
-            score = ev.validation(proposal)
-            accepted = _better(score, best_score, min_delta)
-            history.append(
-                Round(r, f"refine to {len(proposal)} mode(s)", score, accepted, proposal)
-            )
-            if accepted:
-                best, best_score, kept = proposal, score, True
-        stale = 0 if kept else stale + 1
+    knobs: dict[str, Any] = {"rounds": rounds, "patience": patience, "min_delta": min_delta}
+    worst: Feedback = lambda modes: ev.worst_fit(modes, n_worst)  # noqa: E731
+    final, n_refined = refine(
+        (best, best_score), roles, record, ev, worst, history=history, **knobs
+    )
+    n_candidates = max(1, n_first + n_refined)
+
+    candidates = single_pass_candidates(
+        record, roles, n_candidates, single_pass_k or len(record.top), trace
+    )
+    scored = [(ev.validation([c]), i) for i, c in enumerate(candidates)]
+    pick = max(scored, key=lambda s: (s[0] is not None, s[0] or 0.0, -s[1]))[1]
+    single = candidates[pick]
+
+    control_modes: list[Mode] = []
+    control = None
+    if controls:
+        rng = np.random.default_rng(record.neuron)
+        fb = record.feedback
+
+        def shuffled(modes: list[Mode]) -> list[ActivationRecord]:
+            return [fb[i] for i in rng.choice(len(fb), min(n_worst, len(fb)), replace=False)]
+
+        control_modes, _ = refine(
+            (best, best_score), roles, record, ev, shuffled, history=[], **knobs
+        )
+        control = ev.final(control_modes)
     return NeuronExplanation(
         model=record.model,
         site=record.site,
@@ -292,10 +261,15 @@ def explain_record(
         neuron=record.neuron,
         backend=roles.name,
         target=record.target,
-        modes=attach_ranges(best, record, ev),
-        iterative=ev.final(best),
+        modes=attach_ranges(final, record, ev),
+        iterative=ev.final(final),
         single_pass_mode=attach_ranges([single], record, ev)[0],
         single_pass=ev.final([single]),
         history=history,
         failures=trace.failures,
+        n_candidates=n_candidates,
+        single_pass_first=ev.final([candidates[0]]),
+        control_modes=control_modes,
+        control=control,
+        lookup=ev.lookup(),
     )

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from sklearn.cluster import AgglomerativeClustering
 
-from rangelens.explain.lexical import LexicalSimulator, Words, name_pattern, readable, segment
+from rangelens.explain.lexical import (
+    LexicalJudge,
+    LexicalSimulator,
+    Words,
+    name_pattern,
+    readable,
+    segment,
+)
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Component, ComponentKind, Mode, Roles, Trace, normalize
 from rangelens.models import LoadedModel, load_model
@@ -77,8 +84,11 @@ def _features(
     ]
     if t >= 1:
         p = int(words.index[t - 1])
-        span = "".join(
-            _merge(tokens[int(i)] for i in np.flatnonzero((words.index >= p) & (words.index <= w)))
+        inside = np.flatnonzero((words.index >= p) & (words.index <= w))
+        span = (
+            " ".join(words.shown[p : w + 1])  # WordPiece tokens carry no spaces
+            if words.wordpiece
+            else "".join(_merge(tokens[int(i)] for i in inside))
         )
         feats.append(("bigram", [normalize(tokens[t - 1]), normalize(tokens[t])], readable(span)))
         if p != w:
@@ -222,16 +232,27 @@ def _quote(text: str) -> str:
 
 def render(mode: Mode) -> Mode:
     """``label: item, item, after "word"``: the components' readable words, strongest first and
-    without repeats (subword components that share a word collapse into it), at most
-    :data:`MAX_ITEMS`; the label names their shared pattern (:func:`name_pattern`)."""
+    without repeats (subword components that share a word collapse into it; a two-word phrase whose
+    last word is already listed is left out), at most :data:`MAX_ITEMS`; the label names their
+    shared pattern (:func:`name_pattern`)."""
     comps = sorted(mode.components, key=lambda c: -c.weight)
+    single = {c.text.lower() for c in comps if c.kind == "token"}
+    shown = [
+        c
+        for c in comps
+        if not (
+            c.kind == "bigram"
+            and c.text.lower().split()[-1:]
+            and c.text.lower().split()[-1] in single
+        )
+    ]
     items = list(
         dict.fromkeys(
-            f"after {_quote(c.text)}" if c.kind == "after" else _quote(c.text) for c in comps
+            f"after {_quote(c.text)}" if c.kind == "after" else _quote(c.text) for c in shown
         )
     )[:MAX_ITEMS]
-    words = [c.text for c in comps if c.kind != "after"]
-    contexts = [c.text for c in comps if c.kind == "after"]
+    words = [c.text for c in shown if c.kind != "after"]
+    contexts = [c.text for c in shown if c.kind == "after"]
     label = name_pattern(words, contexts)
     return Mode(label, f"{label}: {', '.join(items)}" if items else "", comps)
 
@@ -340,4 +361,5 @@ def offline_roles(embedder: MiniLMEmbedder | None = None) -> Roles:
         explainer=OfflineExplainer(),
         simulator=LexicalSimulator(),
         refiner=OfflineRefiner(embedder),
+        judge=LexicalJudge(),
     )

@@ -169,3 +169,4 @@ class Roles:
     simulator: Simulator
     refiner: Refiner
     scorer: Scorer = field(default_factory=CorrelationScorer)
+    judge: Judge | None = None

@@ -14,7 +14,7 @@ import pandas as pd
 
 from rangelens.analysis import CaptureResult, load_capture
 from rangelens.artifacts import read_json
-from rangelens.data import load_texts
+from rangelens.data import LOADER_KEYS, load_texts
 from rangelens.erasure.outputs import FORMAT_VERSION as ERASURE_FORMAT
 from rangelens.errors import RangelensError
 from rangelens.explain.api import RESULTS_FORMAT
@@ -22,7 +22,7 @@ from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import NeuronRecord
 from rangelens.ranges import RangeMap, bhattacharyya
 
-ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png")
+ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png", "pareto.png")
 STAGES = {  # stage -> (the file that marks it as written, how to make it)
     "capture": ("capture.json", "run `rangelens analyze`"),
     "ranges": ("ranges.json", "run `rangelens analyze`"),
@@ -241,15 +241,7 @@ def _load_texts(run: RunContents) -> TextExemplars | None:
     assert run.capture is not None
     cfg = run.config
     try:
-        data = load_texts(
-            cfg["dataset"],
-            text_column=cfg.get("text_column", "text"),
-            label_column=cfg.get("label_column", "label"),
-            concepts=cfg.get("concepts"),
-            max_per_class=cfg.get("max_per_class"),
-            balance=cfg.get("balance", False),
-            seed=cfg.get("seed", 0),
-        )
+        data = load_texts(cfg["dataset"], **{k: cfg[k] for k in LOADER_KEYS if k in cfg})
     except (RangelensError, OSError, KeyError) as err:
         run.missing.append(f"exemplar texts are unavailable: {str(err).splitlines()[0]}")
         return None
