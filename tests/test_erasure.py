@@ -324,7 +324,14 @@ def test_the_experiment_erases_the_saved_ranges(tiny_llama: LoadedModel, tmp_pat
         tiny_llama, data, cap, ranges, analysis, config, tmp_path / "a", progress=False
     )
     for key, range_map in ranges.maps.items():  # ranges far away from every activation
-        ranges.maps[key] = replace(range_map, lo=range_map.lo + 1e6, hi=range_map.hi + 1e6)
+        band_lo, band_hi = range_map.bands  # the bands are the ranges (format /2)
+        ranges.maps[key] = replace(
+            range_map,
+            lo=range_map.lo + 1e6,
+            hi=range_map.hi + 1e6,
+            band_lo=band_lo + 1e6,
+            band_hi=band_hi + 1e6,
+        )
     after = run_erasure(
         tiny_llama, data, cap, ranges, analysis, config, tmp_path / "b", progress=False
     )

@@ -106,7 +106,7 @@ def test_empty_explanation_is_a_failure():
 
 def test_subwords_merge_into_readable_words():
     wp = segment(["[CLS]", "una", "##ff", "##ord", "##able", "head", ",", "2005", "[SEP]"])
-    assert wp.shown == ["[CLS]", "unaffordable", "head", ",", "2005", "[SEP]"]
+    assert wp.shown == ["[CLS]", "unaffordable", "head", ",", "2005", "[SEP]"] and wp.wordpiece
     bpe = segment(["The", " big", "gest", " un", "aff", "ordable", ",", " ", "2", "0", "\n", "New"])
     assert bpe.shown == ["The", "biggest", "unaffordable", ",", "20", "\n", "New"]
     sp = segment(["▁New", "▁York", "er", "s", "▁won"])

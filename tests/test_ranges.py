@@ -113,7 +113,9 @@ def test_quantile_bounds_close_to_numpy_quantiles(data) -> None:
         ({"tau": -1.0}, r"tau must be > 0.*got -1\.0"),
         ({"p": 0.0}, r"p must be in \(0, 1\]; got 0\.0"),
         ({"p": 1.2}, r"p must be in \(0, 1\]; got 1\.2"),
-        ({"method": "box"}, r"'box'.*'gaussian', 'quantile'"),
+        ({"method": "box"}, r"'box'.*'gaussian', 'quantile', 'density'"),
+        ({"select": "best"}, r"unknown selection 'best'; valid: 'ranking', 'band'"),
+        ({"method": "density", "ratio": 0.0}, r"threshold must be a finite number > 0; got 0\.0"),
         ({"method": "quantile", "coverage": 1.0}, r"coverage must be in \(0, 1\); got 1\.0"),
     ],
 )
@@ -146,7 +148,7 @@ def test_save_load_roundtrip_is_exact(data, tmp_path: Path) -> None:
     loaded = RangeMap.load(tmp_path / "out")
     assert loaded.concepts == ranges.concepts
     assert loaded.metadata == ranges.metadata
-    for name in ("neurons", "lo", "hi", "mean", "std"):
+    for name in ("neurons", "lo", "hi", "mean", "std", "band_lo", "band_hi"):
         original, restored = getattr(ranges, name), getattr(loaded, name)
         assert restored.dtype == original.dtype and restored.shape == original.shape
         assert restored.tobytes() == original.tobytes()
@@ -166,7 +168,9 @@ def test_load_rejects_missing_files_and_unknown_formats(data, tmp_path: Path) ->
     fit_ranges(stats, rank("mean_abs", stats)).save(tmp_path)
     header = json.loads((tmp_path / "ranges.json").read_text())
     (tmp_path / "ranges.json").write_text(json.dumps({**header, "format": "other/9"}))
-    with pytest.raises(ValueError, match=r"'other/9'.*'rangelens\.ranges/1'"):
+    with pytest.raises(
+        ValueError, match=r"'other/9'.*'rangelens\.ranges/1', 'rangelens\.ranges/2'"
+    ):
         RangeMap.load(tmp_path)
 
 
@@ -192,7 +196,10 @@ def test_ranges_concept_lookup_and_frame(data) -> None:
         [True, True, True, False],
     )
     frame = ranges.to_frame()
-    assert list(frame.columns) == ["concept", "neuron", "rank", "lo", "hi", "mean", "std"]
+    assert list(frame.columns) == [
+        "concept", "neuron", "rank", "lo", "hi", "mean", "std", "n_intervals",
+    ]  # fmt: skip
+    assert (frame["n_intervals"] == 1).all()
     assert len(frame) == 6 and frame["concept"].tolist()[:2] == ["sports", "sports"]
     for bad in ("politics", 3, -1):
         with pytest.raises(ValueError, match=rf"unknown concept {bad!r}; valid: 'sports', 'world'"):
@@ -238,7 +245,7 @@ def test_separated_concepts_are_pure_and_overlap_little() -> None:
     table = distribution_table(stats, ranges)
     assert list(table.columns) == [
         "concept", "neuron", "rank", "mean", "std", "skew", "excess_kurtosis", "lo", "hi",
-        "bhattacharyya_max", "bhattacharyya_mean", "purity", "coverage",
+        "bhattacharyya_max", "bhattacharyya_mean", "purity", "coverage", "n_intervals",
     ]  # fmt: skip
     assert len(table) == 9
     assert table["purity"].min() > 0.98

@@ -304,7 +304,7 @@ def test_atlas_goes_stale_when_the_run_changes(report_run: Path, tmp_path: Path)
 def test_histogram_svg_draws_counts_gaussians_and_bands() -> None:
     edges = np.linspace(-2.0, 2.0, 9)
     series = [
-        Series("<b>a</b>", 0, np.array([0, 1, 4, 6, 4, 1, 0, 0]), -0.25, 0.8, (-1.85, 1.35)),
+        Series("<b>a</b>", 0, np.array([0, 1, 4, 6, 4, 1, 0, 0]), -0.25, 0.8, ((-1.85, 1.35),)),
         Series("b", 1, np.array([0, 0, 0, 0, 1, 3, 1, 0]), 0.9, 0.0, None),
     ]
     svg = str(histogram_svg(edges, series))

@@ -41,8 +41,15 @@ from rangelens.distributed import gather, is_main, local_device, shard, world
 from rangelens.errors import RangelensError, choices
 from rangelens.models import BUILTIN_MODELS, LoadedModel, cache_dir, load_model
 from rangelens.ranges import RangeMap
-from rangelens.rangeset import FULL, FeatureSource, RangeSet, RangesPlan, run_ranges
-from rangelens.ranking import RANKING_METHODS, top_neurons
+from rangelens.rangeset import (
+    FULL,
+    FeatureSource,
+    RangeSet,
+    RangesPlan,
+    band_ratios,
+    run_ranges,
+)
+from rangelens.ranking import RANKING_METHODS
 from rangelens.sites import resolve_site
 from rangelens.stats import ConceptStats
 
@@ -99,8 +106,19 @@ class AnalysisConfig(BaseModel):
     layers: list[int] = Field(
         default_factory=list, description="layer sweep: more mask sites (site kind of 'site')"
     )
-    range_method: Literal["gaussian", "quantile"] = Field(
-        "gaussian", description="how a concept's range is fitted"
+    range_method: Literal["gaussian", "quantile", "density"] = Field(
+        "gaussian",
+        description="gaussian (mean ± tau·std) | quantile | density (likelihood-ratio bands)",
+    )
+    density_ratio: float = Field(
+        1.0, gt=0, description="density bands: likelihood-ratio threshold concept / rest"
+    )
+    density_ratios: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=list,
+        description="likelihood-ratio sweep for the erasure 'density' condition, beside density_ratio",
+    )
+    select: Literal["ranking", "band"] = Field(
+        "ranking", description="keep neurons by ranking score, or by band purity × coverage"
     )
     n_bins: int = Field(64, ge=4, description="histogram bins per neuron (streaming statistics)")
     batch_size: int = Field(16, ge=1, description="texts per forward")
@@ -155,7 +173,19 @@ class AnalysisConfig(BaseModel):
         }
 
     def range_inputs(self) -> dict[str, object]:
-        keys = ("ranking", "tau", "p", "taus", "ps", "layers", "range_method", "seed")
+        keys = (
+            "ranking",
+            "tau",
+            "p",
+            "taus",
+            "ps",
+            "layers",
+            "range_method",
+            "density_ratio",
+            "density_ratios",
+            "select",
+            "seed",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -358,16 +388,24 @@ def analyze(
         "seed": config.seed,
     }
     source, splits = plan.make(cap) if plan else (FeatureSource(cap, config, lm), None)
+    # Density bands beside the range maps when the erasure experiment masks them.
+    conditions = plan.inputs.get("conditions") if plan is not None else None
+    wants_bands = isinstance(conditions, list) and "density" in conditions
     scores, rangeset, table, summary, poly = run_ranges(
-        cap, config, metadata, source=source, splits=splits
+        cap,
+        config,
+        metadata,
+        source=source,
+        splits=splits,
+        ratios=band_ratios(config) if wants_bands else None,
     )
     if main:
         with atomic_dir(ranges_dir) as tmp:
             rangeset.save(tmp)
             rangeset.map(source.main, FULL, config.tau, config.p).save(tmp)
             save_file({"scores": scores}, str(tmp / "scores.safetensors"))
-            top = top_neurons(scores, config.p)
-            write_table(tmp / "rankings.csv", _ranking_table(scores, top, cap.label_names))
+            salient = rangeset.map(source.main, FULL, config.tau, config.p).neurons
+            write_table(tmp / "rankings.csv", _ranking_table(scores, salient, cap.label_names))
             write_table(tmp / "distribution.csv", table)
             write_table(tmp / "summary.csv", summary)
             write_table(tmp / "polysemanticity.csv", poly)

@@ -94,9 +94,44 @@ def _replacement_values(replacement: str | Values, k: int) -> npt.NDArray[np.flo
     return values
 
 
+def _bounds(
+    lo: Values, hi: Values, k: int, neurons: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Validated ``(lo, hi)``: ``(k,)`` (one interval per neuron; a scalar is broadcast) or
+    ``(k, m)`` (a band of up to m intervals per neuron, unused slots NaN in both)."""
+    if _numpy(lo).ndim < 2 and _numpy(hi).ndim < 2:
+        low, high = _floats(lo, k, "lo"), _floats(hi, k, "hi")
+        used = np.ones(k, dtype=bool)
+    else:
+        low, high = (_numpy(b) for b in (lo, hi))
+        if low.ndim != 2 or low.shape != high.shape or low.shape[0] != k or low.shape[1] < 1:
+            raise RangelensError(
+                f"lo and hi have shapes {low.shape} and {high.shape}; expected ({k},) or "
+                f"({k}, m), one band of m intervals per neuron"
+            )
+        low, high = low.astype(np.float64), high.astype(np.float64)
+        used = ~np.isnan(low)
+        if (used != ~np.isnan(high)).any():
+            j = int(np.argwhere(used != ~np.isnan(high))[0][0])
+            raise RangelensError(
+                f"band of neuron {int(neurons[j])} has a NaN in only one of lo / hi; valid: "
+                f"NaN in both marks an unused slot"
+            )
+    inverted = used & (low > high)
+    if inverted.any():
+        j = np.argwhere(inverted)[0]
+        raise RangelensError(
+            f"lo > hi for neuron {int(neurons[j[0]])} ({float(low[tuple(j)])!r} > "
+            f"{float(high[tuple(j)])!r}); "
+            f"valid: lo <= hi"
+        )
+    return low, high
+
+
 @dataclass(frozen=True)
 class _Pass:
-    """Ranges on distinct neurons, applied in one vectorised step (tensors of the activation)."""
+    """Ranges on distinct neurons, applied in one vectorised step (tensors of the activation);
+    ``lo`` / ``hi`` are ``(k,)`` or ``(k, m)`` (bands; NaN slots never match)."""
 
     neurons: torch.Tensor
     lo: torch.Tensor
@@ -105,7 +140,8 @@ class _Pass:
 
 
 class _Ranges:
-    """Validated ``(neurons, lo, hi, value)``, split into passes over distinct neurons.
+    """Validated ``(neurons, lo, hi, value)``, split into passes over distinct neurons; ``lo`` /
+    ``hi`` are ``(k,)`` or ``(k, m)`` bands (see :func:`apply_ranges`).
 
     A neuron listed ``m`` times (shared by several concepts) is handled in ``m`` passes, in list
     order, so one call equals applying the entries one after the other; each pass is one gather /
@@ -130,15 +166,8 @@ class _Ranges:
             )
         k = index.size
         self.neurons = index
-        self.lo, self.hi = _floats(lo, k, "lo"), _floats(hi, k, "hi")
+        self.lo, self.hi = _bounds(lo, hi, k, index)
         self.value = _floats(value, k, "replacement")
-        inverted = self.lo > self.hi
-        if inverted.any():
-            j = int(inverted.argmax())
-            raise RangelensError(
-                f"lo > hi for neuron {int(index[j])} ({self.lo[j]!r} > {self.hi[j]!r}); "
-                f"valid: lo <= hi"
-            )
         # Occurrence number of each entry among equal neurons: pass p holds every p-th occurrence.
         order = np.argsort(index, kind="stable")
         first = np.searchsorted(index[order], index[order], side="left")
@@ -207,7 +236,11 @@ class _Ranges:
 def _replace(x: torch.Tensor, passes: list[_Pass], mode: str, scale: float) -> torch.Tensor:
     for p in passes:
         selected = x.index_select(-1, p.neurons)
-        inside = (selected >= p.lo) & (selected <= p.hi)
+        if p.lo.ndim == 1:
+            inside = (selected >= p.lo) & (selected <= p.hi)
+        else:  # a band: the union of its intervals (comparisons with NaN slots are False)
+            column = selected.unsqueeze(-1)
+            inside = ((column >= p.lo) & (column <= p.hi)).any(dim=-1)
         value = p.value if mode == "hard" else p.value + scale * (selected - p.value)
         x = x.index_copy(-1, p.neurons, torch.where(inside, value, selected))
     return x
@@ -229,6 +262,9 @@ def apply_ranges(
 
     For every listed neuron j, where ``lo[j] <= x[..., neurons[j]] <= hi[j]``: ``hard`` sets it to
     ``r[j]``, ``soft`` to ``r[j] + scale * (x - r[j])``; elsewhere ``x`` is untouched (bit for bit).
+    ``lo`` / ``hi`` of shape ``(k, m)`` give each neuron a band of m closed intervals, masked where
+    ``x`` lies in their union, read on the unmasked value (unused slots are NaN in both; a band with
+    no interval masks nothing).
     ``replacement`` is ``"zero"``, a float or ``(k,)`` values. A neuron listed twice is processed
     twice, in order. ``positions="last"`` edits only the last real token of each row of a
     ``(batch, seq, d)`` ``x``, read from ``attention_mask`` ``(batch, >= seq)`` (its last ``seq``
@@ -348,7 +384,8 @@ class RangeMask:
         """One mask over the salient neurons of one or several concepts of ``range_map``.
 
         Several concepts are applied in the given order (a neuron shared by two concepts is masked
-        for the first, then for the second), exactly as nested single-concept masks.
+        for the first, then for the second), exactly as nested single-concept masks. A map whose
+        bands are not all single intervals gives ``(k, m)`` ``lo`` / ``hi`` (its bands).
         ``replacement``: ``"zero"``, a float, ``(site.width,)`` values indexed by neuron, ``"mean"``
         (the corpus mean, ``stats.pooled()``) or ``"complement_mean"`` (the mean over the other
         concepts' rows, ``stats.complement(c)``); the last two need ``stats`` recorded at this
@@ -361,11 +398,13 @@ class RangeMask:
             )
         rows = [range_map.concept_index(c) for c in wanted]
         per_neuron = _replacement_of_concept(site, range_map, replacement, stats)
+        # One interval per neuron stays (k,); density bands (several or no intervals) are (k, m).
+        lo, hi = (range_map.lo, range_map.hi) if range_map.single_interval else range_map.bands
         return cls._from_arrays(
             site,
             np.concatenate([range_map.neurons[c] for c in rows]),
-            np.concatenate([range_map.lo[c] for c in rows]),
-            np.concatenate([range_map.hi[c] for c in rows]),
+            np.concatenate([lo[c] for c in rows]),
+            np.concatenate([hi[c] for c in rows]),
             replacement=np.concatenate([per_neuron(c)[range_map.neurons[c]] for c in rows]),
             positions=positions,
             mode=mode,

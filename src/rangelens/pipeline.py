@@ -1,4 +1,5 @@
-"""End-to-end runs from one YAML config: capture -> ranges -> the erasure experiment.
+"""End-to-end runs from one YAML config: capture -> ranges -> the erasure experiment ->
+explanations of the top salient neurons (optional).
 
 Resumable: every stage directory records a fingerprint of its inputs, and a stage whose outputs exist
 with unchanged inputs is skipped, so an interrupted run picks up where it stopped.
@@ -25,18 +26,23 @@ from rangelens.erasure import (
 )
 from rangelens.erasure.protocol import RANGE_INPUTS, check_protocol
 from rangelens.errors import RangelensError
+from rangelens.explain.stage import ExplainStageConfig, run_explain_stage
 from rangelens.models import load_model
 from rangelens.rangeset import FeatureSource, RangesPlan, Split
 
 
 class RunConfig(BaseModel):
-    """A whole run: where it goes, the analysis, and the erasure experiment (``null`` skips it)."""
+    """A whole run: where it goes, the analysis, the erasure experiment (``null`` skips it) and the
+    explanations of the top salient neurons (absent or ``null``: none)."""
 
     model_config = ConfigDict(extra="forbid")
 
     out: Path = Field(Path("runs/demo"), description="run directory")
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)  # type: ignore[arg-type]
     erasure: ErasureConfig | None = Field(default_factory=ErasureConfig)  # type: ignore[arg-type]
+    explain: ExplainStageConfig | None = Field(
+        None, description="explain the top salient neurons (offline lexical baseline)"
+    )
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -67,6 +73,7 @@ class RunResult:
     analysis: AnalysisResult
     erasure: ErasureResult | None
     seconds: float
+    explanations: Path | None = None
 
 
 def run(config: RunConfig, *, progress: bool = True) -> RunResult:
@@ -107,7 +114,10 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
                 progress=progress,
             )
             mark_stage(tmp, "erasure", erasure_fp)
-    return RunResult(config.out, analysis, erasure, time.perf_counter() - start)
+    explained = None
+    if config.explain is not None:
+        explained = run_explain_stage(config.out, a, config.explain, lm)
+    return RunResult(config.out, analysis, erasure, time.perf_counter() - start, explained)
 
 
 def _never(_cap: CaptureResult) -> tuple[FeatureSource, list[Split]]:

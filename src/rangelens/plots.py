@@ -99,6 +99,58 @@ def tau_tradeoff(sweep: pd.DataFrame, states: list[str], *, title: str = "") -> 
     return fig
 
 
+def pareto(
+    sweep: pd.DataFrame, ratio_sweep: pd.DataFrame, states: list[str], *, title: str = ""
+) -> Figure:
+    """Every method on one target-drop vs collateral chart (average over concepts, 95% intervals
+    as error bars): range masking along its tau sweep, density bands along their likelihood-ratio
+    sweep, neuron masking and the random control as points. Left: against the complement flip rate;
+    right (when measured): against the perplexity change. Up and left is better.
+
+    ``sweep`` / ``ratio_sweep``: the ``sweep`` / ``ratio_sweep`` records of
+    :class:`rangelens.erasure.ErasureResult`'s info.
+    """
+    panels = [("complement_flip", "complement flip rate (collateral)")]
+    if any(np.isfinite(sweep.get(f"{s}_ppl_change", pd.Series([np.nan]))).any() for s in states):
+        panels.append(("ppl_change", "perplexity change on general text"))
+    fig, axes = _figure(5.0 * len(panels), 4.4, ncols=len(panels))
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        for k, state in enumerate(states):
+            by_ratio = f"{state}_target_drop" in ratio_sweep
+            frame, knob, sign = (ratio_sweep, "ratio", "r") if by_ratio else (sweep, "tau", "τ")
+            if f"{state}_target_drop" not in frame:
+                continue
+            swept = by_ratio or frame[f"{state}_target_drop"].nunique() > 1
+            rows = frame if swept else frame.iloc[:1]
+            x, y = rows[f"{state}_{metric}"], rows[f"{state}_target_drop"]
+            color = _color(state, k)
+            ax.errorbar(
+                x,
+                y,
+                xerr=_errors(rows, f"{state}_{metric}"),
+                yerr=_errors(rows, f"{state}_target_drop"),
+                fmt="-o" if swept else "o",
+                color=color,
+                capsize=2,
+                label=state,
+            )
+            if swept:
+                for xi, yi, v in zip(x, y, rows[knob], strict=True):
+                    ax.annotate(
+                        f"{sign}={v:g}",
+                        (xi, yi),
+                        fontsize=6,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                        color=color,
+                    )
+        ax.set_xlabel(label)
+        ax.set_ylabel("target accuracy drop (average over concepts)")
+        ax.legend(fontsize="small")
+    fig.suptitle(title or "erasure vs collateral (Pareto view)")
+    return fig
+
+
 def save_figure(fig: Figure, path: Path, *, dpi: int = 120) -> None:
     """Save a figure as PNG atomically (temporary file in the same directory, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ On disk (format ``rangelens.rangeset/1``), inside the ``ranges/`` stage::
     rangeset.json                      format, sites, splits (rows used), sweep points, metadata
     splits.safetensors                 <split>.train / .test / .fit row indices (int64)
     maps/<site>/<split>/tau<t>_p<p>/   a RangeMap (ranges.json + ranges.safetensors)
+    maps/<site>/<split>/density<r>_p<p>/   density bands at likelihood ratio r (when the erasure
+                                       experiment has a ``density`` condition), same neurons
     maps/<site>/<split>/replacement.safetensors   corpus "mean" (d,) and "complement_mean" (C, d)
 """
 
@@ -31,7 +33,7 @@ from rangelens.capture import capture, iter_activations
 from rangelens.errors import RangelensError, choices
 from rangelens.models import LoadedModel
 from rangelens.ranges import RangeMap, distribution_summary, distribution_table, fit_ranges
-from rangelens.ranking import polysemanticity, rank, top_neurons
+from rangelens.ranking import polysemanticity, rank
 from rangelens.sites import NeuronSite, resolve_site
 from rangelens.stats import ConceptStats
 
@@ -58,6 +60,16 @@ def point_name(tau: float, p: float) -> str:
     return f"tau{tau:g}_p{p:g}"
 
 
+def band_name(ratio: float, p: float) -> str:
+    return f"density{ratio:g}_p{p:g}"
+
+
+def band_ratios(config: AnalysisConfig) -> list[float]:
+    """Likelihood ratios of the density bands the erasure ``density`` condition masks: the
+    headline ``density_ratio`` and the sweep ``density_ratios``."""
+    return sorted({float(config.density_ratio), *map(float, config.density_ratios)})
+
+
 def sweep_points(tau: float, p: float, taus: Iterable[float], ps: Iterable[float]) -> list[tuple]:
     """Every (tau, p) to fit: the headline point and the grid of ``taus`` x ``ps`` around it."""
     all_taus = sorted({float(tau), *map(float, taus)})
@@ -82,6 +94,7 @@ class RangeSet:
     maps: dict[tuple[str, str, float, float], RangeMap] = field(default_factory=dict)
     replacements: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    bands: dict[tuple[str, str, float, float], RangeMap] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -90,6 +103,21 @@ class RangeSet:
     @property
     def points(self) -> list[tuple[float, float]]:
         return list(dict.fromkeys((k[2], k[3]) for k in self.maps))
+
+    @property
+    def ratios(self) -> list[float]:
+        """Likelihood ratios with saved density bands (empty when none were fitted)."""
+        return sorted({k[2] for k in self.bands})
+
+    def band_map(self, site: str, split: str, ratio: float, p: float) -> RangeMap:
+        """The density bands at ``ratio`` on the same neurons as the ``(site, split, p)`` maps."""
+        key = (site, split, float(ratio), float(p))
+        if key not in self.bands:
+            raise RangelensError(
+                f"no saved density bands for site {site}, split {split}, ratio {ratio:g}, "
+                f"p {p:g}; saved ratios: {choices(f'{r:g}' for r in self.ratios)}"
+            )
+        return self.bands[key]
 
     def map(self, site: str, split: str, tau: float, p: float) -> RangeMap:
         key = (site, split, float(tau), float(p))
@@ -120,6 +148,8 @@ class RangeSet:
         directory = Path(directory)
         for (site, split, tau, p), range_map in self.maps.items():
             range_map.save(directory / "maps" / site / split / point_name(tau, p))
+        for (site, split, ratio, p), range_map in self.bands.items():
+            range_map.save(directory / "maps" / site / split / band_name(ratio, p))
         for (site, split), values in self.replacements.items():
             path = directory / "maps" / site / split / "replacement.safetensors"
             save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(path))
@@ -135,6 +165,7 @@ class RangeSet:
                 "format": FORMAT_VERSION,
                 "sites": self.sites,
                 "points": [list(pt) for pt in self.points],
+                "ratios": self.ratios,
                 "splits": {
                     s.name: {"rows": s.rows, "n_train": len(s.train), "n_fit": len(s.fit)}
                     for s in self.splits.values()
@@ -167,6 +198,10 @@ class RangeSet:
                     out.maps[(site, name, float(tau), float(p))] = RangeMap.load(
                         base / point_name(tau, p)
                     )
+                    for ratio in index.get("ratios", []):
+                        out.bands[(site, name, float(ratio), float(p))] = RangeMap.load(
+                            base / band_name(ratio, p)
+                        )
                 out.replacements[(site, name)] = load_file(str(base / "replacement.safetensors"))
         return out
 
@@ -290,10 +325,12 @@ def run_ranges(
     *,
     source: FeatureSource | None = None,
     splits: list[Split] | None = None,
+    ratios: list[float] | None = None,
 ) -> tuple[np.ndarray, RangeSet, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Rank neurons per concept and fit every range map (site x split x tau x p), once; analyse the
     concept distributions of the headline map (analysis site, split ``full``, tau, p) over all
-    training rows of the analysis split."""
+    training rows of the analysis split. With ``ratios``, also density bands (site x split x ratio
+    x p) on the same neurons as the range maps of that p, for the erasure ``density`` condition."""
     source = source or FeatureSource(cap, config)
     splits = splits or default_splits(cap)
     if splits[0].name != FULL:
@@ -316,8 +353,26 @@ def run_ranges(
             }
             for tau, p in points:
                 found.maps[(site, part.name, tau, p)] = fit_ranges(
-                    stats, ranked, tau=tau, p=p, method=config.range_method, metadata=where
+                    stats,
+                    ranked,
+                    tau=tau,
+                    p=p,
+                    method=config.range_method,
+                    ratio=config.density_ratio,
+                    select=config.select,
+                    metadata=where,
                 )
+            for ratio in ratios or []:
+                for p in dict.fromkeys(q for _, q in points):
+                    found.bands[(site, part.name, ratio, p)] = fit_ranges(
+                        stats,
+                        ranked,
+                        p=p,
+                        method="density",
+                        ratio=ratio,
+                        select=config.select,
+                        metadata=where,
+                    )
             found.replacements[(site, part.name)] = replacement_values(stats)
             if site == source.main and part.name == FULL:
                 scores = ranked
@@ -325,7 +380,7 @@ def run_ranges(
     overall, _ = source.stats(source.main, splits[0].train)
     table = distribution_table(overall, range_map)
     summary = distribution_summary(table)
-    top = top_neurons(scores, config.p)
+    top = range_map.neurons  # the ranking's top p, or the best-separating bands (select 'band')
     poly = pd.DataFrame(
         {"concept": cap.label_names, "n_salient": top.shape[1], "shared": polysemanticity(top)}
     )

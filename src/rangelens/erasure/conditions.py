@@ -3,7 +3,9 @@
 A condition is a name and a function building its mask from a :class:`MaskSpec` (a concept's saved
 :class:`~rangelens.ranges.RangeMap` at one site, tau and p, and the replacement values). Adding a
 condition is one :func:`register` call. ``per_tau`` says whether the mask changes with tau (range
-masks) or only with the salient-neuron set, i.e. with p (neuron masks, the random control).
+masks) or only with the salient-neuron set, i.e. with p (neuron masks, the random control);
+``per_ratio`` marks a mask built from the density bands (:mod:`rangelens.bands`) at each saved
+likelihood ratio, which the experiment hands over in ``MaskSpec.bands``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from rangelens.errors import RangelensError
 from rangelens.intervene import NeuronMask, RangeMask
 from rangelens.ranges import RangeMap
 from rangelens.sites import NeuronSite
@@ -32,6 +35,7 @@ class MaskSpec:
     mode: str
     scale: float
     seed: tuple[int, ...]
+    bands: RangeMap | None = None  # density bands on the same neurons (per_ratio conditions)
 
     def options(self) -> dict[str, Any]:
         return {"positions": self.positions, "mode": self.mode, "scale": self.scale}
@@ -43,6 +47,7 @@ class Condition:
     build: Callable[[MaskSpec], RangeMask]
     per_tau: bool
     description: str
+    per_ratio: bool = False
 
 
 CONDITIONS: dict[str, Condition] = {}
@@ -65,6 +70,17 @@ def _neuron(spec: MaskSpec) -> RangeMask:
     )
 
 
+def _density(spec: MaskSpec) -> RangeMask:
+    if spec.bands is None:
+        raise RangelensError(
+            "condition 'density' needs density bands from the ranges stage; run it through "
+            "rangelens run (or run_ranges with ratios)"
+        )
+    return RangeMask.from_range_map(
+        spec.site, spec.bands, spec.concept, replacement=spec.replacement, **spec.options()
+    )
+
+
 def random_neurons(spec: MaskSpec) -> np.ndarray:
     """As many neurons as the concept has salient ones, drawn uniformly without replacement."""
     k = spec.range_map.neurons.shape[1]
@@ -82,6 +98,16 @@ register(
 )
 register(
     Condition("neuron", _neuron, False, "the same salient neurons replaced whatever their value")
+)
+register(
+    Condition(
+        "density",
+        _density,
+        False,
+        "the same salient neurons replaced only where the concept is more likely than the other "
+        "concepts (likelihood ratio above density_ratio; beyond NeuronLens)",
+        per_ratio=True,
+    )
 )
 register(
     Condition(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +36,7 @@ from rangelens.erasure.tasks import ClassificationTask, Classifier, has_lm_head,
 from rangelens.errors import RangelensError, choices
 from rangelens.intervene import RangeMask
 from rangelens.models import LoadedModel
-from rangelens.rangeset import FULL, RangeSet, run_ranges
+from rangelens.rangeset import FULL, RangeSet, band_ratios, run_ranges
 from rangelens.sites import NeuronSite, blocks, resolve_site
 
 T = TypeVar("T")
@@ -60,6 +60,15 @@ def _sites(lm: LoadedModel, analysis: AnalysisConfig, ranges: RangeSet) -> list[
             f"{choices(found)}; pass the ranges fitted with this config"
         )
     return list(found.values())
+
+
+def _ratios(ranges: RangeSet, condition: str) -> list[float]:
+    if not ranges.ratios:
+        raise RangelensError(
+            f"condition {condition!r} masks density bands, but the range set holds none; fit the "
+            f"ranges with this erasure config (rangelens run does)"
+        )
+    return ranges.ratios
 
 
 def _groups(
@@ -91,6 +100,13 @@ def _groups(
                 )
                 for name in config.conditions:
                     condition = CONDITIONS[name]
+                    if condition.per_ratio:  # one mask per saved likelihood ratio
+                        for ratio in _ratios(ranges, name):
+                            at: Key = (name, c, site.name, ratio, p)
+                            if at not in masks:
+                                bands = ranges.band_map(site.name, split, ratio, p)
+                                masks[at] = condition.build(replace(spec, bands=bands))
+                        continue
                     key = (name, c, site.name, tau if condition.per_tau else None, p)
                     if key not in masks:
                         masks[key] = condition.build(spec)
@@ -317,6 +333,8 @@ def run_erasure(
         "tau": analysis.tau,
         "p": analysis.p,
         "points": [list(pt) for pt in ranges.points],
+        "ratios": ranges.ratios,
+        "density_ratio": analysis.density_ratio,
         "conditions": config.conditions,
         "suffix": config.suffix,
     }
@@ -333,4 +351,5 @@ def erasure_ranges(protocol: ErasureProtocol, cap: CaptureResult) -> RangeSet:
     """The range set the ranges stage fits for ``protocol`` (in memory; the pipeline saves it in
     ``ranges/``): for scripts and tests that run the experiment without a run directory."""
     source, splits = protocol.plan().make(cap)
-    return run_ranges(cap, protocol.analysis, {}, source=source, splits=splits)[1]
+    bands = band_ratios(protocol.analysis) if "density" in protocol.config.conditions else None
+    return run_ranges(cap, protocol.analysis, {}, source=source, splits=splits, ratios=bands)[1]

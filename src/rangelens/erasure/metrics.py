@@ -198,3 +198,57 @@ def verdict(headline: dict[str, dict[str, Estimate]], n_concepts: int, n_texts: 
         f"over texts; a difference whose interval includes 0 is a tie.)"
     )
     return " ".join(parts)
+
+
+# Which direction of each headline effect is better for an eraser: more target drop, less collateral.
+BETTER = {"target_drop": 1.0, "complement_drop": -1.0, "complement_flip": -1.0, "ppl_change": -1.0}
+
+
+def dominance(a: dict[str, Estimate], b: dict[str, Estimate]) -> tuple[str, dict[str, str]]:
+    """Pareto comparison of state ``a`` with ``b`` on the headline effects, from the paired
+    differences' 95% intervals: per effect ``better`` / ``worse`` / ``tie`` (interval includes 0)
+    or ``n/a``; overall ``dominates`` (none worse, one better), ``dominated``, ``trade-off`` or
+    ``tie``."""
+    calls = {}
+    for metric, sign in BETTER.items():
+        d = a[metric] - b[metric]
+        lo, hi = d.interval()
+        if not np.isfinite(d.point) or not np.isfinite(lo):
+            calls[metric] = "n/a"
+        elif lo <= 0 <= hi:
+            calls[metric] = "tie"
+        else:
+            calls[metric] = "better" if (lo > 0) == (sign > 0) else "worse"
+    found = set(calls.values())
+    if "better" in found and "worse" not in found:
+        return "dominates", calls
+    if "worse" in found and "better" not in found:
+        return "dominated", calls
+    return ("trade-off" if "better" in found else "tie"), calls
+
+
+def density_verdict(headline: dict[str, dict[str, Estimate]], ratio: float) -> str:
+    """Sentences on density bands against range masking and neuron masking (Pareto view)."""
+    if "density" not in headline:
+        return ""
+    d = headline["density"]
+    words = {
+        "dominates": "Pareto-dominate",
+        "dominated": "are Pareto-dominated by",
+        "trade-off": "trade off against",
+        "tie": "are indistinguishable from",
+    }
+    parts = []
+    for other, label in (("range", "μ ± τσ range masking"), ("neuron", "neuron masking")):
+        if other not in headline:
+            continue
+        overall, calls = dominance(d, headline[other])
+        detail = ", ".join(f"{m.replace('_', ' ')} {c}" for m, c in calls.items() if c != "n/a")
+        diff = d["target_drop"] - headline[other]["target_drop"]
+        lo, hi = diff.interval()
+        parts.append(
+            f"Density bands (likelihood ratio > {ratio:g}) {words[overall]} {label} "
+            f"(target drop {d['target_drop'].point:.2f} vs {headline[other]['target_drop'].point:.2f}, "
+            f"difference {diff.point:+.2f} [{lo:+.2f}, {hi:+.2f}]; {detail})."
+        )
+    return " ".join(parts)

@@ -25,16 +25,24 @@ from rangelens.erasure.metrics import (
     Estimate,
     Figures,
     Key,
+    density_verdict,
     mean_of,
     verdict,
 )
 from rangelens.errors import RangelensError
-from rangelens.plots import erasure_bars, save_figure, tau_tradeoff
+from rangelens.plots import erasure_bars, pareto, save_figure, tau_tradeoff
 
 FORMAT_VERSION = "rangelens.erasure/2"
 LEVELS = ("target_acc", "target_conf", "complement_acc", "complement_conf")
 EFFECTS = (*DROPS, "complement_flip", "ppl_change")
-PAIRS = (("range", "neuron"), ("range", "random"), ("neuron", "random"))
+PAIRS = (
+    ("range", "neuron"),
+    ("range", "random"),
+    ("neuron", "random"),
+    ("density", "range"),
+    ("density", "neuron"),
+    ("density", "random"),
+)
 
 
 @dataclass
@@ -56,10 +64,12 @@ class ErasureResult:
     info: dict[str, Any]
 
 
-def _key(state: str, c: int, site: str, tau: float, p: float) -> Key:
+def _key(state: str, c: int, site: str, tau: float, p: float, ratio: float | None = None) -> Key:
+    """A state's key; a per-ratio condition (density bands) at likelihood ratio ``ratio``."""
     if state == "base":
         return BASE
-    return (state, c, site, tau if CONDITIONS[state].per_tau else None, p)
+    condition = CONDITIONS[state]
+    return (state, c, site, ratio if condition.per_ratio else tau if condition.per_tau else None, p)
 
 
 def _cells(effects: dict[str, Estimate], prefix: str = "") -> dict[str, float]:
@@ -80,6 +90,7 @@ def summarise(
     """Tables, warnings and verdict from the recorded outcomes."""
     states = ["base", *config.conditions]
     labels = figures.o.labels
+    ratio = float(analysis.density_ratio)  # the headline ratio of per-ratio conditions
     memo: dict[tuple[Key, int], dict[str, Estimate]] = {}
 
     def effects(key: Key, c: int) -> dict[str, Estimate]:
@@ -93,7 +104,7 @@ def summarise(
         for tau, p in info["points"]:
             for c in concepts:
                 for state in states:
-                    key = _key(state, c, site, tau, p)
+                    key = _key(state, c, site, tau, p, ratio)
                     rows.append(
                         {
                             "concept": data.label_names[c],
@@ -112,7 +123,8 @@ def summarise(
 
     site, tau, p = info["headline_site"], analysis.tau, analysis.p
     per_concept = {
-        c: {s: effects(_key(s, c, site, tau, p), c) for s in config.conditions} for c in concepts
+        c: {s: effects(_key(s, c, site, tau, p, ratio), c) for s in config.conditions}
+        for c in concepts
     }
     average = {
         s: {m: mean_of([per_concept[c][s][m] for c in concepts]) for m in EFFECTS}
@@ -153,11 +165,22 @@ def summarise(
         entry: dict[str, float] = {"tau": t}
         for s in config.conditions:
             mean = {
-                m: mean_of([effects(_key(s, c, site, t, p), c)[m] for c in concepts])
+                m: mean_of([effects(_key(s, c, site, t, p, ratio), c)[m] for c in concepts])
                 for m in HEADLINE
             }
             entry.update(_cells(mean, f"{s}_"))
         sweep.append(entry)
+    ratio_sweep = []  # the tau-free sweep of per-ratio conditions (density bands)
+    for r in info.get("ratios", []):
+        entry = {"ratio": r}
+        for s in config.conditions:
+            if CONDITIONS[s].per_ratio:
+                mean = {
+                    m: mean_of([effects(_key(s, c, site, tau, p, r), c)[m] for c in concepts])
+                    for m in HEADLINE
+                }
+                entry.update(_cells(mean, f"{s}_"))
+        ratio_sweep.append(entry)
 
     evaluated = figures.o.pred[BASE] == labels
     base_acc = float(evaluated.mean())
@@ -185,8 +208,13 @@ def summarise(
         "n_test_per_concept": {data.label_names[c]: n for c, n in n_text.items()},
         "base_ppl": figures.perplexity(BASE).point,
         "sweep": sweep,
+        "ratio_sweep": ratio_sweep,
         "warnings": warnings,
-        "verdict": verdict(average, len(concepts), n_texts),
+        "verdict": " ".join(
+            x
+            for x in (verdict(average, len(concepts), n_texts), density_verdict(average, ratio))
+            if x
+        ),
     }
     return ErasureResult(table, headline, info)
 
@@ -283,6 +311,12 @@ def write_erasure(out_dir: Path, result: ErasureResult, config: ErasureConfig) -
         + _markdown(compact_headline(result))
         + f"\n## tau sweep (average over concepts, p = {info['p']:g})\n\n"
         + _markdown(pd.DataFrame(info["sweep"]))
+        + (
+            "\n## likelihood-ratio sweep of the density bands (average over concepts)\n\n"
+            + _markdown(pd.DataFrame(info["ratio_sweep"]))
+            if info.get("ratio_sweep")
+            else ""
+        )
     )
     write_text(out_dir / "headline.md", text)
     write_json(
@@ -304,6 +338,15 @@ def write_erasure(out_dir: Path, result: ErasureResult, config: ErasureConfig) -
         ),
         out_dir / "tau_tradeoff.png",
     )
+    save_figure(
+        pareto(
+            pd.DataFrame(info["sweep"]),
+            pd.DataFrame(info.get("ratio_sweep", [])),
+            info["conditions"],
+            title=f"{site}, p = {info['p']:g}: erasure vs collateral",
+        ),
+        out_dir / "pareto.png",
+    )
 
 
 def load_erasure(directory: str | Path) -> ErasureResult:
@@ -319,3 +362,32 @@ def load_erasure(directory: str | Path) -> ErasureResult:
     headline[numeric] = headline[numeric].astype(float)  # null -> NaN
     table = pd.read_parquet(Path(directory) / "erasure.parquet")
     return ErasureResult(table, headline, saved["info"])
+
+
+def methods_for(row: dict[str, Any], conditions: list[str]) -> dict[str, Any]:
+    """Which method erased one concept best, from its ``headline`` row: ``rows`` (per condition
+    its target drop, flip rate and perplexity change as ``point [lo, hi]`` text), ``best`` (the
+    largest target drop among the masking methods, the random control excluded) and ``ties``
+    (methods whose paired difference with the best includes 0)."""
+    rows = [
+        {
+            "state": s,
+            **{m: interval_text(row, f"{s}_{m}", 1 if "ppl" in m else 2) for m in HEADLINE},
+        }
+        for s in conditions
+    ]
+    methods = [s for s in conditions if s != "random" and row.get(f"{s}_target_drop") is not None]
+    if not methods:
+        return {"rows": rows, "best": None, "ties": []}
+    best = max(methods, key=lambda s: float(row[f"{s}_target_drop"]))
+    ties = []
+    for s in methods:
+        for a, b in ((s, best), (best, s)):
+            lo, hi = (
+                row.get(f"diff_{a}_{b}_target_drop_lo"),
+                row.get(f"diff_{a}_{b}_target_drop_hi"),
+            )
+            if s != best and lo is not None and hi is not None and lo <= 0 <= hi:
+                ties.append(s)
+                break
+    return {"rows": rows, "best": best, "ties": ties}

@@ -41,6 +41,7 @@ RANGE_INPUTS = (
     "head_position",
     "prompt_template",
     "few_shot",
+    "conditions",  # a 'density' condition makes the ranges stage fit density bands too
 )
 
 

@@ -14,6 +14,7 @@ from rangelens.explain.exemplars import ExemplarConfig, build_records
 from rangelens.explain.llm import llm_roles
 from rangelens.explain.loop import NeuronExplanation, explain_record
 from rangelens.explain.offline import offline_roles
+from rangelens.explain.protocol import MethodScores
 from rangelens.explain.records import NeuronRecord, write_json
 from rangelens.explain.roles import Roles
 from rangelens.models import LoadedModel
@@ -113,31 +114,41 @@ def explain_range(
     return record, explain_record(record, roles or offline_roles(), rounds=rounds)
 
 
+def write_results(
+    directory: Path,
+    records: Sequence[NeuronRecord],
+    explanations: Sequence[NeuronExplanation],
+    metadata: dict[str, object],
+) -> None:
+    """Write ``results.json``, ``records/<neuron>.json`` and ``explanations/<neuron>.json`` into
+    ``directory`` (a fresh temporary directory: see :func:`save_results`)."""
+    for rec in records:
+        rec.save(directory / "records" / f"{rec.neuron}.json")
+    for exp in explanations:
+        exp.save(directory / "explanations" / f"{exp.neuron}.json")
+    write_json(
+        directory / "results.json",
+        {
+            "format": RESULTS_FORMAT,
+            "metadata": metadata,
+            "neurons": [summary(e) for e in explanations],
+        },
+    )
+
+
 def save_results(
     directory: str | os.PathLike[str],
     records: Sequence[NeuronRecord],
     explanations: Sequence[NeuronExplanation],
     metadata: dict[str, object],
 ) -> Path:
-    """Write ``results.json``, ``records/<neuron>.json`` and ``explanations/<neuron>.json`` into a
-    temporary sibling directory and rename it into place, so ``directory`` is complete or absent
-    (an existing one is moved aside first and removed after)."""
+    """:func:`write_results` into a temporary sibling directory renamed into place, so
+    ``directory`` is complete or absent (an existing one is moved aside first and removed after)."""
     dest = Path(directory)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        for rec in records:
-            rec.save(tmp / "records" / f"{rec.neuron}.json")
-        for exp in explanations:
-            exp.save(tmp / "explanations" / f"{exp.neuron}.json")
-        write_json(
-            tmp / "results.json",
-            {
-                "format": RESULTS_FORMAT,
-                "metadata": metadata,
-                "neurons": [summary(e) for e in explanations],
-            },
-        )
+        write_results(tmp, records, explanations, metadata)
         old = dest.with_name(f".{dest.name}-old-{os.getpid()}")
         if dest.exists():
             dest.rename(old)
@@ -148,14 +159,23 @@ def save_results(
     return dest
 
 
+def _held(scores: MethodScores | None) -> float | None:
+    return None if scores is None else scores.held_out
+
+
 def summary(e: NeuronExplanation) -> dict[str, object]:
-    """One line of ``results.json``: scores, mode count and mode ranges of a neuron."""
+    """One line of ``results.json``: held-out scores of every method, mode count and ranges."""
     return {
         "neuron": e.neuron,
+        "backend": e.backend,
         "iterative_held_out": e.iterative.held_out,
         "single_pass_held_out": e.single_pass.held_out,
+        "single_pass_first_held_out": _held(e.single_pass_first),
+        "control_held_out": _held(e.control),
+        "lookup_held_out": _held(e.lookup),
         "iterative_auc": e.iterative.auc,
         "single_pass_auc": e.single_pass.auc,
+        "n_candidates": e.n_candidates,
         "n_modes": len(e.modes),
         "modes": [{"label": m.label, "lo": m.lo, "hi": m.hi, "score": m.score} for m in e.modes],
         "failures": len(e.failures),

@@ -34,6 +34,12 @@ def _neurons(neurons: str | None, run_dir: Path | None, top_k: int) -> list[int]
                 f"--neurons must be comma-separated integers, got {neurons!r}"
             ) from err
     assert run_dir is not None
+    return salient_neurons(run_dir, top_k)
+
+
+def salient_neurons(run_dir: Path, top_k: int) -> list[int]:
+    """The ``top_k`` most salient neurons of a run's range map (rank by rank, round-robin over
+    concepts, without duplicates)."""
     ranges = RangeMap.load(run_dir / "ranges")
     picked: list[int] = []
     for rank in range(ranges.neurons.shape[1]):
@@ -54,7 +60,10 @@ def explain_command(
         str | None,
         typer.Option(help="with --run-dir: explain this concept's ranges (in-range tokens)"),
     ] = None,
-    backend: Annotated[str, typer.Option(help=f"one of {', '.join(BACKENDS)}")] = "offline",
+    backend: Annotated[
+        str,
+        typer.Option(help=f"one of {', '.join(BACKENDS)} (offline: the lexical baseline, no LLM)"),
+    ] = "offline",
     base_url: Annotated[
         str, typer.Option(help="OpenAI-compatible server (openai backend)")
     ] = "http://127.0.0.1:8000/v1",
@@ -121,14 +130,16 @@ def explain_command(
     results = explain_records(records, roles, rounds=rounds)
     info = {"model": model, "dataset": given.dataset, "site": resolved.name, "backend": backend}
     save_results(output, records, results, {**info, "concept": concept, "seed": seed})
-    table = Table(title=f"explanations of {resolved.name} ({backend}) -> {output}")
-    for col in ("neuron", "target", "iterative r", "single-pass r", "AUC", "modes [range]"):
+    shown = "offline lexical baseline" if backend == "offline" else backend
+    table = Table(title=f"explanations of {resolved.name} ({shown}) -> {output}")
+    cols = ("neuron", "target", "iterative r", "single-pass r", "lookup r", "AUC", "modes [range]")
+    for col in cols:
         table.add_column(col)
     for e in results:
         modes = "\n".join(
             f"{m.label} [{m.lo:.2f}, {m.hi:.2f}]"
             if m.lo is not None and m.hi is not None
-            else m.label
+            else f"{m.label} [no exemplar: no range]"
             for m in e.modes
         )
         table.add_row(
@@ -136,6 +147,7 @@ def explain_command(
             e.target,
             f"{e.iterative.held_out:.3f}",
             f"{e.single_pass.held_out:.3f}",
+            f"{e.lookup.held_out:.3f}" if e.lookup is not None else "-",
             f"{e.iterative.auc:.2f}",
             modes,
         )

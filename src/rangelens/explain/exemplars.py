@@ -36,6 +36,22 @@ class ExemplarConfig:
     seed: int = 0
 
 
+def scaled_config(n_texts: int, seed: int = 0) -> ExemplarConfig:
+    """The default :class:`ExemplarConfig`, shrunk to fit ``n_texts`` texts (about 60% of them
+    used; at least 32 texts are needed)."""
+    if n_texts < 32:
+        raise RangelensError(f"need at least 32 texts to explain neurons, got {n_texts}")
+    d = ExemplarConfig()
+    return ExemplarConfig(
+        n_top=min(d.n_top, n_texts // 8),
+        n_per_bin=min(d.n_per_bin, max(1, n_texts // 32)),
+        n_feedback=min(d.n_feedback, n_texts // 8),
+        n_validation=min(d.n_validation, n_texts // 8),
+        n_held_out=min(d.n_held_out, n_texts // 6),
+        seed=seed,
+    )
+
+
 def token_strings(lm: LoadedModel, token_ids: np.ndarray) -> list[str]:
     """Each token id decoded on its own (``'Ġgoal'`` -> ``' goal'``)."""
     unique = np.unique(token_ids)

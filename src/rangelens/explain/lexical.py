@@ -74,6 +74,7 @@ class Words:
     index: np.ndarray
     text: list[str]
     shown: list[str]
+    wordpiece: bool = False
 
 
 def _clean(token: str) -> str:
@@ -113,7 +114,7 @@ def segment(tokens: Sequence[str]) -> Words:
         index[t] = len(pieces) - 1
         prev = clean or prev
     shown = ["".join(p).strip() or "".join(p) for p in pieces]
-    return Words(index, [s.lower() for s in shown], shown)
+    return Words(index, [s.lower() for s in shown], shown, wordpiece)
 
 
 def readable(token: str) -> str:

@@ -84,8 +84,11 @@ def _features(
     ]
     if t >= 1:
         p = int(words.index[t - 1])
-        span = "".join(
-            _merge(tokens[int(i)] for i in np.flatnonzero((words.index >= p) & (words.index <= w)))
+        inside = np.flatnonzero((words.index >= p) & (words.index <= w))
+        span = (
+            " ".join(words.shown[p : w + 1])  # WordPiece tokens carry no spaces
+            if words.wordpiece
+            else "".join(_merge(tokens[int(i)] for i in inside))
         )
         feats.append(("bigram", [normalize(tokens[t - 1]), normalize(tokens[t])], readable(span)))
         if p != w:

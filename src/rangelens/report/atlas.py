@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from rangelens.artifacts import atomic_dir, read_json, write_json
-from rangelens.erasure.outputs import interval_text
+from rangelens.erasure.outputs import interval_text, methods_for
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.report import figures
@@ -145,9 +145,20 @@ class _Site:
         ranges = self.run.ranges
         index = {name: c for c, name in enumerate(ranges.range_map.concepts)}
         rows = {}
+        bands = {
+            (c, r.neuron): r.intervals
+            for c in range(len(ranges.range_map.concepts))
+            for r in ranges.range_map.ranges(c)
+        }
         for row in ranges.distribution.to_dict(orient="records"):
             c, j = index[str(row["concept"])], int(row["neuron"])
-            rows[c, j] = {**row, "score": float(ranges.scores[c, j])}
+            intervals = bands[c, j]
+            rows[c, j] = {
+                **row,
+                "score": float(ranges.scores[c, j]),
+                "intervals": intervals,
+                "band": figures.band_text(intervals),
+            }
         return rows
 
     def _neurons(self) -> list[_Neuron]:
@@ -290,6 +301,9 @@ class _Site:
             )
         )
         rm = run.ranges.range_map
+        erased = run.erasure.summary if run.erasure is not None else {}
+        by_concept = {str(r["concept"]): r for r in erased.get("headline", [])}
+        conditions = list(erased.get("info", {}).get("conditions", []))
         cards = []
         for c, name in enumerate(rm.concepts):
             top = [self.rows[c, int(j)] for j in rm.neurons[c, :12]]
@@ -302,6 +316,9 @@ class _Site:
                     "summary": summary.get(name),
                     "shared": shared.get(name),
                     "top": top,
+                    "methods": methods_for(by_concept[name], conditions)
+                    if name in by_concept
+                    else None,
                 }
             )
         return {"figs": figs, "cards": cards}
@@ -445,7 +462,7 @@ class _Site:
             c
             for c in range(len(self.concepts))
             if (c, neuron) in self.rows
-            and self.rows[c, neuron]["lo"] <= value <= self.rows[c, neuron]["hi"]
+            and any(lo <= value <= hi for lo, hi in self.rows[c, neuron]["intervals"])
         ]
         return {
             "concept": label,
@@ -465,7 +482,7 @@ class _Site:
             series, table = [], []
             for c, name in enumerate(self.concepts):
                 row = self.rows.get((c, j))
-                band = (float(row["lo"]), float(row["hi"])) if row else None
+                band = row["intervals"] if row else None
                 mean, std = float(moments["mean"][c, j]), float(moments["std"][c, j])
                 series.append(
                     figures.Series(name, c, moments["hist_counts"][c, j], mean, std, band)

@@ -22,7 +22,7 @@ from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import NeuronRecord
 from rangelens.ranges import RangeMap, bhattacharyya
 
-ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png")
+ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png", "pareto.png")
 STAGES = {  # stage -> (the file that marks it as written, how to make it)
     "capture": ("capture.json", "run `rangelens analyze`"),
     "ranges": ("ranges.json", "run `rangelens analyze`"),

@@ -78,24 +78,30 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [round(k * step, 12) for k in range(first, math.floor(hi / step) + 1)]
 
 
+def band_text(intervals: Sequence[tuple[float, float]]) -> str:
+    """A band as text: ``[a, b] ∪ [c, d]``; ``∅`` for an empty band."""
+    return " ∪ ".join(f"[{fmt(lo)}, {fmt(hi)}]" for lo, hi in intervals) or "∅"
+
+
 @dataclass(frozen=True)
 class Series:
     """One concept on one neuron: its histogram on the neuron's shared grid, its fitted Gaussian and,
-    where the neuron is salient for it, its range ``band``."""
+    where the neuron is salient for it, its ``band``: the range's intervals, left to right (one for
+    mu +- tau sigma, none or several for density bands)."""
 
     concept: str
     index: int
     counts: np.ndarray
     mean: float
     std: float
-    band: tuple[float, float] | None
+    band: tuple[tuple[float, float], ...] | None
 
 
 def histogram_svg(
     edges: np.ndarray, series: Sequence[Series], *, width: int = 720, plot_height: int = 220
 ) -> Markup:
     """A standalone SVG: each concept's histogram (step outline), its Gaussian ``N(mean, std)``
-    scaled to counts, one band row per range below the axis, a legend whose entries toggle a
+    scaled to counts, one band row per range below the axis (every interval of the band on it), a legend whose entries toggle a
     concept (with the atlas script), and a hover tooltip per bin listing every concept's count."""
     left, right = 96, 16
     legend = _legend_positions(series, left, width - right)
@@ -178,17 +184,23 @@ def histogram_svg(
         out.extend(group)
     for row, s in enumerate(bands):
         assert s.band is not None
-        lo, hi = s.band
         y = band_top + 16 * row
-        x_lo, x_hi, x_mean = np.clip(px(np.array([lo, hi, s.mean])), left, width - right)
         paint = color(s.index)
+        x_mean = float(np.clip(px(s.mean), left, width - right))
         out.append(
-            f'<g class="band" data-concept="{s.index}"><title>{escape(s.concept)} range '
-            f"[{fmt(lo)}, {fmt(hi)}], mean {fmt(s.mean)}</title>"
+            f'<g class="band" data-concept="{s.index}"><title>{escape(s.concept)} '
+            f"{'range' if len(s.band) == 1 else 'band'} {escape(band_text(s.band))}, "
+            f"mean {fmt(s.mean)}</title>"
             f'<text x="{left - 6}" y="{y + 4}" text-anchor="end" fill="{MUTED}">'
             f"{escape(_short(s.concept))}</text>"
-            f'<line x1="{x_lo:.1f}" x2="{x_hi:.1f}" y1="{y}" y2="{y}" stroke="{paint}" '
-            f'stroke-width="7" stroke-linecap="round"/>'
+        )
+        for lo, hi in s.band:
+            x_lo, x_hi = np.clip(px(np.array([lo, hi])), left, width - right)
+            out.append(
+                f'<line x1="{x_lo:.1f}" x2="{x_hi:.1f}" y1="{y}" y2="{y}" stroke="{paint}" '
+                f'stroke-width="7" stroke-linecap="round"/>'
+            )
+        out.append(
             f'<circle cx="{x_mean:.1f}" cy="{y}" r="3.2" fill="#fff" stroke="{paint}" '
             f'stroke-width="1.5"/></g>'
         )
@@ -236,7 +248,7 @@ def _extent(edges: np.ndarray, series: Sequence[Series]) -> tuple[float, float]:
     """The x-range to draw: every concept's non-empty bins and every range band, padded 3%."""
     used = np.flatnonzero(np.any([s.counts > 0 for s in series], axis=0))
     ends = [float(edges[used[0]]), float(edges[used[-1] + 1])] if used.size else []
-    ends += [v for s in series if s.band is not None for v in s.band if math.isfinite(v)]
+    ends += [v for s in series for pair in s.band or () for v in pair if math.isfinite(v)]
     lo, hi = (min(ends), max(ends)) if ends else (float(edges[0]), float(edges[-1]))
     pad = 0.03 * (hi - lo) if hi > lo else max(abs(lo), 1.0) * 0.05
     return lo - pad, hi + pad
