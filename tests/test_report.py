@@ -435,8 +435,7 @@ def test_serve_on_a_busy_port_is_a_one_line_error(
 
 
 def test_atlas_builds_atomically_over_an_old_one(report_run: Path, tmp_path: Path) -> None:
-    out = tmp_path / "atlas"
-    out.mkdir()
+    out = build_atlas(report_run, tmp_path / "atlas")
     (out / "stale.html").write_text("old")
     build_atlas(report_run, out)
     assert not (out / "stale.html").exists() and (out / "index.html").is_file()

@@ -10,9 +10,11 @@ Stages write into a run directory (see :mod:`rangelens.artifacts`):
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,13 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.numpy import load_file, save_file
 
 from rangelens.artifacts import (
+    STAGE,
     atomic_dir,
     check_run_dir,
+    clean_stale_temps,
     fingerprint,
     mark_stage,
     path_digest,
     read_json,
-    stage_is_current,
+    reuse_stage,
+    run_lock,
     write_json,
     write_run_meta,
     write_table,
@@ -322,7 +327,10 @@ def _ranking_table(scores: np.ndarray, top: np.ndarray, names: list[str]) -> pd.
 def load_ranges(
     directory: Path,
 ) -> tuple[np.ndarray, RangeSet, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Load a finished ranges stage."""
+    """Load a finished ranges stage (raises if one of its files is missing or damaged)."""
+    RangeMap.load(directory)
+    pd.read_csv(directory / "rankings.csv")
+    read_json(directory / "summary.json")
     return (
         load_file(str(directory / "scores.safetensors"))["scores"],
         RangeSet.load(directory),
@@ -342,10 +350,24 @@ def analyze(
 ) -> AnalysisResult:
     """Run (or resume) the analysis into ``run_dir``; finished stages with unchanged inputs are
     skipped. With a ``plan`` (a classification task exists) ranges are fitted on the rows it picks
-    (by default the correctly classified training rows, per split), else on all training rows."""
+    (by default the correctly classified training rows, per split), else on all training rows.
+    Stages are reused only if their files load. The run directory is locked meanwhile (torchrun
+    workers other than rank 0 write nothing and take no lock)."""
     run_dir = Path(run_dir)
+    with run_lock(run_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        return _analyze(config, run_dir, lm, plan, progress)
+
+
+def _analyze(
+    config: AnalysisConfig,
+    run_dir: Path,
+    lm: LoadedModel | None,
+    plan: RangesPlan | None,
+    progress: bool,
+) -> AnalysisResult:
     config = config.resolved()
     check_run_dir(run_dir, config.model)
+    clean_stale_temps(run_dir)
     torch.manual_seed(config.seed)
     data = config.load_data()
     if config.ranking == "probe" and config.position == "tokens":
@@ -354,28 +376,26 @@ def analyze(
         )
     capture_fp = fingerprint(config.capture_inputs())
     capture_dir = run_dir / "capture"
-    current = stage_is_current(capture_dir, capture_fp)
+    cap = reuse_stage(capture_dir, capture_fp, load_capture)
     ranges_fp = fingerprint(capture_fp, config.range_inputs(), plan.inputs if plan else None)
     ranges_dir = run_dir / "ranges"
-    ranges_current = stage_is_current(ranges_dir, ranges_fp)
-    if not current or (not ranges_current and config.layers):  # validate before writing
+    ranges = reuse_stage(ranges_dir, ranges_fp, load_ranges)
+    if cap is None or (ranges is None and config.layers):  # validate before writing
         device = local_device(config.device)
         lm = lm or load_model(config.model, device=device, dtype=config.dtype)
         resolve_site(lm.model, config.site, config.layer)
     main = is_main()
     if main:
         write_run_meta(run_dir, config.model_dump(), config.seed)
-    if current:
-        cap = load_capture(capture_dir)
-    else:
+    if cap is None:
         assert lm is not None
         cap = run_capture(lm, data, config, progress=progress and main)
         if main:
-            with atomic_dir(capture_dir) as tmp:
+            with atomic_dir(capture_dir, STAGE) as tmp:
                 _save_capture(cap, tmp)
                 mark_stage(tmp, "capture", capture_fp, seconds=cap.info["seconds"])
-    if ranges_current:
-        scores, rangeset, table, summary, poly = load_ranges(ranges_dir)
+    if ranges is not None:
+        scores, rangeset, table, summary, poly = ranges
         return AnalysisResult(run_dir, cap, scores, rangeset, table, summary, poly)
     metadata = {
         "model": config.model,
@@ -400,7 +420,7 @@ def analyze(
         ratios=band_ratios(config) if wants_bands else None,
     )
     if main:
-        with atomic_dir(ranges_dir) as tmp:
+        with atomic_dir(ranges_dir, STAGE) as tmp:
             rangeset.save(tmp)
             rangeset.map(source.main, FULL, config.tau, config.p).save(tmp)
             save_file({"scores": scores}, str(tmp / "scores.safetensors"))

@@ -150,7 +150,13 @@ def _frame(source: Any, header: bool = True, sep: str | None = None) -> tuple[pd
         return _builtin_frame(name), name
     path = Path(name)
     if path.is_dir():
-        return _read_label_folders(path), path.name
+        frame = _read_label_folders(path)
+        if frame.empty:
+            raise RangelensError(
+                f"dataset folder {name!r} has no texts; it needs one subfolder per label "
+                f"holding .txt files"
+            )
+        return frame, path.name
     if path.is_file():
         return _read_file(path, header, sep), path.name
     raise RangelensError(

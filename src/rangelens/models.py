@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -27,7 +25,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from rangelens.artifacts import file_digest
+from rangelens.artifacts import atomic_dir, file_digest
 from rangelens.errors import RangelensError, choices
 
 ModelKind = Literal["decoder", "encoder"]
@@ -114,18 +112,9 @@ def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
     setattr(model, "hf_quantizer", None)  # noqa: B010 (the attribute is typed non-optional)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_dir(dest, replace=False) as tmp:  # if another process finished first, keep its
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(dest)
-        except OSError:  # another process finished first
-            if not (dest / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def builtin_model_dir(name: str) -> Path:
@@ -219,6 +208,9 @@ def load_model(
     hf_logging.disable_progress_bar()  # loading local safetensors takes well under a second
     try:
         model = loader.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as err:  # e.g. a directory with config.json but no weights
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RangelensError(f"model {name_or_path!r} cannot be loaded: {first}") from err
     finally:
         hf_logging.enable_progress_bar()
     cast(Any, model).to(torch_device).eval()

@@ -7,8 +7,6 @@ with its 95% bootstrap interval.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,9 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+
+from rangelens.artifacts import atomic_path
 
 COLORS = {"range": "#1f77b4", "neuron": "#ff7f0e", "random": "#7f7f7f"}
 OTHER_COLORS = ("#2ca02c", "#9467bd", "#8c564b")
@@ -152,13 +153,9 @@ def pareto(
 
 
 def save_figure(fig: Figure, path: Path, *, dpi: int = 120) -> None:
-    """Save a figure as PNG atomically (temporary file in the same directory, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    """Save a figure as PNG atomically (:func:`rangelens.artifacts.atomic_path`); text is drawn
+    literally (concept names from user data may hold ``$``, which mathtext would parse)."""
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
+from rangelens.artifacts import atomic_path, write_text
 from rangelens.bands import band_purity_coverage, band_separation, density_bands
 from rangelens.errors import RangelensError, choices
 from rangelens.ranking import top_neurons
@@ -183,30 +184,21 @@ class RangeMap:
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write ``ranges.safetensors`` and ``ranges.json`` into ``directory``.
 
-        Each file is written to a temporary name and moved into place with ``os.replace``, so a
-        crash never leaves a half-written file; metadata that is not JSON-able fails before anything
-        is written.
+        Each file is written atomically (:func:`rangelens.artifacts.atomic_path`), so a crash never
+        leaves a half-written file; metadata that is not JSON-able fails before anything is written.
         """
         path = Path(directory)
         header = json.dumps(
             {"format": FORMAT_VERSION, "concepts": self.concepts, "metadata": self.metadata},
             indent=2,
         )
-        path.mkdir(parents=True, exist_ok=True)
-        tmp_tensors = path / f".{TENSORS_FILE}.{os.getpid()}.tmp"
-        tmp_header = path / f".{HEADER_FILE}.{os.getpid()}.tmp"
-        try:
+        with atomic_path(path / TENSORS_FILE) as tmp:
             save_file(
                 {name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAYS + _BANDS},
-                str(tmp_tensors),
+                str(tmp),
                 metadata={"format": FORMAT_VERSION},
             )
-            tmp_header.write_text(header + "\n", encoding="utf-8")
-            os.replace(tmp_tensors, path / TENSORS_FILE)
-            os.replace(tmp_header, path / HEADER_FILE)
-        finally:
-            tmp_tensors.unlink(missing_ok=True)
-            tmp_header.unlink(missing_ok=True)
+        write_text(path / HEADER_FILE, header + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> RangeMap:

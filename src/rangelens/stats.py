@@ -21,7 +21,6 @@ but finite bin width and keeps absolute bin indices below ``2**52``, exact in in
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from rangelens.artifacts import atomic_path
 from rangelens.errors import RangelensError, choices
 
 FORMAT_VERSION = "rangelens.stats/1"
@@ -282,8 +282,8 @@ class ConceptStats:
         """Write one safetensors file: the :meth:`state_dict` arrays, and string metadata
         ``format`` (``"rangelens.stats/1"``), ``concepts`` (a JSON list), ``n_neurons``, ``n_bins``.
 
-        Written to a temporary file in the same directory and moved into place with ``os.replace``,
-        so readers never see a partial file.
+        Written atomically (:func:`rangelens.artifacts.atomic_path`), so readers never see a partial
+        file.
         """
         path = Path(path)
         metadata = {
@@ -292,12 +292,8 @@ class ConceptStats:
             "n_neurons": str(self.n_neurons),
             "n_bins": str(self.n_bins),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             save_file(self.state_dict(), str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptStats:

@@ -4,8 +4,6 @@ tau sweep, warnings, the verdict, files and figures (and reading them back)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rangelens.analysis import AnalysisConfig
-from rangelens.artifacts import read_json, write_json, write_table, write_text
+from rangelens.artifacts import atomic_path, read_json, write_json, write_table, write_text
 from rangelens.data import LabeledTexts
 from rangelens.erasure.conditions import CONDITIONS
 from rangelens.erasure.config import ErasureConfig
@@ -268,14 +266,8 @@ def compact_headline(result: ErasureResult) -> pd.DataFrame:
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from rangelens.artifacts import EXPLANATIONS, atomic_dir
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import CachedClient, LLMClient, ResponseCache
 from rangelens.explain.exemplars import ExemplarConfig, build_records
@@ -141,22 +140,16 @@ def save_results(
     records: Sequence[NeuronRecord],
     explanations: Sequence[NeuronExplanation],
     metadata: dict[str, object],
+    *,
+    force: bool = False,
 ) -> Path:
     """:func:`write_results` into a temporary sibling directory renamed into place, so
-    ``directory`` is complete or absent (an existing one is moved aside first and removed after)."""
-    dest = Path(directory)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    ``directory`` is complete or absent. An existing ``directory`` is replaced only if it holds
+    explanations or is empty (``force``: also another kind of rangelens directory; see
+    :func:`rangelens.artifacts.check_output_dir`)."""
+    with atomic_dir(Path(directory), EXPLANATIONS, force=force) as tmp:
         write_results(tmp, records, explanations, metadata)
-        old = dest.with_name(f".{dest.name}-old-{os.getpid()}")
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return Path(directory)
 
 
 def _held(scores: MethodScores | None) -> float | None:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rangelens import cliconfig
+from rangelens.artifacts import EXPLANATIONS, check_output_dir
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
 from rangelens.explain.clients import LLMClient, OpenAIClient, TransformersClient
@@ -78,6 +79,10 @@ def explain_command(
         typer.Option(help="explanations directory [RUN_DIR/explanations, else ./explanations]"),
     ] = None,
     rounds: Annotated[int, typer.Option(help="refinement rounds")] = 4,
+    force: Annotated[
+        bool,
+        typer.Option(help="replace --output even if it holds another kind of rangelens output"),
+    ] = False,
     inputs: dict[str, Any] | None = None,
 ) -> None:
     """Explain neurons as NeuronScope modes with activation ranges, vs a single-pass baseline."""
@@ -89,6 +94,7 @@ def explain_command(
     model, seed = given.model, given.seed
     if output is None:
         output = run_dir / "explanations" if run_dir is not None else Path("explanations")
+    check_output_dir(output, EXPLANATIONS, force=force, keep=[run_dir] if run_dir else [])
     config = ExemplarConfig(seed=seed)
     data = given.load_texts()
     check_size(data, given, config)  # before loading the model or capturing anything
@@ -129,7 +135,7 @@ def explain_command(
         )
     results = explain_records(records, roles, rounds=rounds)
     info = {"model": model, "dataset": given.dataset, "site": resolved.name, "backend": backend}
-    save_results(output, records, results, {**info, "concept": concept, "seed": seed})
+    save_results(output, records, results, {**info, "concept": concept, "seed": seed}, force=force)
     shown = "offline lexical baseline" if backend == "offline" else backend
     table = Table(title=f"explanations of {resolved.name} ({shown}) -> {output}")
     cols = ("neuron", "target", "iterative r", "single-pass r", "lookup r", "AUC", "modes [range]")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from rangelens.artifacts import write_text
 from rangelens.errors import RangelensError
 
 RECORD_FORMAT = "rangelens.explain.record/2"
@@ -114,11 +115,5 @@ class NeuronRecord:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + ``os.replace``); NaN is rejected, not written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write JSON atomically (:func:`rangelens.artifacts.write_text`); NaN is rejected, not written."""
+    write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")

@@ -13,7 +13,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rangelens.analysis import AnalysisConfig
-from rangelens.artifacts import atomic_dir, fingerprint, mark_stage, read_json, stage_is_current
+from rangelens.artifacts import (
+    EXPLANATIONS,
+    atomic_dir,
+    fingerprint,
+    mark_stage,
+    read_json,
+    stage_is_current,
+)
 from rangelens.explain.api import explain_records, make_roles, write_results
 from rangelens.explain.command import salient_neurons
 from rangelens.explain.exemplars import build_records, scaled_config
@@ -60,7 +67,7 @@ def run_explain_stage(
         max_length=analysis.max_length,
     )
     results = explain_records(records, make_roles(config.backend), rounds=config.rounds)
-    with atomic_dir(stage) as tmp:
+    with atomic_dir(stage, EXPLANATIONS) as tmp:
         meta = {
             "model": analysis.model,
             "dataset": analysis.dataset,

@@ -23,7 +23,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from rangelens.artifacts import atomic_dir, read_json, write_json
+from rangelens.artifacts import ATLAS, atomic_dir, check_output_dir, read_json, write_json
 from rangelens.erasure.outputs import interval_text, methods_for
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import ActivationRecord, NeuronRecord
@@ -61,19 +61,23 @@ def build_atlas(
     out_dir: str | Path | None = None,
     *,
     explanations: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Write the atlas of ``run_dir`` to ``out_dir`` (default ``RUN_DIR/atlas``); return it.
 
     Renders whatever stages exist and lists the missing ones on the overview page. Explanations are
-    read from ``explanations`` (default ``RUN_DIR/explanations``).
+    read from ``explanations`` (default ``RUN_DIR/explanations``). An existing ``out_dir`` is
+    replaced only if it is an atlas or empty (``force``: also another kind of rangelens directory;
+    never the run or a directory holding it; see :func:`rangelens.artifacts.check_output_dir`).
     """
     start = time.perf_counter()
     run_path = Path(run_dir)
     check_run_dir(run_path)
     out = Path(out_dir) if out_dir is not None else run_path / "atlas"
     explained = Path(explanations) if explanations is not None else default_explanations(run_path)
+    check_output_dir(out, ATLAS, force=force, keep=[run_path])
     run = load_run(run_path, explained)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, ATLAS, force=force, keep=[run_path]) as tmp:
         pages = _Site(run, tmp).render()
         write_json(
             tmp / "atlas.json",

@@ -28,12 +28,19 @@ def report_command(
     open_browser: Annotated[
         bool, typer.Option("--open", help="open the atlas in a web browser")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="replace --out even if it holds another kind of rangelens output"),
+    ] = False,
 ) -> None:
-    """Write the self-contained HTML neuron atlas of a run (works offline, from file://)."""
+    """Write the self-contained HTML neuron atlas of a run (works offline, from file://).
+
+    An existing --out is replaced only if it is an atlas or empty; never the run directory or a
+    directory rangelens did not make."""
     from rangelens.report.atlas import build_atlas
 
     start = time.perf_counter()
-    atlas = build_atlas(run_dir, out, explanations=explanations)
+    atlas = build_atlas(run_dir, out, explanations=explanations, force=force)
     index = atlas / "index.html"
     Console().print(
         f"[bold green]atlas:[/] {index} ({_size_mb(atlas):.1f} MB, "

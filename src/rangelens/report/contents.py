@@ -145,14 +145,15 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def source_fingerprint(run_dir: Path, explanations: Path) -> str:
-    """Hash of what the atlas is built from (stage markers, run.json, explanation results)."""
+    """Hash of what the atlas is built from (stage markers, run.json, explanation results); paths
+    are resolved, so every spelling of the same run gives the same hash."""
     digest = hashlib.sha256()
     for path in (
         run_dir / "run.json",
         *(run_dir / stage / "stage.json" for stage in ("capture", "ranges", "erasure")),
         explanations / "results.json",
     ):
-        digest.update(str(path).encode())
+        digest.update(str(path.resolve()).encode())
         digest.update(path.read_bytes() if path.is_file() else b"-")
     return digest.hexdigest()[:16]
 

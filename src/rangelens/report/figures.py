@@ -19,6 +19,7 @@ from markupsafe import Markup, escape
 from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType  # matplotlib >= 3.9
@@ -353,7 +354,10 @@ def explanation_scores_figure(
 
 
 def save_figure(fig: Figure, directory: Path, name: str) -> None:
-    """Write ``name.svg`` (for the pages) and ``name.png`` (150 dpi, for papers)."""
+    """Write ``name.svg`` (for the pages) and ``name.png`` (150 dpi, for papers). Text is drawn
+    literally: concept names come from user data and may hold ``$``, which mathtext would parse."""
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     directory.mkdir(parents=True, exist_ok=True)
     with rc_context(STYLE):
         fig.savefig(directory / f"{name}.svg", metadata={"Date": None})

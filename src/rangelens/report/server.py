@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from rangelens.artifacts import ATLAS, check_output_dir
 from rangelens.errors import RangelensError
 from rangelens.report.atlas import atlas_is_current, build_atlas
 from rangelens.report.contents import check_run_dir
@@ -63,6 +64,11 @@ class AtlasHandler(BaseHTTPRequestHandler):
 
     server: AtlasServer
     server_version = "rangelens"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.idle_timeout)  # drop idle or half-sent requests
+
     sys_version = ""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -115,9 +121,17 @@ class AtlasServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, root: Path, address: tuple[str, int], *, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        address: tuple[str, int],
+        *,
+        verbose: bool = False,
+        idle_timeout: float = 30.0,
+    ) -> None:
         self.root = root.resolve()
         self.verbose = verbose
+        self.idle_timeout = idle_timeout
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, AtlasHandler)
@@ -136,17 +150,21 @@ def make_server(atlas: str | Path, host: str = "127.0.0.1", port: int = 8000) ->
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve ``RUN_DIR/atlas`` (built first if missing or out of date) until interrupted."""
+    if not 0 <= port <= 65535:
+        raise RangelensError(f"--port {port} is not a TCP port; valid: 0-65535 (0: any free port)")
     run_path = Path(run_dir)
     check_run_dir(run_path)
     atlas = run_path / "atlas"
     if not atlas_is_current(run_path, atlas):
+        check_output_dir(atlas, ATLAS, keep=[run_path])
         print(f"building the atlas in {atlas} ...", file=sys.stderr)
         build_atlas(run_path, atlas)
     try:
         server = AtlasServer(atlas, (host, port), verbose=True)
-    except OSError as err:
+    except (OSError, OverflowError) as err:
+        reason = getattr(err, "strerror", None) or err
         raise RangelensError(
-            f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port"
+            f"cannot listen on {host}:{port} ({reason}); choose another --port or --host"
         ) from err
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {atlas} at http://{shown}:{server.server_address[1]}/ (Ctrl-C stops)")
