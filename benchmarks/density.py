@@ -152,7 +152,9 @@ def main() -> None:
             f"\n## {SETTINGS[name][1]}\n\n"
             f"Base accuracy {info['base_acc']:.3f} (chance {info['chance']:.2f}), "
             f"{info['n_test_texts']} test texts, base perplexity "
-            f"{info['base_ppl']:.1f}; run wall time {seconds / 60:.1f} min.\n\n"
+            + (f"{info['base_ppl']:.1f}" if np.isfinite(info["base_ppl"]) else "n/a (encoder)")
+            + f"; erasure stage {info['seconds']['total'] / 60:.1f} min "
+            f"(this call: {seconds / 60:.1f} min, finished stages are reused).\n\n"
             + headline_table(result)
             + f"\n**Verdict (rangelens).** {info['verdict']}\n\n"
             + f"![Pareto view](density_pareto_{name}.png)\n\n"

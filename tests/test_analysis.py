@@ -128,3 +128,9 @@ def test_builtin_runs(tmp_path: Path, model: str, dataset: str, position: str) -
     assert "overall" in summary["concept"].tolist()
     capture_info = json.loads((out / "capture" / "capture.json").read_text())
     assert capture_info["tokens_per_second"] > 0
+    # Density bands on the same run: the capture is reused, only the ranges stage re-runs.
+    dense = cli(*res.args[3:], "--range-method", "density")
+    assert dense.returncode == 0, dense.stderr
+    bands = RangeMap.load(out / "ranges")
+    assert bands.metadata["method"] == "density" and bands.metadata["ratio"] == 1.0
+    assert bands.bands[0].shape[:2] == bands.neurons.shape and (bands.n_intervals > 0).any()
