@@ -253,7 +253,7 @@ def test_prompt_scores_label_tokens_like_a_plain_forward(tiny_llama: LoadedModel
 def test_run_erasure_writes_every_file_and_matches_full_forwards(
     tiny_lm: LoadedModel, tmp_path: Path
 ) -> None:
-    result = erase(tiny_lm, tmp_path / "suffix")
+    result = erase(tiny_lm, tmp_path / "suffix", ppl_sweep=True)
     taus, n_concepts, n_states = 2, len(KEYWORDS), 4  # base, range, neuron, random
     assert result.table.shape[0] == n_concepts * n_states * taus
     assert {"target_acc", "ppl", "target_drop_lo", "complement_flip_hi"} <= set(result.table)
@@ -281,7 +281,7 @@ def test_run_erasure_writes_every_file_and_matches_full_forwards(
     base = result.table[result.table["state"] == "base"]
     assert (base.filter(regex="drop|flip|change").fillna(0) == 0).all().all()
 
-    full = erase(tiny_lm, tmp_path / "full", suffix=False)
+    full = erase(tiny_lm, tmp_path / "full", suffix=False, ppl_sweep=True)
     assert full.info["classify"]["forwards"] == {
         "resid.2": {"skipped_blocks": 0, "rerun_blocks": 3}
     }
@@ -306,6 +306,17 @@ def test_token_position_statistics_are_recaptured(tiny_llama: LoadedModel, tmp_p
     assert result.info["task_info"]["position"] == "last"
     neuron = result.table[result.table["state"] == "neuron"]
     assert (neuron["target_conf_drop"] != 0).all()
+
+
+def test_perplexity_only_at_the_headline_unless_swept(
+    tiny_llama: LoadedModel, tmp_path: Path
+) -> None:
+    result = erase(tiny_llama, tmp_path, folds=2, conditions=["range", "neuron"])
+    ranged = result.table[result.table["state"] == "range"].set_index("tau")
+    assert ranged.loc[2.0, "ppl"].notna().all() and ranged.loc[1.0, "ppl"].isna().all()
+    neuron = result.table[result.table["state"] == "neuron"]
+    assert neuron["ppl"].notna().all()  # the same mask at every tau
+    assert result.info["perplexity"]["points"] == "the headline tau and p only"
 
 
 def test_the_experiment_erases_the_saved_ranges(tiny_llama: LoadedModel, tmp_path: Path) -> None:

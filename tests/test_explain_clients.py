@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 from test_explain_core import synthetic
 
 from rangelens.explain import (
-    CachedClient,
+    LLM,
     LLMUnavailable,
     OpenAIClient,
     ResponseCache,
@@ -21,25 +24,43 @@ from rangelens.explain import (
     make_roles,
     save_results,
 )
-from rangelens.explain.llm import LLMExplainer, LLMSimulator
+from rangelens.explain.clients import Completion
+from rangelens.explain.llm import LLMExplainer
 from rangelens.explain.roles import Trace
 
 SECRET = "sk-test-SECRET-0123456789"
 
 
-class Server:
-    """Replies come from ``reply(prompt_text)``: a string, or an int HTTP status to fail with."""
+@dataclass
+class Reply:
+    """A scripted reply: content with optional per-token top log-probabilities (``tokens`` spell
+    the content), or a raw body sent as is, or a delay before answering."""
 
-    def __init__(self, reply: Callable[[str], str | int]) -> None:
+    content: str = ""
+    tokens: list[tuple[str, dict[str, float]]] | None = None
+    raw: bytes | None = None
+    delay: float = 0.0
+
+
+Answer = str | int | Reply
+
+
+class Server:
+    """Replies come from ``reply(prompt_text)``: a string, an int HTTP status to fail with, or a
+    :class:`Reply`. ``bodies`` keeps every request body."""
+
+    def __init__(self, reply: Callable[[str], Answer]) -> None:
         self.reply = reply
         self.calls = 0
         self.auth: set[str] = set()
+        self.bodies: list[dict] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.calls += 1
+                outer.bodies.append(body)
                 outer.auth.add(self.headers.get("Authorization", ""))
                 prompt = "\n".join(m["content"] for m in body["messages"])
                 answer = outer.reply(prompt)
@@ -47,31 +68,22 @@ class Server:
                     self.send_response(answer)
                     self.end_headers()
                     return
-                payload = json.dumps(
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": body["model"],
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": answer},
-                                "finish_reason": "stop",
-                            }
-                        ],
-                    }
-                ).encode()
+                answer = answer if isinstance(answer, Reply) else Reply(answer)
+                if answer.delay:
+                    time.sleep(answer.delay)
+                payload = answer.raw or json.dumps(chat_completion(body, answer)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                with contextlib.suppress(OSError):  # the client gave up (timeout)
+                    self.wfile.write(payload)
 
             def log_message(self, *args: object) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -79,12 +91,43 @@ class Server:
         return OpenAIClient(self.url, "scripted", api_key_env="RL_TEST_KEY", backoff=0.01, **kw)  # type: ignore[arg-type]
 
 
+def chat_completion(body: dict, answer: Reply) -> dict:
+    """An OpenAI chat-completion response; log-probabilities only when the request asked."""
+    choice: dict = {
+        "index": 0,
+        "message": {"role": "assistant", "content": answer.content},
+        "finish_reason": "stop",
+    }
+    if body.get("logprobs") and answer.tokens is not None:
+        assert "".join(t for t, _ in answer.tokens) == answer.content
+        choice["logprobs"] = {
+            "content": [
+                {
+                    "token": tok,
+                    "logprob": top.get(tok, -0.01),
+                    "bytes": None,
+                    "top_logprobs": [
+                        {"token": t, "logprob": lp, "bytes": None} for t, lp in top.items()
+                    ][: body.get("top_logprobs", 0)],
+                }
+                for tok, top in answer.tokens
+            ]
+        }
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": body["model"],
+        "choices": [choice],
+    }
+
+
 @pytest.fixture
 def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Server]]:
     monkeypatch.setenv("RL_TEST_KEY", SECRET)
     servers: list[Server] = []
 
-    def start(reply: Callable[[str], str | int]) -> Server:
+    def start(reply: Callable[[str], Answer]) -> Server:
         servers.append(Server(reply))
         return servers[-1]
 
@@ -93,14 +136,15 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Server]]:
         s.httpd.shutdown()
 
 
-def sequence(*replies: str | int) -> Callable[[str], str | int]:
+def sequence(*replies: Answer) -> Callable[[str], Answer]:
     queue = list(replies)
     return lambda _prompt: queue.pop(0) if len(queue) > 1 else queue[0]
 
 
 def test_retries_server_errors_with_backoff(serve):
     server = serve(sequence(500, 503, "hello"))
-    assert server.client(max_retries=3).complete([{"role": "user", "content": "hi"}]) == "hello"
+    reply = server.client(max_retries=3).complete([{"role": "user", "content": "hi"}])
+    assert reply.text == "hello" and reply.logprobs is None
     assert server.calls == 3
     assert server.auth == {f"Bearer {SECRET}"}
 
@@ -110,38 +154,28 @@ def test_malformed_replies_are_retried_then_recorded(serve):
     good = '{"explanation": "sports words", "keywords": ["goal", "match"]}'
     server = serve(sequence("no json at all", '{"explanation": "x", "keywords": [NaN]}', good))
     trace = Trace()
-    mode = LLMExplainer(server.client()).explain_top(rec, 5, trace)
+    mode = LLMExplainer(LLM(server.client())).explain_top(rec, 5, trace)
     assert server.calls == 3 and not trace.failures
     assert {c.text for c in mode.components} == {"goal", "match"}
 
     bad = serve(sequence('{"explanation": ""}'))
     trace = Trace()
-    mode = LLMExplainer(bad.client()).explain_top(rec, 5, trace)
+    mode = LLMExplainer(LLM(bad.client())).explain_top(rec, 5, trace)
     assert bad.calls == 3 and mode.components == []
     assert [(f.role, f.attempts) for f in trace.failures] == [("explainer", 3)]
 
 
-def test_simulator_wrong_count_becomes_failed_step(serve):
-    rec = synthetic()
-    server = serve(sequence('{"activations": [1, 2]}'))
-    trace = Trace()
-    texts = [r.tokens for r in rec.held_out[:2]]
-    sim = LLMSimulator(server.client()).simulate("sports words", texts, trace)
-    assert len(trace.failures) == 2 and all(f.role == "simulator" for f in trace.failures)
-    assert sim == [None, None]  # failures are reported, never turned into zeros
-
-
 def scripted_llm(prompt: str) -> str:
-    if "Revise the modes" in prompt:
+    if "improved description" in prompt:
         return "I think the neuron likes sports."  # never valid: the refiner step fails
-    if "Group them" in prompt:
+    if "groups of related meaning" in prompt:
         return (
             '{"modes": [{"label": "sports", "components": [0, 1]}, '
             '{"label": "x", "components": [99]}]}'
             if "Invalid" not in prompt
             else '{"modes": [{"label": "sports", "components": [0]}]}'
         )
-    if "atomic semantic components" in prompt:
+    if "make the neuron fire" in prompt:
         return '```json\n{"components": ["goal", "match"]}\n```'
     return (
         '{"explanation": "football words such as \'goal\'", "keywords": ["goal", "team", "shares"]}'
@@ -161,10 +195,14 @@ def test_llm_loop_end_to_end_cached_and_key_free(serve, tmp_path: Path):
 
     again = make_roles("openai", server.client(), cache_dir=tmp_path / "cache")
     second = explain_record(rec, again, rounds=2)
-    assert server.calls == calls  # every prompt answered from the cache
     assert second.to_dict() == first.to_dict()
+    # validated replies come from the cache; the failed refiner steps are asked again
+    refiner_failures = sum(f.role == "refiner" for f in first.failures)
+    assert server.calls - calls == 3 * refiner_failures
     assert isinstance(again.explainer, LLMExplainer)
-    assert isinstance(again.explainer.client, CachedClient) and again.explainer.client.misses == 0
+    stats = again.explainer.llm.stats
+    assert stats.cache_hits == stats.steps - refiner_failures > 0
+    assert stats.failed_attempts == {"invalid": 3 * refiner_failures}
 
     save_results(tmp_path / "out", [rec], [first], {"backend": "openai", "base_url": server.url})
     for path in tmp_path.rglob("*"):
@@ -187,5 +225,5 @@ def test_cache_key_ignores_nothing_but_identity(tmp_path: Path):
     k1 = cache.key("a", [{"role": "user", "content": "x"}])
     assert k1 != cache.key("b", [{"role": "user", "content": "x"}])
     assert k1 != cache.key("a", [{"role": "user", "content": "y"}])
-    cache.put(k1, "a", "reply")
-    assert cache.get(k1) == "reply"
+    cache.put(k1, "a", Completion("reply"))
+    assert cache.get(k1) == Completion("reply")

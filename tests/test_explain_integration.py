@@ -54,18 +54,18 @@ def test_explain_concept_range(setup):
     assert result.target == record.target
 
 
-def test_local_transformers_client_prefill_and_cache(setup, tmp_path):
-    from rangelens.explain import CachedClient, ResponseCache, TransformersClient
+def test_local_transformers_client_prefill_logprobs_and_cache(setup, tmp_path):
+    from rangelens.explain import LLM, ResponseCache, TransformersClient
 
     lm, _, _ = setup
-    client = CachedClient(TransformersClient(lm, max_new_tokens=6), ResponseCache(tmp_path))
-    msgs = [
-        {"role": "user", "content": "Name a sport."},
-        {"role": "assistant", "content": '{"sport": "'},
-    ]
-    reply = client.complete(msgs)
-    assert reply.startswith('{"sport": "') and client.misses == 1
-    assert client.complete(msgs) == reply and client.hits == 1
+    llm = LLM(TransformersClient(lm, max_new_tokens=6), ResponseCache(tmp_path))
+    msgs = [{"role": "user", "content": "Name a sport."}]
+    reply, _ = llm.ask(msgs, lambda c: c, prefill='{"sport": "', top_logprobs=5)
+    assert reply is not None and reply.text.startswith('{"sport": "')
+    assert reply.logprobs and "".join(s.token for s in reply.logprobs) == reply.text
+    assert all(len(s.top) >= 5 and s.token in s.top for s in reply.logprobs[1:])
+    again, _ = llm.ask(msgs, lambda c: c, prefill='{"sport": "', top_logprobs=5)
+    assert again == reply and llm.stats.cache_hits == 1 and llm.stats.requests == 1
 
 
 def test_explain_command_writes_directory(tmp_path):

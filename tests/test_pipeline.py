@@ -69,6 +69,11 @@ def test_cli_run_prints_table_and_atlas(tmp_path: Path, config_data: dict) -> No
     res = CliRunner().invoke(app, ["run", str(path), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "erasure" in res.output and "atlas:" in res.output
+    assert (
+        "Verdict." in res.output
+        and "random" in res.output
+        and "Concept distributions" in res.output
+    )
     assert (Path(config_data["out"]) / "atlas" / "index.html").exists()
 
 

@@ -200,6 +200,7 @@ def test_atlas_has_every_page_and_figure(atlas: Path, report_run: Path) -> None:
         assert (atlas / "figures" / name).is_file() and f'src="figures/{name}"' in site[
             "erasure.html"
         ]
+    assert "Concept distributions on the salient neurons" in site["index.html"]
     erasure = site["erasure.html"]
     assert "Erased ranges" in erasure and "0.30 [0.20, 0.40]" in erasure
     assert "matched neuron masking" in erasure and "&lt;b&gt;x&lt;/b&gt;" in erasure

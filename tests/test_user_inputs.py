@@ -141,8 +141,9 @@ def test_fingerprint_follows_content_not_path_spelling(
     base = {"model": str(tiny_model_dir), "label_column": "topic", "max_length": 16}
     analyze(AnalysisConfig(**base, dataset=str(corpus)), out, progress=False)
     stamp = (out / "capture" / "stage.json").read_text()
-    monkeypatch.chdir(corpus.parent)  # a relative spelling of the same file: capture reused
-    analyze(AnalysisConfig(**base, dataset=corpus.name), tmp_path / "run", progress=False)
+    monkeypatch.chdir(corpus.parent)  # relative spellings of the same file and run: reused
+    assert corpus.parent == tmp_path  # and a relative spelling of the run directory
+    analyze(AnalysisConfig(**base, dataset=corpus.name), "run", progress=False)
     assert (out / "capture" / "stage.json").read_text() == stamp
     with corpus.open("a") as fh:  # an edited file: captured again
         fh.write("Brand new text about tech (99),tech\n")

@@ -198,9 +198,10 @@ def print_erasure(result: Any) -> None:
     per.add_column("concept", max_width=13, no_wrap=True)
     per.add_column("texts", justify="right")
     per.add_column("base acc", justify="right")
-    for key in ("target drop", "flip"):
+    short = {"range": "R", "neuron": "N", "random": "X"}
+    for key in ("drop", "flip"):
         for state in states:
-            per.add_column(f"{key} {state}", justify="right")
+            per.add_column(f"{key} {short.get(state, state)}", justify="right")
     for name, row in frame.iterrows():
         cells = [str(name), str(int(row["n_target"])), f"{row['base_target_acc']:.2f}"]
         for key in ("target_drop", "complement_flip"):
@@ -211,7 +212,8 @@ def print_erasure(result: Any) -> None:
         "[dim]Drops are base - masked accuracy (erasure wants a large target drop and ~0 "
         "collateral); flip: share of other-concept texts whose prediction changed; perplexity "
         f"change is masked - base on general text (base {info.get('base_ppl', float('nan')):.1f})."
-        " range: range mask; neuron: neuron mask; random: as many random neurons masked.[/]"
+        " R / range: range mask; N / neuron: neuron mask; X / random: as many random neurons "
+        "masked (control). Per concept, drop is the target accuracy drop.[/]"
     )
     for warning in info.get("warnings", []):
         err_console.print(f"[bold red]WARNING:[/] {warning}", highlight=False, soft_wrap=True)

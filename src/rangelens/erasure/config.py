@@ -48,6 +48,9 @@ class ErasureConfig(BaseModel):
     few_shot: int = Field(0, ge=0, description="training examples shown before each prompt")
     ppl_texts: int = Field(32, ge=0, description="general texts for perplexity (0: skip)")
     ppl_max_length: int = Field(64, ge=2)
+    ppl_sweep: bool = Field(
+        False, description="perplexity at every swept tau too (default: the headline tau only)"
+    )
     suffix: bool = Field(True, description="re-run only the blocks after the mask site")
     batch_size: int = Field(16, ge=1)
 

@@ -78,13 +78,15 @@ def _groups(
     concepts: list[int],
     config: ErasureConfig,
     seed: int,
+    points: list[tuple[float, float]] | None = None,
 ) -> list[_Group]:
-    """Every condition's mask at every site, (tau, p) and concept, built from the split's maps."""
+    """Every condition's mask at every site, (tau, p) (default: every saved point) and concept,
+    built from the split's maps."""
     index = list(ranges.splits).index(split)
     groups = []
     for s, site in enumerate(sites):
         masks: dict[Key, RangeMask | None] = {}
-        for tau, p in ranges.points:
+        for tau, p in points or ranges.points:
             range_map = ranges.map(site.name, split, tau, p)
             for c in concepts:
                 values = ranges.replacement(site.name, split, config.replacement, c)
@@ -234,9 +236,49 @@ def _perplexity(
         "n_texts": len(general),
         "n_tokens": int(tokens.sum()),
         "ranges": "split 'full' (the analysis training split), one set for all folds",
+        "points": "every (tau, p)" if config.ppl_sweep else "the headline tau and p only",
         "forwards": _skipping(lm, groups, starts),
     }
     return Perplexities(nll, tokens), how
+
+
+def _classify_folds(
+    lm: LoadedModel,
+    data: LabeledTexts,
+    cap: CaptureResult,
+    ranges: RangeSet,
+    sites: list[NeuronSite],
+    protocol: ErasureProtocol,
+    config: ErasureConfig,
+    bar: Any,
+) -> tuple[Outcomes, dict[str, Any]]:
+    """Every condition on every fold's test texts, with that fold's classifier and ranges."""
+    task = protocol.task(cap)
+    text: list[np.ndarray] = []
+    pred: dict[Key, list[np.ndarray]] = {}
+    gold: dict[Key, list[np.ndarray]] = {}
+    how: dict[str, Any] = {}
+    for split in ranges.splits.values():
+        if split.name == FULL:
+            continue
+        rows = np.setdiff1d(split.test, task.reserved)
+        groups = _groups(
+            ranges, sites, split.name, protocol.concepts, config, protocol.analysis.seed
+        )
+        classifier = protocol.classifier(cap, split)
+        logps, how = _classify(lm, task, classifier, rows, groups, config, bar)
+        text.append(rows)
+        for key, logp in logps.items():
+            pred.setdefault(key, []).append(logp.argmax(axis=1))
+            gold.setdefault(key, []).append(np.exp(logp[np.arange(len(rows)), data.labels[rows]]))
+    every = np.concatenate(text)
+    outcomes = Outcomes(
+        every,
+        data.labels[every],
+        {k: np.concatenate(v) for k, v in pred.items()},
+        {k: np.concatenate(v) for k, v in gold.items()},
+    )
+    return outcomes, how
 
 
 def _check_capture(data: LabeledTexts, cap: CaptureResult) -> None:
@@ -273,36 +315,16 @@ def run_erasure(
     sites = _sites(lm, analysis, ranges)
     seconds: dict[str, float] = {}
     bar = tqdm(total=0, desc="erasure", unit="forward", disable=not progress, leave=False)
-    text, pred, gold = [], {}, {}  # type: ignore[var-annotated]
     with torch.inference_mode(), bar:
         clock = time.perf_counter()
         task = protocol.task(cap)
-        how: dict[str, Any] = {}
-        for split in ranges.splits.values():
-            if split.name == FULL:
-                continue
-            rows = np.setdiff1d(split.test, task.reserved)
-            groups = _groups(ranges, sites, split.name, concepts, config, analysis.seed)
-            classifier = protocol.classifier(cap, split)
-            logps, how = _classify(lm, task, classifier, rows, groups, config, bar)
-            text.append(rows)
-            for key, logp in logps.items():
-                pred.setdefault(key, []).append(logp.argmax(axis=1))
-                gold.setdefault(key, []).append(
-                    np.exp(logp[np.arange(len(rows)), data.labels[rows]])
-                )
+        outcomes, how = _classify_folds(lm, data, cap, ranges, sites, protocol, config, bar)
         seconds["classify"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        full = _groups(ranges, sites, FULL, concepts, config, analysis.seed)
+        at = None if config.ppl_sweep else [(float(analysis.tau), float(analysis.p))]
+        full = _groups(ranges, sites, FULL, concepts, config, analysis.seed, at)
         ppl, ppl_how = _perplexity(lm, full, config, analysis.seed, bar)
         seconds["perplexity"] = time.perf_counter() - clock
-    rows_all = np.concatenate(text)
-    outcomes = Outcomes(
-        rows_all,
-        data.labels[rows_all],
-        {k: np.concatenate(v) for k, v in pred.items()},
-        {k: np.concatenate(v) for k, v in gold.items()},
-    )
     figures = Figures(outcomes, ppl, config.bootstrap, analysis.seed)
     random_neurons = {
         f"{site}/{c}": m.neurons.tolist()

@@ -10,7 +10,7 @@ from rangelens.explain.api import (
     save_results,
 )
 from rangelens.explain.clients import (
-    CachedClient,
+    LLM,
     LLMClient,
     LLMUnavailable,
     OpenAIClient,
@@ -26,8 +26,8 @@ from rangelens.explain.scoring import correlation, detection, score_records
 
 __all__ = [
     "BACKENDS",
+    "LLM",
     "ActivationRecord",
-    "CachedClient",
     "Component",
     "ExemplarConfig",
     "LLMClient",

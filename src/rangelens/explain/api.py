@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rangelens.artifacts import EXPLANATIONS, atomic_dir
 from rangelens.errors import RangelensError, choices
-from rangelens.explain.clients import CachedClient, LLMClient, ResponseCache
+from rangelens.explain.clients import LLM, LLMClient, ResponseCache
 from rangelens.explain.exemplars import ExemplarConfig, build_records
 from rangelens.explain.llm import llm_roles
 from rangelens.explain.loop import NeuronExplanation, explain_record
@@ -30,23 +30,20 @@ def make_roles(
     client: LLMClient | None = None,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
-    simulator: str = "lexical",
     attempts: int = 3,
     n_exemplars: int = 6,
 ) -> Roles:
     """Roles for ``backend``: ``offline`` needs nothing; ``openai`` / ``local`` need ``client``,
-    which is wrapped in a :class:`ResponseCache` under ``cache_dir`` when given."""
+    run through one :class:`LLM` (``attempts`` tries per step; validated replies cached under
+    ``cache_dir`` when given)."""
     if backend not in BACKENDS:
         raise RangelensError(f"unknown backend {backend!r}; valid: {choices(BACKENDS)}")
     if backend == "offline":
         return offline_roles()
     if client is None:
         raise RangelensError(f"backend {backend!r} needs an LLM client")
-    if cache_dir is not None:
-        client = CachedClient(client, ResponseCache(cache_dir))
-    return llm_roles(
-        client, simulator=simulator, name=backend, attempts=attempts, n_exemplars=n_exemplars
-    )
+    cache = ResponseCache(cache_dir) if cache_dir is not None else None
+    return llm_roles(LLM(client, cache, attempts), name=backend, n_exemplars=n_exemplars)
 
 
 def explain_records(

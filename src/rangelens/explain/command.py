@@ -13,9 +13,17 @@ from rangelens import cliconfig
 from rangelens.artifacts import EXPLANATIONS, check_output_dir
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
-from rangelens.explain.clients import LLMClient, OpenAIClient, TransformersClient
+from rangelens.explain.clients import (
+    LLM,
+    LLMClient,
+    OpenAIClient,
+    ResponseCache,
+    TransformersClient,
+    load_chat_model,
+)
 from rangelens.explain.exemplars import ExemplarConfig, build_records
 from rangelens.explain.inputs import ExplainInputs, check_size, resolve_inputs
+from rangelens.explain.llm import SIMULATORS, llm_roles
 from rangelens.explain.records import NeuronRecord
 from rangelens.models import load_model
 from rangelens.ranges import ConceptRange, RangeMap
@@ -69,11 +77,28 @@ def explain_command(
         str, typer.Option(help="OpenAI-compatible server (openai backend)")
     ] = "http://127.0.0.1:8000/v1",
     llm_model: Annotated[
-        str, typer.Option(help="served model name (openai) or model for the local backend")
+        str,
+        typer.Option(
+            help="served model name (openai), or for the local backend a built-in name, a "
+            "transformers directory or a .gguf file"
+        ),
     ] = "smollm2-135m",
     api_key_env: Annotated[
         str, typer.Option(help="environment variable holding the API key")
     ] = "OPENAI_API_KEY",
+    timeout: Annotated[
+        float, typer.Option(help="seconds to wait for one LLM reply (openai backend)")
+    ] = 60.0,
+    max_attempts: Annotated[
+        int, typer.Option(help="tries per LLM step (failed tries are counted, never cached)")
+    ] = 3,
+    simulator: Annotated[
+        str,
+        typer.Option(
+            help="what scores explanations with an LLM backend: lexical (offline) or llm "
+            "(the LLM predicts each token's activation from the explanation text)"
+        ),
+    ] = "lexical",
     output: Annotated[
         Path | None,
         typer.Option(help="explanations directory [RUN_DIR/explanations, else ./explanations]"),
@@ -90,6 +115,10 @@ def explain_command(
         raise RangelensError(f"unknown backend {backend!r}; valid: {choices(BACKENDS)}")
     if concept is not None and run_dir is None:
         raise RangelensError("--concept needs --run-dir (the concept's ranges come from it)")
+    if simulator not in SIMULATORS:
+        raise RangelensError(f"unknown --simulator {simulator!r}; valid: {choices(SIMULATORS)}")
+    if simulator == "llm" and backend == "offline":
+        raise RangelensError("--simulator llm needs an LLM: --backend openai or local")
     given = resolve_inputs(inputs or {}, run_dir)
     model, seed = given.model, given.seed
     if output is None:
@@ -103,10 +132,16 @@ def explain_command(
     resolved = resolve_site(lm.model, given.site, given.layer)
     client: LLMClient | None = None
     if backend == "openai":
-        client = OpenAIClient(base_url, llm_model, api_key_env=api_key_env)
+        client = OpenAIClient(base_url, llm_model, api_key_env=api_key_env, timeout=timeout)
     elif backend == "local":
-        client = TransformersClient(lm if llm_model == model else load_model(llm_model))
-    roles = make_roles(backend, client, cache_dir=output.parent / f".{output.name}-llm-cache")
+        client = TransformersClient(lm if llm_model == model else load_chat_model(llm_model))
+    llm: LLM | None = None
+    if client is None:
+        roles = make_roles(backend)
+    else:
+        cache = ResponseCache(output.parent / f".{output.name}-llm-cache")
+        llm = LLM(client, cache, max_attempts)
+        roles = llm_roles(llm, name=backend, simulator=simulator)
     records: list[NeuronRecord] = []
     if concept is not None:
         assert run_dir is not None
@@ -158,3 +193,20 @@ def explain_command(
             modes,
         )
     Console().print(table)
+    if llm is not None:
+        report_llm(llm)
+
+
+def report_llm(llm: LLM, max_failed: float = 0.5) -> None:
+    """Print the LLM failure summary; exit 1 when more than ``max_failed`` of the steps failed."""
+    stats = llm.stats
+    Console(stderr=True).print(stats.summary(), highlight=False, soft_wrap=True)
+    if stats.steps and stats.failed_steps > max_failed * stats.steps:
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {stats.failed_steps} of {stats.steps} LLM steps failed; the "
+            "explanations are not trustworthy (check the server, --llm-model, --timeout, "
+            "--max-attempts)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)

@@ -27,6 +27,7 @@ from rangelens.artifacts import ATLAS, atomic_dir, check_output_dir, read_json, 
 from rangelens.erasure.outputs import interval_text, methods_for
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import ActivationRecord, NeuronRecord
+from rangelens.rangeset import overlap_statement
 from rangelens.report import figures
 from rangelens.report.contents import (
     RunContents,
@@ -288,6 +289,9 @@ class _Site:
             "train_counts": counts,
             "stages": stages,
             "erasure_average": average,
+            "overlap": overlap_statement(run.ranges.summary, len(run.concepts))
+            if run.ranges is not None and "overall" in set(run.ranges.summary["concept"])
+            else None,
             "n_salient": len(np.unique(run.ranges.range_map.neurons)) if run.ranges else None,
             "k": run.ranges.range_map.neurons.shape[1] if run.ranges else None,
         }

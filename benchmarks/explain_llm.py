@@ -1,0 +1,245 @@
+"""LLM explanations of smollm2-135m MLP neurons scored from their text alone, vs the lexical baseline.
+
+A small local chat LLM (served by llama.cpp / vLLM / Ollama through ``--base-url``) writes one
+contrastive explanation per neuron; the offline backend's single-pass explanation is the lexical
+baseline. Both texts are scored by the same LLM on the same held-out texts: simulation correlation
+(Bills et al. 2023; echo format, expected values from log-probabilities), delphi detection and fuzzing
+(balanced accuracy, AUC). A *mismatched* control scores each neuron with another neuron's LLM
+explanation. Intervals: 95% paired bootstrap over neurons of the per-neuron difference. Every failed
+LLM step is counted; failed texts are left out of a score, never scored as zero.
+
+    python -m llama_cpp.server --model QWEN.gguf --host 127.0.0.1 --port 8765 --logits_all true
+    PYTHONPATH=src python benchmarks/explain_llm.py --base-url http://127.0.0.1:8765/v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rangelens.capture import capture
+from rangelens.data import load_texts
+from rangelens.explain import ExemplarConfig, OpenAIClient, records_from_activations
+from rangelens.explain.clients import LLM, ResponseCache
+from rangelens.explain.exemplars import token_strings
+from rangelens.explain.lexical import LexicalSimulator
+from rangelens.explain.llm import LLMExplainer
+from rangelens.explain.llm_scoring import (
+    LLMJudge,
+    LLMSimulator,
+    detection_items,
+    fuzzing_items,
+    judge_scores,
+)
+from rangelens.explain.offline import OfflineExplainer
+from rangelens.explain.records import ActivationRecord, NeuronRecord
+from rangelens.explain.roles import Trace
+from rangelens.explain.scoring import correlation
+from rangelens.models import cache_dir, load_model
+from rangelens.sites import resolve_site
+
+LAYER, MAX_LENGTH = 8, 24
+CONFIG = ExemplarConfig(
+    n_top=12, n_quantile_bins=2, n_per_bin=4, n_feedback=8, n_validation=8, n_held_out=8, seed=0
+)
+METRICS = ("corr", "det_bacc", "det_auc", "fuzz_bacc", "fuzz_auc")
+
+
+def pick_records(n: int) -> list[NeuronRecord]:
+    """``n`` neurons of layer 8 (not used to tune the offline backend) with a real activating
+    tail, sampled with seed 1; exemplars from 200 bbc-news texts (first 32 tokens)."""
+    lm = load_model("smollm2-135m")
+    site = resolve_site(lm.model, "mlp", LAYER)
+    texts = load_texts("bbc-news", max_per_class=40, seed=0).texts
+    acts = capture(lm, texts, [site], position="tokens", max_length=MAX_LENGTH, progress=False)
+    assert acts.token_ids is not None and acts.offsets is not None
+    values, off = acts.acts[site.name], acts.offsets
+    body = np.ones(len(values), bool)
+    body[off[:-1]] = False
+    rest = values[body]
+    selectivity = (np.quantile(rest, 0.995, axis=0) - rest.mean(0)) / rest.std(0)
+    pool = np.flatnonzero(selectivity > np.median(selectivity))
+    neurons = sorted(np.random.default_rng(1).choice(pool, n, replace=False).tolist())
+    return records_from_activations(
+        values[:, neurons],
+        acts.token_ids,
+        token_strings(lm, acts.token_ids),
+        off,
+        neurons,
+        model="smollm2-135m",
+        site="mlp",
+        layer=LAYER,
+        config=CONFIG,
+    )
+
+
+def subset(record: NeuronRecord, n: int) -> list[ActivationRecord]:
+    """``n`` held-out texts, half activating (the top ones) and half not, in held-out order."""
+    pos = [r for r in record.held_out if r.max_activation >= record.threshold]
+    neg = [r for r in record.held_out if r.max_activation < record.threshold]
+    return pos[: n - min(n // 2, len(neg))] + neg[: n // 2]
+
+
+def score(
+    llm: LLM, explanation: str, record: NeuronRecord, trace: Trace, n_sim: int, n_judge: int
+) -> dict[str, float]:
+    """Simulation correlation over the tokens of ``n_sim`` held-out texts simulated successfully
+    (skipped when 0), detection on ``n_judge`` held-out texts and fuzzing on their activating
+    ones; failures counted."""
+    nan = float("nan")
+    out: dict[str, float] = {}
+    if n_sim:
+        held = subset(record, n_sim)
+        preds = LLMSimulator(llm).simulate(explanation, [r.tokens for r in held], trace)
+        ok = [i for i, p in enumerate(preds) if p is not None]
+        sim = [preds[i] for i in ok]
+        out["corr"] = (
+            correlation(np.concatenate(sim), np.concatenate([held[i].activations for i in ok]))  # type: ignore[arg-type]
+            if ok
+            else nan
+        )
+        out["sim_failed"] = float(len(preds) - len(ok))
+    judged = subset(record, n_judge)
+    texts, labels = detection_items(judged, record.threshold)
+    det = judge_scores(LLMJudge(llm).judge(explanation, texts, None, trace), labels)
+    ftexts, marks, flabels = fuzzing_items(judged, record.threshold, seed=record.neuron)
+    fuzz = judge_scores(LLMJudge(llm).judge(explanation, ftexts, marks, trace), flabels)
+    out.update(
+        det_bacc=det.balanced_accuracy,
+        det_auc=det.auc if det.auc is not None else nan,
+        fuzz_bacc=fuzz.balanced_accuracy,
+        fuzz_auc=fuzz.auc if fuzz.auc is not None else nan,
+        det_failed=float(det.failures),
+        fuzz_failed=float(fuzz.failures),
+    )
+    return out
+
+
+def score_lexical(explanation: str, held: list[ActivationRecord]) -> float:
+    """Correlation of the offline lexical simulator reading ``explanation`` on ``held``."""
+    preds = LexicalSimulator().simulate(explanation, [r.tokens for r in held], Trace())
+    ok = [i for i, p in enumerate(preds) if p is not None]
+    if not ok:
+        return float("nan")
+    sim = np.concatenate([preds[i] for i in ok])  # type: ignore[misc]
+    return correlation(sim, np.concatenate([held[i].activations for i in ok]))
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float], seed: int = 0) -> str:
+    """Mean of a - b over neurons with a 95% bootstrap interval (neurons with NaN left out)."""
+    d = np.array(a) - np.array(b)
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return "n/a"
+    rng = np.random.default_rng(seed)
+    boots = rng.choice(d, size=(10000, len(d))).mean(1)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base-url", default="http://127.0.0.1:8765/v1")
+    parser.add_argument("--llm-model", default="local")
+    parser.add_argument("--neurons", type=int, default=6)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--sim-texts", type=int, default=4)
+    parser.add_argument("--judge-texts", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/explain_llm.json"))
+    parser.add_argument("--report", action="store_true", help="print the table of --out")
+    args = parser.parse_args()
+    if args.report:
+        print(table(json.loads(args.out.read_text())))
+        return
+    start = time.time()
+    saved = cache_dir() / "bench" / f"explain-llm-records-{args.neurons}"
+    if saved.is_dir():
+        records = [NeuronRecord.load(p) for p in sorted(saved.glob("*.json"))]
+    else:
+        records = pick_records(args.neurons)
+        for i, rec in enumerate(records):
+            rec.save(saved / f"{i:02d}.json")
+    client = OpenAIClient(
+        args.base_url, args.llm_model, timeout=args.timeout, max_concurrency=1, max_tokens=300
+    )
+    llm = LLM(client, ResponseCache(cache_dir() / "bench" / "explain-llm-cache"), attempts=2)
+    explanations: dict[str, list[str]] = {"llm": [], "lexical": []}
+    failures: dict[str, int] = {}
+
+    def count(trace: Trace) -> None:
+        for f in trace.failures:
+            print(f"  {f.role} failure: {f.error}", flush=True)
+            failures[f.role] = failures.get(f.role, 0) + 1
+
+    for rec in records:
+        trace = Trace()
+        mode = LLMExplainer(llm, n_shown=3, n_negative=1).explain_top(rec, 3, trace)
+        count(trace)
+        explanations["llm"].append(mode.explanation)
+        lexical = OfflineExplainer().explain_top(rec, len(rec.top), trace)
+        explanations["lexical"].append(lexical.explanation)
+        print(f"neuron {rec.neuron}: {mode.explanation!r} | {lexical.explanation!r}", flush=True)
+    n = len(records)
+    explanations["mismatched"] = [explanations["llm"][(i + 1) % n] for i in range(n)]
+    rows: dict[str, list[dict[str, float]]] = {m: [] for m in (*explanations, "lexical-offline")}
+    result: dict = {"neurons": [r.neuron for r in records], "explanations": explanations}
+    for i, rec in enumerate(records):
+        for method, n_sim in (
+            ("llm", args.sim_texts),
+            ("lexical", args.sim_texts),
+            ("mismatched", 0),
+        ):
+            trace = Trace()
+            text = explanations[method][i]
+            rows[method].append(
+                score(llm, text, rec, trace, n_sim, args.judge_texts) if text else {}
+            )
+            count(trace)
+            print(method, rec.neuron, rows[method][-1], flush=True)
+        held = subset(rec, args.sim_texts)
+        rows["lexical-offline"].append({"corr": score_lexical(explanations["lexical"][i], held)})
+        result.update(
+            scores=rows,
+            failed_steps_by_role=failures,
+            llm=llm.stats.to_dict(),
+            seconds=time.time() - start,
+        )
+        args.out.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    """Markdown: mean per method and paired differences with 95% bootstrap intervals."""
+    rows = result["scores"]
+    nan = float("nan")
+
+    def col(method: str, metric: str) -> list[float]:
+        return [r.get(metric, nan) for r in rows[method]]
+
+    lines = [
+        f"{len(rows['llm'])} neurons; LLM steps: {result['llm']}; failed steps by role: "
+        f"{result['failed_steps_by_role']}",
+        "",
+        "| metric | LLM | lexical | mismatched LLM (control) | LLM - lexical [95% CI] "
+        "| LLM - mismatched [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METRICS:
+        means = [np.nanmean(col(k, m)) for k in ("llm", "lexical", "mismatched")]
+        lines.append(
+            f"| {m} | {means[0]:.3f} | {means[1]:.3f} | {means[2]:.3f} | "
+            f"{paired_interval(col('llm', m), col('lexical', m))} | "
+            f"{paired_interval(col('llm', m), col('mismatched', m))} |"
+        )
+    offline = np.nanmean(col("lexical-offline", "corr"))
+    lines.append(f"\nlexical explanation read by the offline lexical simulator: corr {offline:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
