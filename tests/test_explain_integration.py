@@ -78,7 +78,8 @@ def test_explain_command_writes_directory(tmp_path):
     app.command()(explain_command)
     out = tmp_path / "expl"
     args = ["--neurons", "5,9", "--layer", "2", "--max-per-class", "24", "--rounds", "1"]
-    result = CliRunner().invoke(app, [*args, "--output", str(out)])
+    # a wide terminal, so that rich does not wrap the column headers
+    result = CliRunner().invoke(app, [*args, "--output", str(out)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "explanations").iterdir()) == ["5.json", "9.json"]
     assert "single-pass" in result.output
