@@ -3,8 +3,9 @@
 A small local chat LLM (served by llama.cpp / vLLM / Ollama through ``--base-url``) writes one
 contrastive explanation per neuron; the offline backend's single-pass explanation is the lexical
 baseline. Both texts are scored by the same LLM on the same held-out texts: simulation correlation
-(Bills et al. 2023; echo format, expected values from log-probabilities), delphi detection and fuzzing
-(balanced accuracy, AUC). A *mismatched* control scores each neuron with another neuron's LLM
+(Bills et al. 2023; in the list format, as Qwen2.5-0.5B cannot echo a token list), delphi detection
+and fuzzing (balanced accuracy, AUC); the per-token lookup table fitted on the explain pool is the
+reference a useful explanation should approach. A *mismatched* control scores each neuron with another neuron's LLM
 explanation. Intervals: 95% paired bootstrap over neurons of the per-neuron difference. Every failed
 LLM step is counted; failed texts are left out of a score, never scored as zero.
 
@@ -37,6 +38,7 @@ from rangelens.explain.llm_scoring import (
     judge_scores,
 )
 from rangelens.explain.offline import OfflineExplainer
+from rangelens.explain.protocol import LookupTable
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Trace
 from rangelens.explain.scoring import correlation
@@ -47,6 +49,7 @@ LAYER, MAX_LENGTH = 8, 24
 CONFIG = ExemplarConfig(
     n_top=12, n_quantile_bins=2, n_per_bin=4, n_feedback=8, n_validation=8, n_held_out=8, seed=0
 )
+SIM_FORMAT = "list"  # Qwen2.5-0.5B cannot echo a token list (see docs/LLM.md)
 METRICS = ("corr", "det_bacc", "det_auc", "fuzz_bacc", "fuzz_auc")
 
 
@@ -95,7 +98,9 @@ def score(
     out: dict[str, float] = {}
     if n_sim:
         held = subset(record, n_sim)
-        preds = LLMSimulator(llm).simulate(explanation, [r.tokens for r in held], trace)
+        preds = LLMSimulator(llm, format=SIM_FORMAT).simulate(
+            explanation, [r.tokens for r in held], trace
+        )
         ok = [i for i, p in enumerate(preds) if p is not None]
         sim = [preds[i] for i in ok]
         out["corr"] = (
@@ -186,7 +191,9 @@ def main() -> None:
         print(f"neuron {rec.neuron}: {mode.explanation!r} | {lexical.explanation!r}", flush=True)
     n = len(records)
     explanations["mismatched"] = [explanations["llm"][(i + 1) % n] for i in range(n)]
-    rows: dict[str, list[dict[str, float]]] = {m: [] for m in (*explanations, "lexical-offline")}
+    rows: dict[str, list[dict[str, float]]] = {
+        m: [] for m in (*explanations, "lexical-offline", "lookup")
+    }
     result: dict = {"neurons": [r.neuron for r in records], "explanations": explanations}
     for i, rec in enumerate(records):
         for method, n_sim in (
@@ -203,6 +210,10 @@ def main() -> None:
             print(method, rec.neuron, rows[method][-1], flush=True)
         held = subset(rec, args.sim_texts)
         rows["lexical-offline"].append({"corr": score_lexical(explanations["lexical"][i], held)})
+        explain_pool = rec.top + rec.quantiles + rec.feedback + rec.validation
+        lookup = LookupTable.fit(explain_pool).predict(held)
+        truth = np.concatenate([r.activations for r in held])
+        rows["lookup"].append({"corr": correlation(np.concatenate(lookup), truth)})  # type: ignore[arg-type]
         result.update(
             scores=rows,
             failed_steps_by_role=failures,
@@ -238,6 +249,12 @@ def table(result: dict) -> str:
         )
     offline = np.nanmean(col("lexical-offline", "corr"))
     lines.append(f"\nlexical explanation read by the offline lexical simulator: corr {offline:.3f}")
+    if "lookup" in rows:
+        lookup = col("lookup", "corr")
+        lines.append(
+            f"per-token lookup table (explain pool -> the same held-out texts): corr "
+            f"{np.nanmean(lookup):.3f}; LLM - lookup {paired_interval(col('llm', 'corr'), lookup)}"
+        )
     return "\n".join(lines)
 
 

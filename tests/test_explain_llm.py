@@ -23,6 +23,7 @@ from rangelens.explain.llm_scoring import (
     fuzzing_items,
     judge_scores,
     parse_echo,
+    parse_word_list,
     shown_token,
 )
 from rangelens.explain.roles import Trace
@@ -85,6 +86,44 @@ def test_logprob_simulation_takes_expected_values(serve):
     assert pred[4] == pytest.approx(5.0) and pred[6] == pytest.approx(0.8 * 5.5)
     assert pred[0] == 0 and sim.from_logprobs == 1
     assert server.bodies[0]["top_logprobs"] > 0
+
+
+def list_server(prompt: str) -> str:
+    """Lists the explanation's quoted word (both spellings) if the text has it, else none."""
+    word = re.findall(
+        r"'(\w+)'", block(prompt.split("Explanation of the neuron")[-1], "explanation")
+    )
+    text = block(prompt.split("Explanation of the neuron")[-1], "text")
+    return f"{word[0]}, {word[0].upper()}" if word and word[0] in text.lower() else "None."
+
+
+def test_list_simulation_marks_listed_words_and_rejects_invented_ones(serve):
+    server = serve(list_server)
+    trace = Trace()
+    sim = LLMSimulator(LLM(server.client()), format="list")
+    texts = [TOKENS, [" No", " match", " here"]]
+    assert [p.tolist() for p in sim.simulate("the word 'goal'", texts, trace)] == [  # type: ignore[union-attr]
+        [0, 0, 0, 0, 10, 0, 0],
+        [0, 0, 0],
+    ]
+    assert (
+        not trace.failures
+        and "Copy them from the text" in server.bodies[0]["messages"][-1]["content"]
+    )
+    # a word that is not in the text is an invalid reply: retried with the reason, then counted
+    bad = serve(sequence("goal, energy", "energy"))
+    trace = Trace()
+    llm = LLM(bad.client(), attempts=2)
+    assert LLMSimulator(llm, format="list").simulate("x", [TOKENS], trace) == [None]
+    assert llm.stats.failed_attempts == {"invalid": 2} and len(trace.failures) == 1
+    assert "'energy' is not a word of the text" in bad.bodies[1]["messages"][-1]["content"]
+    # WordPiece pieces are matched as the words a reader sees
+    pieces = ["[CLS]", "the", "story", "##tell", "##er", "won", "[SEP]"]
+    assert parse_word_list("1. storyteller", pieces).tolist() == [0, 0, 10, 10, 10, 0, 0]
+    with pytest.raises(ReplyError, match="not a word"):
+        parse_word_list("story", pieces)  # a piece of a word is not a word of the text
+    with pytest.raises(ValueError, match="unknown simulation format"):
+        LLMSimulator(llm, format="json")
 
 
 def judge_server(prompt: str) -> Reply:
@@ -243,6 +282,8 @@ def scripted_roles(prompt: str) -> str | Reply:
     """Valid answers for every LLM role (the refiner's aside), echo simulation for the simulator."""
     if "Copy each of the" in prompt:
         return echo_server(prompt)
+    if "Copy them from the text" in prompt:
+        return list_server(prompt)
     if "make the neuron fire" in prompt:
         return '{"components": ["goal", "match"]}'
     if "groups of related meaning" in prompt:
@@ -252,14 +293,19 @@ def scripted_roles(prompt: str) -> str | Reply:
     return '{"explanation": "sport words such as \'goal\'", "keywords": ["goal"]}'
 
 
-def test_cli_selects_the_llm_simulator(serve, tiny_model_dir, topics_csv, tmp_path):
+@pytest.mark.parametrize(
+    ("simulator", "asked"), [("llm", "Copy each of the"), ("llm-list", "Copy them from the text")]
+)
+def test_cli_selects_the_llm_simulator(
+    serve, tiny_model_dir, topics_csv, tmp_path, simulator, asked
+):
     server = serve(scripted_roles)
     result = explain_cli(
-        tiny_model_dir, topics_csv, server.url, tmp_path / "out", "--simulator", "llm"
+        tiny_model_dir, topics_csv, server.url, tmp_path / "out", "--simulator", simulator
     )
     assert result.exit_code == 0, result.output
     prompts = [b["messages"][-1]["content"] for b in server.bodies]
-    assert any("Copy each of the" in p and "'goal'" in p for p in prompts)
+    assert any(asked in p and "'goal'" in p for p in prompts)
     assert "LLM steps:" in result.output
     bad = explain_cli(tiny_model_dir, topics_csv, server.url, tmp_path / "o", "--simulator", "x")
     assert bad.exit_code == 2 and "unknown --simulator 'x'" in bad.output

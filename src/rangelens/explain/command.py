@@ -95,8 +95,9 @@ def explain_command(
     simulator: Annotated[
         str,
         typer.Option(
-            help="what scores explanations with an LLM backend: lexical (offline) or llm "
-            "(the LLM predicts each token's activation from the explanation text)"
+            help="what scores explanations with an LLM backend: lexical (offline), llm (the LLM "
+            "echoes each token with a 0-10 activation predicted from the explanation text) or "
+            "llm-list (the LLM lists the words the explanation describes; for small models)"
         ),
     ] = "lexical",
     output: Annotated[
@@ -117,8 +118,8 @@ def explain_command(
         raise RangelensError("--concept needs --run-dir (the concept's ranges come from it)")
     if simulator not in SIMULATORS:
         raise RangelensError(f"unknown --simulator {simulator!r}; valid: {choices(SIMULATORS)}")
-    if simulator == "llm" and backend == "offline":
-        raise RangelensError("--simulator llm needs an LLM: --backend openai or local")
+    if simulator != "lexical" and backend == "offline":
+        raise RangelensError(f"--simulator {simulator} needs an LLM: --backend openai or local")
     given = resolve_inputs(inputs or {}, run_dir)
     model, seed = given.model, given.seed
     if output is None:

@@ -117,6 +117,18 @@ def segment(tokens: Sequence[str]) -> Words:
     return Words(index, [s.lower() for s in shown], shown, wordpiece)
 
 
+def render(tokens: Sequence[str]) -> list[str]:
+    """Each token as it reads in running text, so that ``"".join(render(tokens))`` is the text a
+    person (or an LLM) sees: markers resolved, WordPiece words separated by spaces."""
+    words = segment(tokens)
+    out = []
+    for t, tok in enumerate(tokens):
+        clean = _clean(tok)
+        starts_word = t > 0 and words.index[t] != words.index[t - 1]
+        out.append(" " + clean if words.wordpiece and starts_word else clean)
+    return out
+
+
 def readable(token: str) -> str:
     """One-line readable form of a token or word (markers removed; whitespace escaped, e.g. \\n)."""
     clean = _clean(token)

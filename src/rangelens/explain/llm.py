@@ -23,7 +23,7 @@ import numpy as np
 
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import LLM, Message, ReplyError, parallel_map
-from rangelens.explain.lexical import LexicalSimulator
+from rangelens.explain.lexical import LexicalSimulator, render
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Component, Mode, Roles, Trace
 
@@ -46,7 +46,7 @@ def delimit(text: str, label: str = "") -> str:
 def mark_tokens(tokens: Sequence[str], marked: Sequence[bool]) -> str:
     """The text with each run of marked tokens wrapped in ``[[ ]]`` (delphi-style highlighting)."""
     out: list[str] = []
-    for t, (tok, on) in enumerate(zip(tokens, marked, strict=True)):
+    for t, (tok, on) in enumerate(zip(render(tokens), marked, strict=True)):
         tok = tok.replace("[[", "[ [").replace("]]", "] ]")
         starts = on and (t == 0 or not marked[t - 1])
         ends = on and (t == len(tokens) - 1 or not marked[t + 1])
@@ -339,9 +339,11 @@ class LLMExplainer:
         scale = _scale(record)
         _, easy, hard = contrast_sets(record, len(shown), self.n_negative)
         parts = [show_record(r, f"activating {i}", scale) for i, r in enumerate(shown)]
-        parts += [delimit(r.text(), f"not activating {i}") for i, r in enumerate(easy)]
         parts += [
-            delimit(r.text(), f"not activating although it shares words {i}")
+            delimit("".join(render(r.tokens)), f"not activating {i}") for i, r in enumerate(easy)
+        ]
+        parts += [
+            delimit("".join(render(r.tokens)), f"not activating although it shares words {i}")
             for i, r in enumerate(hard)
         ]
         return "\n".join(parts)
@@ -437,7 +439,7 @@ class LLMRefiner:
         return [] if revised is None else [revised]
 
 
-SIMULATORS = ("lexical", "llm")
+SIMULATORS = ("lexical", "llm", "llm-list")
 
 
 def llm_roles(
@@ -445,8 +447,9 @@ def llm_roles(
 ) -> Roles:
     """LLM decomposer, clusterer, explainer and refiner over one :class:`LLM` (its cache, attempts
     and failure counts are shared). The simulator that scores explanations is the offline lexical
-    one (cheap), or with ``simulator="llm"`` the LLM itself (one call per scored text), which then
-    also judges the held-out texts (delphi detection and fuzzing)."""
+    one (cheap), or the LLM itself (one call per scored text; ``"llm"``: echo format, ``"llm-list"``:
+    the list format for small models), which then also judges the held-out texts (delphi detection
+    and fuzzing)."""
     from rangelens.explain.llm_scoring import LLMJudge, LLMSimulator  # they import this module
 
     if simulator not in SIMULATORS:
@@ -456,7 +459,9 @@ def llm_roles(
         decomposer=LLMDecomposer(llm, n_exemplars),
         clusterer=LLMClusterer(llm),
         explainer=LLMExplainer(llm),
-        simulator=LLMSimulator(llm) if simulator == "llm" else LexicalSimulator(),
+        simulator=LexicalSimulator()
+        if simulator == "lexical"
+        else LLMSimulator(llm, format="list" if simulator == "llm-list" else "echo"),
         refiner=LLMRefiner(llm),
-        judge=LLMJudge(llm) if simulator == "llm" else None,
+        judge=None if simulator == "lexical" else LLMJudge(llm),
     )

@@ -6,7 +6,10 @@
 strict (the n-th line must echo the n-th token, and there must be exactly one line per token), and a
 mismatch is a failed try. When the server returns log-probabilities (llama.cpp server, vLLM, the
 local backend) the prediction is the expected value over the 0-10 alternatives at each value token,
-as OpenAI's simulator does, instead of the sampled digit.
+as OpenAI's simulator does, instead of the sampled digit. Models too small to copy a token list
+(Qwen2.5-0.5B answers ``0 1 2 ... 10``) use the *list* format instead: the model lists the words of
+the text the explanation describes, or ``none``; listed words predict 10, the rest 0, and a listed
+word that is not in the text is an invalid reply (retried with that feedback), never dropped.
 
 :class:`LLMJudge` is EleutherAI delphi's detection and fuzzing scorer (Paulo et al. 2024, "Automatically interpreting millions of features in large language
 models"): from the explanation alone, does a text activate the neuron; are the marked tokens of a text
@@ -33,6 +36,7 @@ from rangelens.explain.clients import (
     TokenLogprobs,
     parallel_map,
 )
+from rangelens.explain.lexical import render
 from rangelens.explain.llm import delimit, mark_tokens
 from rangelens.explain.records import ActivationRecord
 from rangelens.explain.roles import Trace
@@ -137,16 +141,82 @@ def expected_values(
     return np.asarray(out, dtype=np.float64)
 
 
+_NONE = re.compile(r"^(none|nothing|no words?|no tokens?|n/a)\W*$", re.IGNORECASE)
+_ITEM_JUNK = " \t\"'`*.,;:!?()[]{}-•"
+LIST_EXAMPLE = (
+    "Explanation of the neuron:\n"
+    + delimit("the word 'goal' in football", "explanation")
+    + "\n\n"
+    + delimit("The striker scored a goal, then another goal.", "text")
+    + "\n\n"
+)
+
+
+def parse_word_list(text: str, tokens: Sequence[str]) -> np.ndarray:
+    """10 on every token inside a listed word or phrase, 0 elsewhere, from a reply listing words of
+    the text (comma- or line-separated) or ``none``; :class:`ReplyError` when a listed item does not
+    occur in the text as a whole word (case-insensitive)."""
+    body = text.strip().strip("`").strip()
+    if body.lower().startswith(("words:", "answer:")):
+        body = body.split(":", 1)[1].strip()
+    shown = render(tokens)
+    joined = "".join(shown)
+    ends = np.cumsum([len(t) for t in shown])
+    starts = ends - np.array([len(t) for t in shown])
+    out = np.zeros(len(tokens))
+    if _NONE.match(body):
+        return out
+    items = [i.strip(_ITEM_JUNK) for i in re.split(r"[,\n]", body)]
+    items = [re.sub(r"^\d+[.)]\s*", "", i).strip(_ITEM_JUNK) for i in items]
+    items = [i for i in items if i]
+    if not items:
+        raise ReplyError("the reply lists no words; list words of the text, or write none")
+    for item in items:
+        found = list(re.finditer(rf"(?<!\w){re.escape(item)}(?!\w)", joined, re.IGNORECASE))
+        if not found:
+            raise ReplyError(
+                f"{item[:40]!r} is not a word of the text; list only words copied from the text, "
+                "or write none"
+            )
+        for m in found:
+            out[(starts < m.end()) & (ends > m.start())] = 10.0
+    return out
+
+
+SIM_FORMATS = ("echo", "list")
+
+
 class LLMSimulator:
     """Per-token 0-10 predictions from the explanation text alone, one LLM call per text (the
-    shared ``Simulator`` interface): echo format, strict alignment, expected values from
-    log-probabilities when the backend returns them; failed texts are None."""
+    shared ``Simulator`` interface); failed texts are None. ``format="echo"``: every token echoed
+    with its value, strict alignment, expected values from log-probabilities when the backend
+    returns them. ``format="list"``: the words the explanation describes (0/10), for small models."""
 
-    def __init__(self, llm: LLM, *, logprobs: bool = True) -> None:
+    def __init__(self, llm: LLM, *, logprobs: bool = True, format: str = "echo") -> None:
+        if format not in SIM_FORMATS:
+            raise ValueError(f"unknown simulation format {format!r}; valid: {SIM_FORMATS}")
         self.llm = llm
         self.logprobs = logprobs
+        self.format = format
         self.from_logprobs = 0
         self.from_digits = 0
+
+    def _list_prompt(self, explanation: str, tokens: Sequence[str]) -> list[Message]:
+        ask = (
+            "Which words of the text does the neuron activate on, according to the explanation? "
+            "Copy them from the text, separated by commas, or write none."
+        )
+        body = "".join(render(tokens))
+        return [
+            {"role": "system", "content": SIM_SYSTEM},
+            {"role": "user", "content": f"{LIST_EXAMPLE}{ask}"},
+            {"role": "assistant", "content": "goal, goal"},
+            {
+                "role": "user",
+                "content": f"Explanation of the neuron:\n{delimit(explanation, 'explanation')}"
+                f"\n\n{delimit(body, 'text')}\n\n{ask}",
+            },
+        ]
 
     def _prompt(self, explanation: str, tokens: Sequence[str]) -> list[Message]:
         listing = "\n".join(shown_token(t) for t in tokens)
@@ -173,12 +243,19 @@ class LLMSimulator:
                 self.from_digits += 1
                 return np.array([float(v) for v, _ in values])
 
-            got, error = self.llm.ask(
-                self._prompt(explanation, tokens),
-                validate,
-                top_logprobs=TOP_LOGPROBS if self.logprobs else 0,
-                max_tokens=8 * len(tokens) + 32,
-            )
+            if self.format == "list":
+                got, error = self.llm.ask(
+                    self._list_prompt(explanation, tokens),
+                    lambda reply: parse_word_list(reply.text, tokens),
+                    max_tokens=4 * len(tokens) + 16,
+                )
+            else:
+                got, error = self.llm.ask(
+                    self._prompt(explanation, tokens),
+                    validate,
+                    top_logprobs=TOP_LOGPROBS if self.logprobs else 0,
+                    max_tokens=8 * len(tokens) + 32,
+                )
             if got is None:
                 trace.fail("simulator", f"text {index}", error, self.llm.attempts)
             return got
@@ -233,7 +310,7 @@ class LLMJudge:
     ) -> list[float | None]:
         if highlights is None:
             question, role = DETECTION_QUESTION, "detection"
-            bodies = ["".join(t) for t in texts]
+            bodies = ["".join(render(t)) for t in texts]
         else:
             question, role = FUZZING_QUESTION, "fuzzing"
             bodies = [mark_tokens(t, m) for t, m in zip(texts, highlights, strict=True)]

@@ -44,9 +44,6 @@ class ActivationRecord:
         """Position of the highest activation."""
         return int(np.argmax(self.activations))
 
-    def text(self) -> str:
-        return "".join(self.tokens)
-
 
 @dataclass
 class NeuronRecord:
