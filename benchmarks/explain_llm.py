@@ -98,9 +98,8 @@ def score(
     out: dict[str, float] = {}
     if n_sim:
         held = subset(record, n_sim)
-        preds = LLMSimulator(llm, format=SIM_FORMAT).simulate(
-            explanation, [r.tokens for r in held], trace
-        )
+        simulator = LLMSimulator(llm, format=SIM_FORMAT)
+        preds = simulator.simulate(explanation, [r.tokens for r in held], trace)
         ok = [i for i, p in enumerate(preds) if p is not None]
         sim = [preds[i] for i in ok]
         out["corr"] = (
@@ -109,6 +108,7 @@ def score(
             else nan
         )
         out["sim_failed"] = float(len(preds) - len(ok))
+        out["sim_listed"], out["sim_absent"] = float(simulator.listed), float(simulator.absent)
     judged = subset(record, n_judge)
     texts, labels = detection_items(judged, record.threshold)
     det = judge_scores(LLMJudge(llm).judge(explanation, texts, None, trace), labels)

@@ -110,18 +110,21 @@ def test_list_simulation_marks_listed_words_and_rejects_invented_ones(serve):
         not trace.failures
         and "Copy them from the text" in server.bodies[0]["messages"][-1]["content"]
     )
-    # a word that is not in the text is an invalid reply: retried with the reason, then counted
-    bad = serve(sequence("goal, energy", "energy"))
+    assert (sim.listed, sim.absent) == (2, 0)
+    # a listed word the text lacks predicts nothing and is counted; a reply listing nothing fails
+    odd = serve(sequence("goal, energy", "", "-"))
     trace = Trace()
-    llm = LLM(bad.client(), attempts=2)
-    assert LLMSimulator(llm, format="list").simulate("x", [TOKENS], trace) == [None]
-    assert llm.stats.failed_attempts == {"invalid": 2} and len(trace.failures) == 1
-    assert "'energy' is not a word of the text" in bad.bodies[1]["messages"][-1]["content"]
+    llm = LLM(odd.client(), attempts=2)
+    sim = LLMSimulator(llm, format="list")
+    assert sim.simulate("x", [TOKENS], trace)[0].tolist() == [0, 0, 0, 0, 10, 0, 0]  # type: ignore[union-attr]
+    assert (sim.listed, sim.absent) == (2, 1) and not trace.failures
+    assert sim.simulate("y", [TOKENS], trace) == [None]
+    assert llm.stats.failed_attempts == {"empty": 1, "invalid": 1} and len(trace.failures) == 1
     # WordPiece pieces are matched as the words a reader sees
     pieces = ["[CLS]", "the", "story", "##tell", "##er", "won", "[SEP]"]
-    assert parse_word_list("1. storyteller", pieces).tolist() == [0, 0, 10, 10, 10, 0, 0]
-    with pytest.raises(ReplyError, match="not a word"):
-        parse_word_list("story", pieces)  # a piece of a word is not a word of the text
+    got = parse_word_list("1. storyteller", pieces)
+    assert got.predictions.tolist() == [0, 0, 10, 10, 10, 0, 0] and got.listed == 1
+    assert parse_word_list("story", pieces).absent == 1  # a piece of a word is not a word
     with pytest.raises(ValueError, match="unknown simulation format"):
         LLMSimulator(llm, format="json")
 

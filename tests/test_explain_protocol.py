@@ -116,6 +116,9 @@ def test_subwords_merge_into_readable_words():
     assert render(Mode("", "", comps)).explanation == "superlatives: most, biggest, highest"
     assert name_pattern(["2005", "19", "three"]) == "numbers"
     assert name_pattern(["running", "making", "taking"]) == "words ending in -ing"
+    assert name_pattern(["Open", " open"], ["Australian"]) == 'the word "Open"'
+    assert name_pattern(["one", "More", ", the", "."]) == "mixed"  # no pattern is said, not implied
+    assert name_pattern([], ["Niro"]) == 'words after "Niro"'
 
 
 def test_lexical_simulator_reads_free_text_and_lists():

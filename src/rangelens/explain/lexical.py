@@ -343,8 +343,9 @@ class LexicalSimulator:
 
 def name_pattern(words: Sequence[str], contexts: Sequence[str] = ()) -> str:
     """A short label naming what ``words`` (and the ``contexts`` they follow) share: a named pattern
-    of :data:`CATEGORIES` or a common ending when at least 60% of them (and two) fit it, else
-    ``words like "first"``; a mode of contexts only is ``words after "first"``."""
+    of :data:`CATEGORIES` or a common ending when at least 60% of them (and two) fit it; the word
+    itself for a mode of one word; else ``mixed`` (no shared pattern, said plainly rather than
+    implied by ``words like ...``); a mode of contexts only is ``words after "first"``."""
     low = [w.strip().lower() or w for w in words]
     if len(low) >= 2:
         need = max(2, int(np.ceil(0.6 * len(low))))
@@ -357,8 +358,10 @@ def name_pattern(words: Sequence[str], contexts: Sequence[str] = ()) -> str:
                 end, count = max(((e, ends.count(e)) for e in set(ends)), key=lambda x: x[1])
                 if count >= need:
                     return f"words ending in -{end}"
+    if len(set(low)) == 1:
+        return f'the word "{readable(words[0])}"'
     if words:
-        return f'words like "{readable(words[0])}"'
+        return "mixed"
     if contexts:
         return f'words after "{readable(contexts[0])}"'
     return "no pattern"

@@ -8,8 +8,9 @@ mismatch is a failed try. When the server returns log-probabilities (llama.cpp s
 local backend) the prediction is the expected value over the 0-10 alternatives at each value token,
 as OpenAI's simulator does, instead of the sampled digit. Models too small to copy a token list
 (Qwen2.5-0.5B answers ``0 1 2 ... 10``) use the *list* format instead: the model lists the words of
-the text the explanation describes, or ``none``; listed words predict 10, the rest 0, and a listed
-word that is not in the text is an invalid reply (retried with that feedback), never dropped.
+the text the explanation describes, or ``none``; listed words predict 10, the rest 0. Small models
+often list the explanation's own words although the text lacks them; such a word predicts nothing
+for this text (which is what it asserts) and is counted, so a report can say how often it happens.
 
 :class:`LLMJudge` is EleutherAI delphi's detection and fuzzing scorer (Paulo et al. 2024, "Automatically interpreting millions of features in large language
 models"): from the explanation alone, does a text activate the neuron; are the marked tokens of a text
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -152,10 +154,20 @@ LIST_EXAMPLE = (
 )
 
 
-def parse_word_list(text: str, tokens: Sequence[str]) -> np.ndarray:
-    """10 on every token inside a listed word or phrase, 0 elsewhere, from a reply listing words of
-    the text (comma- or line-separated) or ``none``; :class:`ReplyError` when a listed item does not
-    occur in the text as a whole word (case-insensitive)."""
+@dataclass(frozen=True)
+class WordList:
+    """A parsed list reply: per-token predictions (10 inside a listed word, else 0), and how many
+    listed items there were and how many of them the text does not contain."""
+
+    predictions: np.ndarray
+    listed: int
+    absent: int
+
+
+def parse_word_list(text: str, tokens: Sequence[str]) -> WordList:
+    """Parse a reply listing words of the text (comma- or line-separated) or ``none``; an item is
+    found as a whole word or phrase, case-insensitively. :class:`ReplyError` when the reply lists
+    nothing and does not say none."""
     body = text.strip().strip("`").strip()
     if body.lower().startswith(("words:", "answer:")):
         body = body.split(":", 1)[1].strip()
@@ -165,22 +177,19 @@ def parse_word_list(text: str, tokens: Sequence[str]) -> np.ndarray:
     starts = ends - np.array([len(t) for t in shown])
     out = np.zeros(len(tokens))
     if _NONE.match(body):
-        return out
+        return WordList(out, 0, 0)
     items = [i.strip(_ITEM_JUNK) for i in re.split(r"[,\n]", body)]
     items = [re.sub(r"^\d+[.)]\s*", "", i).strip(_ITEM_JUNK) for i in items]
     items = [i for i in items if i]
     if not items:
         raise ReplyError("the reply lists no words; list words of the text, or write none")
+    absent = 0
     for item in items:
         found = list(re.finditer(rf"(?<!\w){re.escape(item)}(?!\w)", joined, re.IGNORECASE))
-        if not found:
-            raise ReplyError(
-                f"{item[:40]!r} is not a word of the text; list only words copied from the text, "
-                "or write none"
-            )
+        absent += not found
         for m in found:
             out[(starts < m.end()) & (ends > m.start())] = 10.0
-    return out
+    return WordList(out, len(items), absent)
 
 
 SIM_FORMATS = ("echo", "list")
@@ -198,8 +207,11 @@ class LLMSimulator:
         self.llm = llm
         self.logprobs = logprobs
         self.format = format
+        self._lock = threading.Lock()
         self.from_logprobs = 0
         self.from_digits = 0
+        self.listed = 0  # list format: items listed, and those the text does not contain
+        self.absent = 0
 
     def _list_prompt(self, explanation: str, tokens: Sequence[str]) -> list[Message]:
         ask = (
@@ -244,11 +256,16 @@ class LLMSimulator:
                 return np.array([float(v) for v, _ in values])
 
             if self.format == "list":
-                got, error = self.llm.ask(
+                parsed, error = self.llm.ask(
                     self._list_prompt(explanation, tokens),
                     lambda reply: parse_word_list(reply.text, tokens),
                     max_tokens=4 * len(tokens) + 16,
                 )
+                got = None if parsed is None else parsed.predictions
+                if parsed is not None:
+                    with self._lock:
+                        self.listed += parsed.listed
+                        self.absent += parsed.absent
             else:
                 got, error = self.llm.ask(
                     self._prompt(explanation, tokens),
