@@ -17,12 +17,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from safetensors.numpy import load_file, save_file
 
 from rangelens.artifacts import (
@@ -41,7 +41,7 @@ from rangelens.artifacts import (
     write_table,
 )
 from rangelens.capture import POSITIONS, iter_activations
-from rangelens.data import LOADER_KEYS, LabeledTexts, load_texts, resolve_dataset, split
+from rangelens.data import DataSource, LabeledTexts, resolve_dataset, split
 from rangelens.distributed import gather, is_main, local_device, shard, world
 from rangelens.errors import RangelensError, choices
 from rangelens.models import BUILTIN_MODELS, LoadedModel, cache_dir, load_model
@@ -67,30 +67,12 @@ def input_digest(source: str) -> str:
     return path_digest(path, memo=cache_dir() / "digests.json")
 
 
-class AnalysisConfig(BaseModel):
+class AnalysisConfig(DataSource):
     """Everything that determines an analysis run (saved resolved in ``run.json``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
         "smollm2-135m", description="built-in name, hub id, local folder or .gguf file"
     )
-    dataset: str = Field(
-        "bbc-news", description="built-in name or CSV/TSV/JSONL/Parquet/folder path"
-    )
-    text_column: str = Field("text", description="text column of a user file")
-    label_column: str = Field("label", description="label column of a user file")
-    header: bool = Field(True, description="the file's first row names its columns")
-    sep: str | None = Field(None, description="column separator of a delimited file")
-    missing_labels: Literal["drop", "error"] = Field(
-        "drop", description="rows with a missing label: drop them (with a count) or refuse"
-    )
-    concepts: list[str] | None = Field(None, description="keep only these labels (default: all)")
-    min_per_class: int | None = Field(
-        None, ge=1, description="drop classes with fewer examples (with a notice)"
-    )
-    max_per_class: int | None = Field(200, ge=1, description="cap examples per class")
-    balance: bool = Field(False, description="cap every class at the smallest class size")
     test_size: float = Field(0.2, gt=0, lt=1, description="share of texts held out for testing")
     site: str = Field("resid", description="resid | mlp | attn | module:<dotted.path>[:input]")
     layer: int = Field(-1, description="block index; negative counts from the end")
@@ -135,7 +117,6 @@ class AnalysisConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights and activations dtype"
     )
-    seed: int = Field(0, description="seed for capping, split and probes")
 
     @field_validator("position")
     @classmethod
@@ -150,14 +131,6 @@ class AnalysisConfig(BaseModel):
         if v not in RANKING_METHODS:
             raise ValueError(f"unknown ranking {v!r}; valid: {choices(RANKING_METHODS)}")
         return v
-
-    def loader_options(self) -> dict[str, Any]:
-        """How the dataset is read and filtered (everything :func:`load_texts` takes)."""
-        return {k: getattr(self, k) for k in LOADER_KEYS}
-
-    def load_data(self) -> LabeledTexts:
-        """The labelled texts this config selects (capped and balanced with its seed)."""
-        return load_texts(self.dataset, **self.loader_options())
 
     def resolved(self) -> AnalysisConfig:
         """Local dataset/model paths made absolute, so a run records where its inputs are."""

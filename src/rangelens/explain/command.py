@@ -126,7 +126,7 @@ def explain_command(
         output = run_dir / "explanations" if run_dir is not None else Path("explanations")
     check_output_dir(output, EXPLANATIONS, force=force, keep=[run_dir] if run_dir else [])
     config = ExemplarConfig(seed=seed)
-    data = given.load_texts()
+    data = given.load_data()
     check_size(data, given, config)  # before loading the model or capturing anything
     texts = data.texts
     lm = load_model(model, device=given.device, dtype=given.dtype)

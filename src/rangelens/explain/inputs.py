@@ -10,25 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from rangelens.artifacts import read_json
-from rangelens.data import LabeledTexts, load_texts
+from rangelens.data import DataSource, LabeledTexts
 from rangelens.errors import RangelensError
 from rangelens.explain.exemplars import ExemplarConfig
 from rangelens.ranges import RangeMap
 
-# Taken from the run when not given: everything that says what was analysed and how it was read.
+# Taken from the run when not given: everything that says what was analysed and how it was read
+# (not how many texts: explanations sample their own).
 FROM_RUN = (
     "model",
-    "dataset",
-    "text_column",
-    "label_column",
-    "header",
-    "sep",
-    "missing_labels",
-    "concepts",
-    "min_per_class",
+    *(k for k in DataSource.model_fields if k not in ("max_per_class", "balance", "seed")),
     "site",
     "layer",
     "max_length",
@@ -38,25 +32,13 @@ FROM_RUN = (
 )
 
 
-class ExplainInputs(BaseModel):
+class ExplainInputs(DataSource):
     """The model, texts and site ``explain`` captures (defaults: --run-dir's, else these)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
         "smollm2-135m", description="built-in name, hub id, local folder or .gguf file"
     )
-    dataset: str = Field("bbc-news", description="built-in dataset or file/folder")
-    text_column: str = Field("text", description="text column of a user file")
-    label_column: str = Field("label", description="label column of a user file")
-    header: bool = Field(True, description="the file's first row names its columns")
-    sep: str | None = Field(None, description="column separator of a delimited file")
-    missing_labels: Literal["drop", "error"] = Field(
-        "drop", description="rows with a missing label: drop them (with a count) or refuse"
-    )
-    concepts: list[str] | None = Field(None, description="keep only these labels")
-    min_per_class: int | None = Field(None, ge=1, description="drop classes with fewer examples")
-    max_per_class: int = Field(60, ge=1, description="texts per class")
+    max_per_class: int | None = Field(60, ge=1, description="texts per class")
     site: str = Field("mlp", description="resid | mlp | attn | module:<dotted.path>[:input]")
     layer: int = Field(15, description="block index; negative counts from the end")
     max_length: int = Field(64, ge=1, description="tokens per text (longer texts are truncated)")
@@ -65,21 +47,6 @@ class ExplainInputs(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights and activations dtype"
     )
-    seed: int = Field(0, description="sampling seed")
-
-    def load_texts(self) -> LabeledTexts:
-        return load_texts(
-            self.dataset,
-            text_column=self.text_column,
-            label_column=self.label_column,
-            header=self.header,
-            sep=self.sep,
-            missing_labels=self.missing_labels,
-            concepts=self.concepts,
-            min_per_class=self.min_per_class,
-            max_per_class=self.max_per_class,
-            seed=self.seed,
-        )
 
 
 def run_inputs(run_dir: Path | None) -> dict[str, Any]:
