@@ -30,6 +30,7 @@ import openai
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from rangelens.artifacts import write_text
 from rangelens.errors import RangelensError
 from rangelens.models import LoadedModel, load_model
 
@@ -359,11 +360,7 @@ class ResponseCache:
             return None
 
     def put(self, key: str, identity: str, reply: Completion) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"client": identity, "reply": reply.to_dict()}), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(self._path(key), json.dumps({"client": identity, "reply": reply.to_dict()}))
 
 
 @dataclass
