@@ -33,12 +33,9 @@ from rangelens.explain.llm import LLMExplainer
 from rangelens.explain.llm_scoring import (
     LLMJudge,
     LLMSimulator,
-    detection_items,
-    fuzzing_items,
-    judge_scores,
 )
 from rangelens.explain.offline import OfflineExplainer
-from rangelens.explain.protocol import LookupTable
+from rangelens.explain.protocol import LookupTable, fuzz_set, judged
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Trace
 from rangelens.explain.scoring import correlation
@@ -109,18 +106,22 @@ def score(
         )
         out["sim_failed"] = float(len(preds) - len(ok))
         out["sim_listed"], out["sim_absent"] = float(simulator.listed), float(simulator.absent)
-    judged = subset(record, n_judge)
-    texts, labels = detection_items(judged, record.threshold)
-    det = judge_scores(LLMJudge(llm).judge(explanation, texts, None, trace), labels)
-    ftexts, marks, flabels = fuzzing_items(judged, record.threshold, seed=record.neuron)
-    fuzz = judge_scores(LLMJudge(llm).judge(explanation, ftexts, marks, trace), flabels)
+    items = subset(record, n_judge)
+    labels = np.array([r.max_activation >= record.threshold for r in items])
+    verdicts = LLMJudge(llm).judge(explanation, [r.tokens for r in items], None, trace)
+    det = judged(verdicts, labels)
+    ftexts, marks, flabels = fuzz_set(items, record.threshold, seed=record.neuron)
+    fuzzed = LLMJudge(llm).judge(explanation, [r.tokens for r in ftexts], marks, trace)
+    fuzz = judged(fuzzed, flabels)
+    det_ok = any(v is not None for v in verdicts)  # all failed: no score, not chance
+    fuzz_ok = any(v is not None for v in fuzzed)
     out.update(
-        det_bacc=det.balanced_accuracy,
-        det_auc=det.auc if det.auc is not None else nan,
-        fuzz_bacc=fuzz.balanced_accuracy,
-        fuzz_auc=fuzz.auc if fuzz.auc is not None else nan,
-        det_failed=float(det.failures),
-        fuzz_failed=float(fuzz.failures),
+        det_bacc=det.balanced_accuracy if det_ok else nan,
+        det_auc=det.auc if det_ok else nan,
+        fuzz_bacc=fuzz.balanced_accuracy if fuzz_ok else nan,
+        fuzz_auc=fuzz.auc if fuzz_ok else nan,
+        det_failed=float(verdicts.count(None)),
+        fuzz_failed=float(fuzzed.count(None)),
     )
     return out
 

@@ -19,13 +19,11 @@ from rangelens.explain.llm import LLMExplainer, check_explanation, parse_json
 from rangelens.explain.llm_scoring import (
     LLMJudge,
     LLMSimulator,
-    detection_items,
-    fuzzing_items,
-    judge_scores,
     parse_echo,
     parse_word_list,
     shown_token,
 )
+from rangelens.explain.protocol import fuzz_set, judged
 from rangelens.explain.roles import Trace
 
 Reply, sequence = scripted.Reply, scripted.sequence
@@ -145,27 +143,27 @@ def judge_server(prompt: str) -> Reply:
 def test_detection_and_fuzzing_judges(serve):
     server = serve(judge_server)
     rec = synthetic()
-    texts, labels = detection_items(rec.held_out, rec.threshold)
+    texts = [r.tokens for r in rec.held_out]
+    labels = np.array([r.max_activation >= rec.threshold for r in rec.held_out])
     trace = Trace()
     det = LLMJudge(LLM(server.client()))
-    good = judge_scores(det.judge("the word 'goal'", texts, None, trace), labels)
-    wrong = judge_scores(det.judge("the word 'vote'", texts, None, trace), labels)
-    assert good.auc is not None and wrong.auc is not None and good.auc > wrong.auc
-    assert good.balanced_accuracy > 0.6 and good.failures == 0 and not trace.failures
+    good = judged(det.judge("the word 'goal'", texts, None, trace), labels)
+    wrong = judged(det.judge("the word 'vote'", texts, None, trace), labels)
+    assert good.auc > wrong.auc and good.balanced_accuracy > 0.6 and not trace.failures
 
-    ftexts, marks, flabels = fuzzing_items(rec.held_out, rec.threshold, seed=0)
-    assert flabels and flabels.count(True) == flabels.count(False)
-    scores = LLMJudge(LLM(server.client())).judge("the word 'goal'", ftexts, marks, trace)
-    assert "[[" in server.bodies[-1]["messages"][1]["content"]
-    fuzz = judge_scores(scores, flabels)
-    assert fuzz.auc is not None and fuzz.auc > 0.5 and fuzz.n == len(flabels)
+    ftexts, marks, flabels = fuzz_set(rec.held_out, rec.threshold, seed=0)
+    assert len(flabels) and flabels.sum() == (~flabels).sum()
+    scores = LLMJudge(LLM(server.client())).judge(
+        "the word 'goal'", [r.tokens for r in ftexts], marks, trace
+    )
+    assert "[[" in server.bodies[-1]["messages"][1]["content"] and None not in scores
+    assert judged(scores, flabels).auc > 0.5
 
     bad = serve(sequence("maybe"))
     failed = LLMJudge(LLM(bad.client(), attempts=2)).judge(
         "the word 'goal'", texts[:3], None, trace
     )
     assert failed == [None, None, None] and len(trace.failures) == 3
-    assert judge_scores(failed, labels[:3]).failures == 3
 
 
 def test_failed_replies_are_counted_never_cached_and_asked_again(serve, tmp_path):

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from rangelens.explain.clients import (
     LLM,
@@ -40,7 +39,6 @@ from rangelens.explain.clients import (
 )
 from rangelens.explain.lexical import render
 from rangelens.explain.llm import delimit, mark_tokens
-from rangelens.explain.records import ActivationRecord
 from rangelens.explain.roles import Trace
 
 TOP_LOGPROBS = 10
@@ -355,60 +353,3 @@ class LLMJudge:
 
         out = parallel_map(self.llm.max_concurrency, one, list(enumerate(bodies)))
         return [o if isinstance(o, float) else None for o in out]
-
-
-@dataclass(frozen=True)
-class JudgeScores:
-    """Balanced accuracy of the yes/no decisions (P(yes) >= 0.5), ROC AUC of P(yes) (None with one
-    class), over the ``n`` judged items; ``failures`` items had no valid answer."""
-
-    balanced_accuracy: float
-    auc: float | None
-    n: int
-    failures: int
-
-
-def judge_scores(scores: Sequence[float | None], labels: Sequence[bool]) -> JudgeScores:
-    """Score judged items against their true labels; failed items (None) are left out and
-    counted."""
-    pairs = [(s, bool(y)) for s, y in zip(scores, labels, strict=True) if s is not None]
-    failures = len(scores) - len(pairs)
-    if not pairs:
-        return JudgeScores(float("nan"), None, 0, failures)
-    p = np.array([s for s, _ in pairs])
-    y = np.array([v for _, v in pairs])
-    rates = [float(((p >= 0.5) == v)[y == v].mean()) for v in (True, False) if (y == v).any()]
-    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None
-    return JudgeScores(float(np.mean(rates)), auc, len(pairs), failures)
-
-
-def detection_items(
-    records: Sequence[ActivationRecord], threshold: float
-) -> tuple[list[list[str]], list[bool]]:
-    """Texts and labels for detection: activating means a maximum ``>= threshold``."""
-    return [list(r.tokens) for r in records], [r.max_activation >= threshold for r in records]
-
-
-def fuzzing_items(
-    records: Sequence[ActivationRecord], threshold: float, seed: int = 0
-) -> tuple[list[list[str]], list[list[bool]], list[bool]]:
-    """delphi's fuzzing items from the activating texts: each appears once with its tokens at or
-    above ``threshold`` marked (label True) and once with as many random other tokens marked
-    (label False)."""
-    rng = np.random.default_rng(seed)
-    texts: list[list[str]] = []
-    marks: list[list[bool]] = []
-    labels: list[bool] = []
-    for r in records:
-        acts = np.asarray(r.activations)
-        correct = acts >= threshold
-        others = np.flatnonzero(~correct)
-        if not correct.any() or len(others) < correct.sum():
-            continue
-        wrong = np.zeros(len(acts), dtype=bool)
-        wrong[rng.choice(others, size=int(correct.sum()), replace=False)] = True
-        for mask, label in ((correct, True), (wrong, False)):
-            texts.append(list(r.tokens))
-            marks.append([bool(m) for m in mask])
-            labels.append(label)
-    return texts, marks, labels

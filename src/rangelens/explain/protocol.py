@@ -102,7 +102,9 @@ def fuzz_set(
     return texts, marks, np.array(labels, dtype=bool)
 
 
-def _judged(scores: Sequence[float | None], positive: np.ndarray) -> Detection:
+def judged(scores: Sequence[float | None], positive: np.ndarray) -> Detection:
+    """A judge's P(yes) per item against the true labels: AUC and balanced accuracy at 0.5, failed
+    items (None) left out (count them with ``scores.count(None)``)."""
     keep = [i for i, s in enumerate(scores) if s is not None]
     recs = [ActivationRecord(["x"], [0], [float(positive[i])], i) for i in keep]
     return detection_from_scores([scores[i] for i in keep], recs, 0.5, 0.5)
@@ -212,12 +214,12 @@ class Evaluator:
         rec = self.record
         held = rec.held_out
         verdicts = judge.judge(text, [r.tokens for r in held], None, self.trace)
-        det = _judged(verdicts, np.array([r.max_activation >= rec.threshold for r in held]))
+        det = judged(verdicts, np.array([r.max_activation >= rec.threshold for r in held]))
         out.judge_auc, out.judge_accuracy = det.auc, det.balanced_accuracy
         texts, marks, labels = fuzz_set(held, rec.threshold, seed=rec.neuron)
         fuzz = judge.judge(text, [r.tokens for r in texts], marks, self.trace) if texts else []
         if texts:
-            f = _judged(fuzz, labels)
+            f = judged(fuzz, labels)
             out.fuzz_auc, out.fuzz_accuracy = f.auc, f.balanced_accuracy
         out.judge_failed = sum(v is None for v in [*verdicts, *fuzz])
 
