@@ -22,7 +22,7 @@ from rangelens.explain.clients import (
     load_chat_model,
 )
 from rangelens.explain.exemplars import ExemplarConfig, build_records
-from rangelens.explain.inputs import ExplainInputs, check_size, resolve_inputs
+from rangelens.explain.inputs import FROM_RUN, ExplainInputs, check_size, resolve_inputs
 from rangelens.explain.llm import SIMULATORS, llm_roles
 from rangelens.explain.records import NeuronRecord
 from rangelens.models import load_model
@@ -58,7 +58,7 @@ def salient_neurons(run_dir: Path, top_k: int) -> list[int]:
     return picked
 
 
-@cliconfig.with_config(ExplainInputs, "inputs", defaults=dict.fromkeys(ExplainInputs.model_fields))
+@cliconfig.with_config(ExplainInputs, "inputs", defaults=dict.fromkeys(FROM_RUN))
 def explain_command(
     neurons: Annotated[str | None, typer.Option(help="comma-separated neuron ids")] = None,
     run_dir: Annotated[
