@@ -7,9 +7,11 @@ selectivity ((q99.5 - mean) / std over non-first tokens). Methods (rangelens.exp
 iterative (NeuronScope, offline lexical backend), single-pass with an equal budget (best of as many
 candidates, same acceptance pool), single-pass first candidate, best-of-N control (the loop with
 random instead of worst-fit feedback), per-token lookup table. Paired bootstrap intervals over
-neurons (10,000 resamples, seed 0).
+neurons (10,000 resamples, seed 0). With ``--base-url``, the same protocol also runs with a local LLM
+(llama.cpp server) as the explainer on 5 layer-8 neurons.
 
     PYTHONPATH=src python benchmarks/explain_eval.py            # explain (resumes), then report
+    PYTHONPATH=src python benchmarks/explain_eval.py --base-url http://127.0.0.1:8765/v1
     PYTHONPATH=src python benchmarks/explain_eval.py --report   # report only
 """
 
@@ -18,21 +20,29 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from rangelens.capture import capture
 from rangelens.data import load_texts
-from rangelens.explain import explain_record, make_roles, records_from_activations
+from rangelens.explain import OpenAIClient, explain_record, make_roles, records_from_activations
+from rangelens.explain.clients import LLM, ResponseCache
 from rangelens.explain.exemplars import token_strings
+from rangelens.explain.llm import llm_roles
 from rangelens.explain.loop import NeuronExplanation
+from rangelens.explain.roles import Roles
 from rangelens.models import cache_dir, load_model
 from rangelens.sites import resolve_site
 
 SETTINGS = [("smollm2-135m", 8), ("smollm2-135m", 22), ("minilm-l6", 3)]
 N_NEURONS, ROUNDS, N_BOOT = 20, 4, 10_000
 OUT = cache_dir() / "bench" / "explain_eval"
+# With --base-url: the same protocol with an LLM (served locally) as decomposer, clusterer,
+# explainer and refiner, on the first N_LLM neurons of the layer-8 sample; the lexical simulator
+# and judge score its text (LLM simulation of every candidate is out of reach on 2 CPU cores).
+LLM_SETTING, N_LLM = ("smollm2-135m", 8), 5
 METHODS = [
     ("iterative", "iterative (NeuronScope)"),
     ("single_pass", "single-pass, equal budget"),
@@ -40,6 +50,8 @@ METHODS = [
     ("control", "best-of-N control (random feedback)"),
     ("lookup", "lookup table (token -> mean)"),
 ]
+LLM_TITLE = ", LLM explainer (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, llama.cpp server)"
+EXTRA = ("cpu_seconds", "wall_seconds", "llm_steps", "llm_failed_steps")
 METRICS = [
     ("held_out", "held-out r"),
     ("auc", "detection AUC"),
@@ -78,18 +90,41 @@ def neurons_and_records(model: str, layer: int) -> list:
     )
 
 
-def run() -> None:
-    roles = make_roles("offline")
-    for model, layer in SETTINGS:
-        folder = OUT / f"{model}-mlp{layer}"
+def llm_roles_for(base_url: str, llm_model: str) -> tuple[Roles, LLM]:
+    """LLM roles over an OpenAI-compatible server, replies cached under OUT, two tries a step."""
+    client = OpenAIClient(base_url, llm_model, timeout=300, max_concurrency=1, max_tokens=300)
+    llm = LLM(client, ResponseCache(OUT / "llm-cache"), attempts=2)
+    return llm_roles(llm, name="llm", simulator="lexical"), llm
+
+
+def run(base_url: str | None, llm_model: str) -> None:
+    jobs = [
+        (m, layer, f"{m}-mlp{layer}", make_roles("offline"), N_NEURONS) for m, layer in SETTINGS
+    ]
+    llm: LLM | None = None
+    if base_url is not None:
+        roles, llm = llm_roles_for(base_url, llm_model)
+        model, layer = LLM_SETTING
+        jobs.append((model, layer, f"{model}-mlp{layer}-llm", roles, N_LLM))
+    for model, layer, name, roles, n in jobs:
+        folder = OUT / name
         folder.mkdir(parents=True, exist_ok=True)
-        for record in neurons_and_records(model, layer):
+        for record in neurons_and_records(model, layer)[:n]:
             path = folder / f"{record.neuron}.json"
             if path.exists():
                 continue
-            start = time.process_time()
+            start, wall = time.process_time(), time.time()
+            before = llm.stats.to_dict() if llm is not None and roles.name == "llm" else None
             result = explain_record(record, roles, rounds=ROUNDS)
-            data = {**result.to_dict(), "cpu_seconds": time.process_time() - start}
+            data = {
+                **result.to_dict(),
+                "cpu_seconds": time.process_time() - start,
+                "wall_seconds": time.time() - wall,
+            }
+            if before is not None and llm is not None:
+                after = llm.stats.to_dict()
+                data["llm_steps"] = after["steps"] - before["steps"]
+                data["llm_failed_steps"] = after["failed_steps"] - before["failed_steps"]
             path.write_text(json.dumps(data))
             print(
                 f"{model} L{layer} n{record.neuron}: it {result.iterative.held_out:.3f} "
@@ -123,25 +158,24 @@ def report() -> None:
         "neuron's 80th percentile of text maxima. Judge detection / fuzzing: delphi-style, by the "
         "lexical judge reading only the explanation text (fuzzing: each activating text with its "
         "peak tokens vs as many random tokens highlighted). Timings are CPU seconds on a 2-core "
-        "machine shared with five other jobs (noisy).",
+        "machine shared with other jobs (noisy).",
         "",
         "Reproduce: `PYTHONPATH=src python benchmarks/explain_eval.py` (results cached under "
         "`~/.cache/rangelens/bench/explain_eval/`, reruns only report).",
     ]
     examples: list[str] = []
-    for model, layer in SETTINGS:
-        folder = OUT / f"{model}-mlp{layer}"
+    sections = [(m, layer, f"{m}-mlp{layer}", "") for m, layer in SETTINGS]
+    sections.append((*LLM_SETTING, f"{LLM_SETTING[0]}-mlp{LLM_SETTING[1]}-llm", LLM_TITLE))
+    for model, layer, name, title in sections:
+        folder = OUT / name
         data = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
         if not data:
             continue
-        res = [
-            NeuronExplanation.from_dict({k: v for k, v in d.items() if k != "cpu_seconds"})
-            for d in data
-        ]
+        res = [NeuronExplanation.from_dict({k: d[k] for k in d if k not in EXTRA}) for d in data]
         rng = np.random.default_rng(0)
         lines += [
             "",
-            f"## {model}, MLP layer {layer}: {len(res)} neurons",
+            f"## {model}, MLP layer {layer}{title}: {len(res)} neurons",
             "",
             "| method | " + " | ".join(m[1] for m in METRICS) + " | empty |",
             "|---|" + "---|" * (len(METRICS) + 1),
@@ -193,6 +227,14 @@ def report() -> None:
             f"(the single-pass budget): mean {np.mean([e.n_candidates for e in res]):.1f}. "
             f"CPU seconds per neuron: median {np.median(cpu):.1f}, total {np.sum(cpu):.0f}.",
         ]
+        if "llm_steps" in data[0]:
+            by_role = Counter(f.role for e in res for f in e.failures)
+            wall = [d["wall_seconds"] for d in data]
+            lines.append(
+                f"\nLLM steps: {sum(d['llm_steps'] for d in data)}, failed "
+                f"{sum(d['llm_failed_steps'] for d in data)} (by role: {dict(by_role) or 'none'}); "
+                f"wall seconds per neuron: median {np.median(wall):.0f}."
+            )
         for e in res[:2]:
             examples.append(
                 f"- {model} L{layer} neuron {e.neuron} (held-out r iterative "
@@ -213,9 +255,13 @@ def report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--report", action="store_true", help="only write EXPLAIN_RESULTS.md")
+    parser.add_argument(
+        "--base-url", help="also run the LLM setting on this OpenAI-compatible server"
+    )
+    parser.add_argument("--llm-model", default="local", help="served model name")
     args = parser.parse_args()
     if not args.report:
-        run()
+        run(args.base_url, args.llm_model)
     report()
 
 
