@@ -359,7 +359,8 @@ def name_pattern(words: Sequence[str], contexts: Sequence[str] = ()) -> str:
                 if count >= need:
                     return f"words ending in -{end}"
     if len(set(low)) == 1:
-        return f'the word "{readable(words[0])}"'
+        shown = readable(words[0])
+        return f'the {"phrase" if " " in shown else "word"} "{shown}"'
     if words:
         return "mixed"
     if contexts:

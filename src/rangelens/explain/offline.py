@@ -254,7 +254,7 @@ def render(mode: Mode) -> Mode:
     words = [c.text for c in shown if c.kind != "after"]
     contexts = [c.text for c in shown if c.kind == "after"]
     label = name_pattern(words, contexts)
-    if len(items) == 1 and label.startswith("the word "):
+    if len(items) == 1 and label.startswith(("the word ", "the phrase ")):
         return Mode(label, label, comps)  # not 'the word "X": X'
     return Mode(label, f"{label}: {', '.join(items)}" if items else "", comps)
 
