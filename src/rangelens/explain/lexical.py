@@ -33,7 +33,7 @@ SPECIAL = re.compile(r"^(\[[A-Z]+\]|<\|?[a-z_]+\|?>|</?s>)$")
 STOPWORDS = _vocab(
     "the a an and or of to in on at for with by from as is are was were be been it "
     "its this that these those neuron fires fire firing activates activate activation "
-    "activations token tokens word words text texts about mode related such like when "
+    "activations token tokens word words phrase phrases text texts about mode related such like when "
     "which also often mostly mainly especially including include includes responds "
     "respond response strongly weakly on their there them they has have had not but "
     "into than then other various appear appears appearing contexts context "
