@@ -228,6 +228,10 @@ def test_explainer_is_contrastive_and_rejects_echoes(serve):
     assert check_explanation("the word 'the'") == "the word 'the'"
     with pytest.raises(ReplyError):
         check_explanation("explain the neuron")
+    for pointer in ("the phrase 'GM' is used in the second text", "goals in example 3"):
+        with pytest.raises(ReplyError, match="never sees"):
+            check_explanation(pointer)
+    assert check_explanation("the text of a contract") == "the text of a contract"
 
 
 @pytest.fixture

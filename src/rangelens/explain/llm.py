@@ -116,10 +116,24 @@ def check_phrase(text: str) -> str:
     return text[:400]
 
 
+_PROMPT_REFERENCE = re.compile(
+    r"\b(?:(?:first|second|third|fourth|fifth|last|other|previous|above|given|following)\s+"
+    r"(?:texts?|examples?|exemplars?)|(?:texts?|examples?|exemplars?)\s+(?:\d+|[ivx]+)\b)",
+    re.IGNORECASE,
+)
+
+
 def check_explanation(text: str) -> str:
     """:func:`check_phrase`, and the explanation must name something: a quoted word or a word
-    that is neither an instruction word nor a function word."""
+    that is neither an instruction word nor a function word; it may not point at the prompt's
+    exemplars ("the second text"), which its reader never sees."""
     text = check_phrase(text)
+    ref = _PROMPT_REFERENCE.search(text)
+    if ref:
+        raise ReplyError(
+            f"the explanation refers to {ref.group(0)!r} of the prompt, which its reader never "
+            "sees; describe what activates the neuron"
+        )
     words = set(re.findall(r"[a-z]+", text.lower())) - _PROMPT_WORDS - _FUNCTION_WORDS
     if not words and not re.search(r"[\"'‘“].+?[\"'’”]", text):
         raise ReplyError(f"{text!r} says nothing about the texts; name the words or contexts")
