@@ -34,7 +34,7 @@ def test_offline_end_to_end(setup, tmp_path):
     assert [r.neuron for r in records] == [5, 77]
     for rec, res in zip(records, results, strict=True):
         assert rec.top[0].max_activation >= rec.top[-1].max_activation
-        assert res.modes and all(m.explanation.startswith(f"{m.label}: ") for m in res.modes)
+        assert res.modes and all(m.explanation.startswith(m.label) for m in res.modes)
         assert -1.0 <= res.iterative.held_out <= 1.0 and 0.0 <= res.iterative.auc <= 1.0
         assert res.n_candidates == len(res.history) and res.lookup is not None
         assert res.history[0].round == 0
