@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from rangelens.data import load_texts
 from rangelens.explain import OpenAIClient, explain_record, make_roles, records_from_activations
 from rangelens.explain.clients import LLM, ResponseCache
 from rangelens.explain.exemplars import token_strings
-from rangelens.explain.llm import llm_roles
+from rangelens.explain.llm import LLMExplainer, llm_roles
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.roles import Roles
 from rangelens.models import cache_dir, load_model
@@ -42,7 +43,9 @@ OUT = cache_dir() / "bench" / "explain_eval"
 # With --base-url: the same protocol with an LLM (served locally) as decomposer, clusterer,
 # explainer and refiner, on the first N_LLM neurons of the layer-8 sample; the lexical simulator
 # and judge score its text (LLM simulation of every candidate is out of reach on 2 CPU cores).
-LLM_SETTING, N_LLM = ("smollm2-135m", 8), 5
+# Kept small for a 0.5B model on 2 CPU cores (prompts of ~1,000 tokens take 15-60 s there): one
+# refinement round, 4 exemplars to decompose, 3 activating and 1 non-activating shown to explain.
+LLM_SETTING, N_LLM, LLM_ROUNDS = ("smollm2-135m", 8), 5, 1
 METHODS = [
     ("iterative", "iterative (NeuronScope)"),
     ("single_pass", "single-pass, equal budget"),
@@ -50,7 +53,9 @@ METHODS = [
     ("control", "best-of-N control (random feedback)"),
     ("lookup", "lookup table (token -> mean)"),
 ]
-LLM_TITLE = ", LLM explainer (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, llama.cpp server)"
+LLM_TITLE = (
+    ", LLM explainer (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, llama.cpp server; 1 refinement round)"
+)
 EXTRA = ("cpu_seconds", "wall_seconds", "llm_steps", "llm_failed_steps")
 METRICS = [
     ("held_out", "held-out r"),
@@ -94,19 +99,19 @@ def llm_roles_for(base_url: str, llm_model: str) -> tuple[Roles, LLM]:
     """LLM roles over an OpenAI-compatible server, replies cached under OUT, two tries a step."""
     client = OpenAIClient(base_url, llm_model, timeout=300, max_concurrency=1, max_tokens=300)
     llm = LLM(client, ResponseCache(OUT / "llm-cache"), attempts=2)
-    return llm_roles(llm, name="llm", simulator="lexical"), llm
+    roles = llm_roles(llm, name="llm", n_exemplars=4, simulator="lexical")
+    return replace(roles, explainer=LLMExplainer(llm, n_shown=3, n_negative=1)), llm
 
 
 def run(base_url: str | None, llm_model: str) -> None:
-    jobs = [
-        (m, layer, f"{m}-mlp{layer}", make_roles("offline"), N_NEURONS) for m, layer in SETTINGS
-    ]
+    offline = make_roles("offline")
+    jobs = [(m, layer, f"{m}-mlp{layer}", offline, N_NEURONS, ROUNDS) for m, layer in SETTINGS]
     llm: LLM | None = None
     if base_url is not None:
         roles, llm = llm_roles_for(base_url, llm_model)
         model, layer = LLM_SETTING
-        jobs.append((model, layer, f"{model}-mlp{layer}-llm", roles, N_LLM))
-    for model, layer, name, roles, n in jobs:
+        jobs.append((model, layer, f"{model}-mlp{layer}-llm", roles, N_LLM, LLM_ROUNDS))
+    for model, layer, name, roles, n, rounds in jobs:
         folder = OUT / name
         folder.mkdir(parents=True, exist_ok=True)
         for record in neurons_and_records(model, layer)[:n]:
@@ -115,7 +120,7 @@ def run(base_url: str | None, llm_model: str) -> None:
                 continue
             start, wall = time.process_time(), time.time()
             before = llm.stats.to_dict() if llm is not None and roles.name == "llm" else None
-            result = explain_record(record, roles, rounds=ROUNDS)
+            result = explain_record(record, roles, rounds=rounds)
             data = {
                 **result.to_dict(),
                 "cpu_seconds": time.process_time() - start,
