@@ -44,7 +44,7 @@ from rangelens.capture import POSITIONS, iter_activations
 from rangelens.data import DataSource, LabeledTexts, resolve_dataset, split
 from rangelens.distributed import gather, is_main, local_device, shard, world
 from rangelens.errors import RangelensError, choices
-from rangelens.models import BUILTIN_MODELS, LoadedModel, cache_dir, load_model
+from rangelens.models import BUILTIN_MODELS, LoadedModel, ModelSource, cache_dir, load_model
 from rangelens.ranges import RangeMap
 from rangelens.rangeset import (
     FULL,
@@ -67,12 +67,9 @@ def input_digest(source: str) -> str:
     return path_digest(path, memo=cache_dir() / "digests.json")
 
 
-class AnalysisConfig(DataSource):
+class AnalysisConfig(DataSource, ModelSource):
     """Everything that determines an analysis run (saved resolved in ``run.json``)."""
 
-    model: str = Field(
-        "smollm2-135m", description="built-in name, hub id, local folder or .gguf file"
-    )
     test_size: float = Field(0.2, gt=0, lt=1, description="share of texts held out for testing")
     site: str = Field("resid", description="resid | mlp | attn | module:<dotted.path>[:input]")
     layer: int = Field(-1, description="block index; negative counts from the end")

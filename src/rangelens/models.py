@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -61,6 +62,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         subdir="model",
     ),
 }
+
+
+class ModelSource(BaseModel):
+    """Which model a command loads: the one declaration of the ``model`` option (analysis and
+    explain configs inherit it, so it comes first in their CLI options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "smollm2-135m", description="built-in name, hub id, local folder or .gguf file"
+    )
 
 
 @dataclass

@@ -16,6 +16,7 @@ from rangelens.artifacts import read_json
 from rangelens.data import DataSource, LabeledTexts
 from rangelens.errors import RangelensError
 from rangelens.explain.exemplars import ExemplarConfig
+from rangelens.models import ModelSource
 from rangelens.ranges import RangeMap
 
 # Taken from the run when not given: everything that says what was analysed and how it was read
@@ -32,12 +33,9 @@ FROM_RUN = (
 )
 
 
-class ExplainInputs(DataSource):
+class ExplainInputs(DataSource, ModelSource):
     """The model, texts and site ``explain`` captures (defaults: --run-dir's, else these)."""
 
-    model: str = Field(
-        "smollm2-135m", description="built-in name, hub id, local folder or .gguf file"
-    )
     max_per_class: int | None = Field(60, ge=1, description="texts per class")
     site: str = Field("mlp", description="resid | mlp | attn | module:<dotted.path>[:input]")
     layer: int = Field(15, description="block index; negative counts from the end")
