@@ -14,6 +14,7 @@ from rangelens.analysis import AnalysisConfig, analyze
 from rangelens.cli import app
 from rangelens.cliconfig import option_names
 from rangelens.data import DataWarning, load_texts
+from rangelens.explain.inputs import FROM_RUN
 
 TOPICS = {
     "spam": ['WINNER!! Claim your "free" prize now', "Urgent: call to win cash today"],
@@ -132,6 +133,17 @@ def test_every_config_field_is_an_option() -> None:
     for name in option_names(AnalysisConfig):
         assert name in res.output, name
     assert "--no-header" in res.output and "--out" in res.output
+    assert res.output.index("--model") < res.output.index("--dataset")  # declared once, model first
+
+
+def test_explain_help_says_which_defaults_come_from_the_run() -> None:
+    res = CliRunner().invoke(app, ["explain", "--help"], env={"COLUMNS": "240"})
+    lines = {ln.split()[1]: ln for ln in res.output.splitlines() if ln.strip("│ ").startswith("--")}
+    assert set(FROM_RUN) <= {n[2:].replace("-", "_") for n in lines}
+    for name in FROM_RUN:
+        assert "the run's" in lines["--" + name.replace("_", "-")], name
+    for name in ("--max-per-class", "--seed", "--balance"):  # explanations sample their own texts
+        assert "the run's" not in lines[name], lines[name]
 
 
 def test_fingerprint_follows_content_not_path_spelling(
