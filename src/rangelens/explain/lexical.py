@@ -129,6 +129,11 @@ def render(tokens: Sequence[str]) -> list[str]:
     return out
 
 
+def plain_text(tokens: Sequence[str]) -> str:
+    """The text a person (or an LLM prompt) reads for ``tokens``: ``"".join(render(tokens))``."""
+    return "".join(render(tokens))
+
+
 def readable(token: str) -> str:
     """One-line readable form of a token or word (markers removed; whitespace escaped, e.g. \\n)."""
     clean = _clean(token)

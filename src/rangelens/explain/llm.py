@@ -23,7 +23,7 @@ import numpy as np
 
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import LLM, Message, ReplyError, parallel_map
-from rangelens.explain.lexical import LexicalSimulator, render
+from rangelens.explain.lexical import LexicalSimulator, plain_text, render
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Component, Mode, Roles, Trace
 
@@ -353,11 +353,9 @@ class LLMExplainer:
         scale = _scale(record)
         _, easy, hard = contrast_sets(record, len(shown), self.n_negative)
         parts = [show_record(r, f"activating {i}", scale) for i, r in enumerate(shown)]
+        parts += [delimit(plain_text(r.tokens), f"not activating {i}") for i, r in enumerate(easy)]
         parts += [
-            delimit("".join(render(r.tokens)), f"not activating {i}") for i, r in enumerate(easy)
-        ]
-        parts += [
-            delimit("".join(render(r.tokens)), f"not activating although it shares words {i}")
+            delimit(plain_text(r.tokens), f"not activating although it shares words {i}")
             for i, r in enumerate(hard)
         ]
         return "\n".join(parts)

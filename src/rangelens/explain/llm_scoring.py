@@ -37,7 +37,7 @@ from rangelens.explain.clients import (
     TokenLogprobs,
     parallel_map,
 )
-from rangelens.explain.lexical import render
+from rangelens.explain.lexical import plain_text, render
 from rangelens.explain.llm import delimit, mark_tokens
 from rangelens.explain.roles import Trace
 
@@ -169,13 +169,14 @@ def parse_word_list(text: str, tokens: Sequence[str]) -> WordList:
     body = text.strip().strip("`").strip()
     if body.lower().startswith(("words:", "answer:")):
         body = body.split(":", 1)[1].strip()
-    shown = render(tokens)
-    joined = "".join(shown)
-    ends = np.cumsum([len(t) for t in shown])
-    starts = ends - np.array([len(t) for t in shown])
     out = np.zeros(len(tokens))
     if _NONE.match(body):
         return WordList(out, 0, 0)
+    shown = render(tokens)
+    joined = "".join(shown)
+    lengths = np.array([len(t) for t in shown])
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
     items = [i.strip(_ITEM_JUNK) for i in re.split(r"[,\n]", body)]
     items = [re.sub(r"^\d+[.)]\s*", "", i).strip(_ITEM_JUNK) for i in items]
     items = [i for i in items if i]
@@ -216,7 +217,7 @@ class LLMSimulator:
             "Which words of the text does the neuron activate on, according to the explanation? "
             "Copy them from the text, separated by commas, or write none."
         )
-        body = "".join(render(tokens))
+        body = plain_text(tokens)
         return [
             {"role": "system", "content": SIM_SYSTEM},
             {"role": "user", "content": f"{LIST_EXAMPLE}{ask}"},
@@ -247,10 +248,13 @@ class LLMSimulator:
             def validate(reply: Completion) -> np.ndarray:
                 values = parse_echo(reply.text, tokens)
                 expected = expected_values(values, reply.logprobs, reply.text)
+                with self._lock:  # texts are simulated in parallel
+                    if expected is not None:
+                        self.from_logprobs += 1
+                    else:
+                        self.from_digits += 1
                 if expected is not None:
-                    self.from_logprobs += 1
                     return expected
-                self.from_digits += 1
                 return np.array([float(v) for v, _ in values])
 
             if self.format == "list":
@@ -325,7 +329,7 @@ class LLMJudge:
     ) -> list[float | None]:
         if highlights is None:
             question, role = DETECTION_QUESTION, "detection"
-            bodies = ["".join(render(t)) for t in texts]
+            bodies = [plain_text(t) for t in texts]
         else:
             question, role = FUZZING_QUESTION, "fuzzing"
             bodies = [mark_tokens(t, m) for t, m in zip(texts, highlights, strict=True)]
