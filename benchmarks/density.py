@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from rangelens.artifacts import library_versions, write_text
-from rangelens.bands import band_purity_coverage
 from rangelens.erasure.outputs import interval_text
 from rangelens.pipeline import example_config, load_config, run
-from rangelens.rangeset import FULL
+from rangelens.ranges.bands import band_purity_coverage
+from rangelens.ranges.splits import FULL
 
 HERE = Path(__file__).parent
 RATIOS = [0.5, 4.0]  # beside the headline density_ratio 1

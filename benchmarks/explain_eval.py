@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rangelens.capture import capture
+from rangelens.activations.capture import capture
+from rangelens.activations.models import load_model
+from rangelens.activations.sites import resolve_site
+from rangelens.assets import cache_dir
 from rangelens.data import load_texts
 from rangelens.explain import OpenAIClient, explain_record, make_roles, records_from_activations
 from rangelens.explain.clients import LLM, ResponseCache
@@ -34,8 +37,6 @@ from rangelens.explain.exemplars import token_strings
 from rangelens.explain.llm import LLMExplainer, llm_roles
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.roles import Roles
-from rangelens.models import cache_dir, load_model
-from rangelens.sites import resolve_site
 
 SETTINGS = [("smollm2-135m", 8), ("smollm2-135m", 22), ("minilm-l6", 3)]
 N_NEURONS, ROUNDS, N_BOOT = 20, 4, 10_000

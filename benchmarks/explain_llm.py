@@ -23,10 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rangelens.capture import capture
+from rangelens.activations.capture import capture
+from rangelens.activations.models import load_model
+from rangelens.activations.sites import resolve_site
+from rangelens.assets import cache_dir
 from rangelens.data import load_texts
 from rangelens.explain import ExemplarConfig, OpenAIClient, records_from_activations
 from rangelens.explain.clients import LLM, ResponseCache
+from rangelens.explain.evaluation import LookupTable, fuzz_set, judged
 from rangelens.explain.exemplars import token_strings
 from rangelens.explain.lexical import LexicalSimulator
 from rangelens.explain.llm import LLMExplainer
@@ -35,12 +39,9 @@ from rangelens.explain.llm_scoring import (
     LLMSimulator,
 )
 from rangelens.explain.offline import OfflineExplainer
-from rangelens.explain.protocol import LookupTable, fuzz_set, judged
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.explain.roles import Trace
+from rangelens.explain.roles import FailureLog
 from rangelens.explain.scoring import correlation
-from rangelens.models import cache_dir, load_model
-from rangelens.sites import resolve_site
 
 LAYER, MAX_LENGTH = 8, 24
 CONFIG = ExemplarConfig(
@@ -86,7 +87,7 @@ def subset(record: NeuronRecord, n: int) -> list[ActivationRecord]:
 
 
 def score(
-    llm: LLM, explanation: str, record: NeuronRecord, trace: Trace, n_sim: int, n_judge: int
+    llm: LLM, explanation: str, record: NeuronRecord, trace: FailureLog, n_sim: int, n_judge: int
 ) -> dict[str, float]:
     """Simulation correlation over the tokens of ``n_sim`` held-out texts simulated successfully
     (skipped when 0), detection on ``n_judge`` held-out texts and fuzzing on their activating
@@ -128,7 +129,7 @@ def score(
 
 def score_lexical(explanation: str, held: list[ActivationRecord]) -> float:
     """Correlation of the offline lexical simulator reading ``explanation`` on ``held``."""
-    preds = LexicalSimulator().simulate(explanation, [r.tokens for r in held], Trace())
+    preds = LexicalSimulator().simulate(explanation, [r.tokens for r in held], FailureLog())
     ok = [i for i, p in enumerate(preds) if p is not None]
     if not ok:
         return float("nan")
@@ -182,13 +183,13 @@ def main() -> None:
     explanations: dict[str, list[str]] = {"llm": [], "lexical": []}
     failures: dict[str, int] = {}
 
-    def count(trace: Trace) -> None:
+    def count(trace: FailureLog) -> None:
         for f in trace.failures:
             print(f"  {f.role} failure: {f.error}", flush=True)
             failures[f.role] = failures.get(f.role, 0) + 1
 
     for rec in records:
-        trace = Trace()
+        trace = FailureLog()
         mode = LLMExplainer(llm, n_shown=3, n_negative=1).explain_top(rec, 3, trace)
         count(trace)
         explanations["llm"].append(mode.explanation)
@@ -212,7 +213,7 @@ def main() -> None:
             ("lexical", args.sim_texts),
             ("mismatched", args.sim_texts),
         ):
-            trace = Trace()
+            trace = FailureLog()
             text = explanations[method][i]
             rows[method].append(
                 score(llm, text, rec, trace, n_sim, args.judge_texts) if text else {}

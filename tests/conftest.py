@@ -19,7 +19,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from rangelens.models import LoadedModel, builtin_model_dir, load_model
+from rangelens.activations.models import LoadedModel, builtin_model_dir, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from rangelens.analysis import AnalysisConfig, analyze, load_capture
 from rangelens.cli import app
-from rangelens.ranges import RangeMap
-from rangelens.stats import ConceptStats
+from rangelens.config import AnalysisConfig
+from rangelens.pipeline import analyze
+from rangelens.ranges.captured import load_capture
+from rangelens.ranges.maps import RangeMap
+from rangelens.ranges.stats import ConceptStats
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -66,7 +68,7 @@ def test_resume_skips_capture_and_refits_ranges(
 def test_cli_analyze_and_errors(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "cli-run"
     common = ["--model", str(tiny_model_dir), "--dataset", str(corpus), "--label-column", "topic"]
-    ok = cli("analyze", *common, "--out", str(out), "--no-progress", "--ranking", "dprime")
+    ok = cli("analyze", *common, "--out", str(out), "--quiet", "--ranking", "dprime")
     assert ok.returncode == 0, ok.stderr
     assert "concept ranges" in ok.stdout and (out / "ranges" / "ranges.json").exists()
     cases = [
@@ -80,7 +82,7 @@ def test_cli_analyze_and_errors(tmp_path: Path, corpus: Path, tiny_model_dir: Pa
     runner = CliRunner()
     for extra, message in cases:  # in-process: same code path, without a torch import per case
         bad = tmp_path / "bad"
-        res = runner.invoke(app, ["analyze", *common, "--out", str(bad), "--no-progress", *extra])
+        res = runner.invoke(app, ["analyze", *common, "--out", str(bad), "--quiet", *extra])
         assert res.exit_code == 2, (extra, res.output)
         errors = [line for line in res.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], res.output
@@ -121,7 +123,7 @@ def test_builtin_runs(tmp_path: Path, model: str, dataset: str, position: str) -
         "48",
         "--out",
         str(out),
-        "--no-progress",
+        "--quiet",
     )
     assert res.returncode == 0, res.stderr
     summary = pd.read_csv(out / "ranges" / "summary.csv")

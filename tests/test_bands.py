@@ -14,15 +14,15 @@ from conftest import tiny_model
 from scipy import optimize
 from scipy import stats as sps
 
-from rangelens.bands import intervals_above, silverman_bandwidth
-from rangelens.capture import record
+from rangelens.activations.capture import record
+from rangelens.activations.sites import resolve_site
 from rangelens.errors import RangelensError
 from rangelens.intervene import RangeMask, apply_ranges
-from rangelens.ranges import FORMAT_VERSION, RangeMap, distribution_table, fit_ranges
-from rangelens.ranking import rank
+from rangelens.ranges.bands import intervals_above, silverman_bandwidth
+from rangelens.ranges.maps import FORMAT_VERSION, RangeMap, distribution_table, fit_ranges
+from rangelens.ranges.ranking import rank
+from rangelens.ranges.stats import ConceptStats
 from rangelens.report.figures import Series, histogram_svg
-from rangelens.sites import resolve_site
-from rangelens.stats import ConceptStats
 
 V1_FIXTURE = Path(__file__).parent / "data" / "ranges_v1"  # written by the format-/1 code
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from rangelens.capture import capture, model_inputs, record, tokenize
+from rangelens.activations.capture import capture, model_inputs, record, tokenize
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import blocks, final_norm, resolve_site
 from rangelens.errors import RangelensError
-from rangelens.models import LoadedModel
-from rangelens.sites import blocks, final_norm, resolve_site
 
 
 def row_rel_err(a: np.ndarray, b: np.ndarray) -> float:

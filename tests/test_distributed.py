@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rangelens.analysis import load_capture
-from rangelens.models import LoadedModel
-from rangelens.ranges import RangeMap
+from rangelens.activations.models import LoadedModel
+from rangelens.ranges.captured import load_capture
+from rangelens.ranges.maps import RangeMap
 
 
 def free_port() -> int:
@@ -34,7 +34,7 @@ def test_two_workers_equal_one_process(tmp_path: Path, tiny_llama: LoadedModel) 
     ]
     corpus = tmp_path / "corpus.csv"
     pd.DataFrame(rows).to_csv(corpus, index=False)
-    args = ["analyze", "--model", str(model_dir), "--dataset", str(corpus), "--no-progress"]
+    args = ["analyze", "--model", str(model_dir), "--dataset", str(corpus), "--quiet"]
     # batch size 1: every text's forward is the same computation in both runs, so any difference
     # comes from sharding and merging alone
     args += ["--batch-size", "1", "--position", "mean"]

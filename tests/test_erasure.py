@@ -15,8 +15,10 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-from rangelens.analysis import AnalysisConfig, CaptureResult, analyze, run_capture
-from rangelens.capture import model_inputs, pool, record, stop_forward, tokenize
+from rangelens.activations.capture import model_inputs, pool, record, stop_forward, tokenize
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import NeuronSite, blocks, resolve_site
+from rangelens.config import AnalysisConfig
 from rangelens.data import LabeledTexts, general_text, load_texts
 from rangelens.erasure import (
     ErasureConfig,
@@ -27,13 +29,14 @@ from rangelens.erasure import (
     run_erasure,
 )
 from rangelens.erasure.engine import run_conditions, skip_blocks, suffix_start
-from rangelens.erasure.metrics import Figures, Outcomes
+from rangelens.erasure.metrics import EffectEstimator, Outcomes
 from rangelens.erasure.tasks import fit_head, prompt_task, token_nll
 from rangelens.errors import RangelensError
 from rangelens.intervene import NeuronMask, RangeMask
-from rangelens.models import LoadedModel
-from rangelens.rangeset import FULL, RangeSet
-from rangelens.sites import NeuronSite, blocks, resolve_site
+from rangelens.pipeline import analyze
+from rangelens.ranges.captured import CaptureResult, run_capture
+from rangelens.ranges.rangeset import RangeSet
+from rangelens.ranges.splits import FULL
 
 FILES = (
     "erasure.csv",
@@ -406,7 +409,7 @@ def test_bootstrap_intervals_cover_a_known_rate() -> None:
     gold = np.ones(800)
     keys = {("base", None, None, None, None): base, ("range", 0, "s", 1.0, 0.3): masked}
     outcomes = Outcomes(np.arange(800), labels, keys, dict.fromkeys(keys, gold))
-    figures = Figures(outcomes, None, 2000, 0)
+    figures = EffectEstimator(outcomes, None, 2000, 0)
     flip = figures.flip(("range", 0, "s", 1.0, 0.3), 0)
     lo, hi = flip.interval()
     se = np.sqrt(0.3 * 0.7 / 400)
@@ -460,16 +463,17 @@ def test_finetuned_sequence_classifier(encoder_tokenizer: Any, tmp_path: Path) -
 
 def test_bad_options_raise_one_line_errors() -> None:
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"tau": 2.0}, "tau is an analysis option now"),
+        ({"tau": 2.0}, "tau is an analysis option"),
         ({"taus": [1.0]}, "set analysis.taus"),
         ({"folds": 1}, "folds = 1"),
-        ({"task": "zero-shot"}, "'head', 'prompt' or 'finetuned'"),
-        ({"replacement": "median"}, "'zero', 'mean' or 'complement_mean'"),
+        ({"task": "zero-shot"}, "unknown task 'zero-shot'; valid: 'head', 'prompt', 'finetuned'"),
+        ({"replacement": "median"}, "valid: 'zero', 'mean', 'complement_mean'"),
         ({"scale": 0.5}, "only applies to mode 'soft'"),
         ({"positions": "last"}, "positions 'last' with ppl_texts 32"),
         ({"conditions": ["range", "sparse"]}, "unknown condition 'sparse'; valid: 'range'"),
         ({"prompt_template": "no text here"}, "{text}"),
-        ({"tua": 2.0}, "valid options: 'task'"),
+        ({"tua": 2.0}, "unknown option 'tua'; valid: 'task'"),
+        ({"concepts": ["a"]}, "erasure option 'concepts' is now 'targets'"),
     ]
     for kwargs, message in cases:
         with pytest.raises(RangelensError) as err:
@@ -481,7 +485,7 @@ def test_bad_options_raise_one_line_errors() -> None:
 @pytest.mark.parametrize(
     ("model", "options", "message"),
     [
-        ("tiny_llama", {"concepts": ["weather"]}, "concept 'weather' not in dataset 'keywords'; "),
+        ("tiny_llama", {"targets": ["weather"]}, "concept 'weather' not in dataset 'keywords'; "),
         ("tiny_llama", {"folds": 20}, "folds 20 > the 14 texts of the smallest class 'money'"),
         ("tiny_bert", {"task": "prompt"}, "task 'prompt' needs a decoder with an LM head; model "),
         ("tiny_bert", {"ppl_texts": 8}, "ppl_texts = 8: perplexity needs a decoder"),

@@ -26,7 +26,7 @@ from rangelens.explain import (
 )
 from rangelens.explain.clients import Completion
 from rangelens.explain.llm import LLMExplainer
-from rangelens.explain.roles import Trace
+from rangelens.explain.roles import FailureLog
 
 SECRET = "sk-test-SECRET-0123456789"
 
@@ -153,13 +153,13 @@ def test_malformed_replies_are_retried_then_recorded(serve):
     rec = synthetic()
     good = '{"explanation": "sports words", "keywords": ["goal", "match"]}'
     server = serve(sequence("no json at all", '{"explanation": "x", "keywords": [NaN]}', good))
-    trace = Trace()
+    trace = FailureLog()
     mode = LLMExplainer(LLM(server.client())).explain_top(rec, 5, trace)
     assert server.calls == 3 and not trace.failures
     assert {c.text for c in mode.components} == {"goal", "match"}
 
     bad = serve(sequence('{"explanation": ""}'))
-    trace = Trace()
+    trace = FailureLog()
     mode = LLMExplainer(LLM(bad.client())).explain_top(rec, 5, trace)
     assert bad.calls == 3 and mode.components == []
     assert [(f.role, f.attempts) for f in trace.failures] == [("explainer", 3)]

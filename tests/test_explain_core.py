@@ -18,12 +18,13 @@ from rangelens.explain import (
     records_from_activations,
     score_records,
 )
+from rangelens.explain.clients import ReplyError
 from rangelens.explain.lexical import LexicalSimulator
-from rangelens.explain.llm import ReplyError, delimit, parse_json, show_record
 from rangelens.explain.llm_scoring import LLMSimulator
 from rangelens.explain.offline import offline_roles
+from rangelens.explain.prompts import delimit, parse_json, show_record
 from rangelens.explain.records import NeuronRecord
-from rangelens.explain.roles import Simulator, Trace
+from rangelens.explain.roles import FailureLog, Simulator
 
 WORDS = [
     "the",
@@ -142,5 +143,5 @@ def test_simulators_receive_no_activations():
         assert hints["texts"] == Sequence[Sequence[str]]
     rec = synthetic()
     texts = [r.tokens for r in rec.held_out]
-    a = LexicalSimulator().simulate("sports: goal, match", texts, Trace())
+    a = LexicalSimulator().simulate("sports: goal, match", texts, FailureLog())
     assert any(p is not None and p.max() > 0 for p in a)

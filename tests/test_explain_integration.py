@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from rangelens.activations.models import load_model
+from rangelens.activations.sites import resolve_site
 from rangelens.data import load_texts
 from rangelens.explain import ExemplarConfig, NeuronRecord, explain_neurons, explain_range
 from rangelens.explain.api import save_results
-from rangelens.models import load_model
-from rangelens.ranges import ConceptRange
-from rangelens.sites import resolve_site
+from rangelens.ranges.maps import ConceptRange
 
 pytestmark = pytest.mark.integration
 SMALL = ExemplarConfig(
@@ -69,17 +69,13 @@ def test_local_transformers_client_prefill_logprobs_and_cache(setup, tmp_path):
 
 
 def test_explain_command_writes_directory(tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from rangelens.explain.command import explain_command
+    from rangelens.cli import app
 
-    app = typer.Typer()
-    app.command()(explain_command)
     out = tmp_path / "expl"
-    args = ["--neurons", "5,9", "--layer", "2", "--max-per-class", "24", "--rounds", "1"]
-    # a wide terminal, so that rich does not wrap the column headers
-    result = CliRunner().invoke(app, [*args, "--output", str(out)], env={"COLUMNS": "200"})
+    args = ["--neurons", "5,9", "--site", "mlp", "--layer", "2", "--texts-per-class", "24"]
+    result = CliRunner().invoke(app, ["explain", *args, "--rounds", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "explanations").iterdir()) == ["5.json", "9.json"]
     assert "single-pass" in result.output

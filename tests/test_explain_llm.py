@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from rangelens.cli import app
 from rangelens.explain.clients import LLM, Completion, LLMUnavailable, ReplyError, ResponseCache
-from rangelens.explain.llm import LLMExplainer, check_explanation, parse_json
+from rangelens.explain.evaluation import fuzz_set, judged
+from rangelens.explain.llm import LLMExplainer
 from rangelens.explain.llm_scoring import (
     LLMJudge,
     LLMSimulator,
@@ -23,8 +24,8 @@ from rangelens.explain.llm_scoring import (
     parse_word_list,
     shown_token,
 )
-from rangelens.explain.protocol import fuzz_set, judged
-from rangelens.explain.roles import Trace
+from rangelens.explain.prompts import check_explanation, parse_json
+from rangelens.explain.roles import FailureLog
 
 Reply, sequence = scripted.Reply, scripted.sequence
 serve = scripted.serve  # the scripted-server fixture
@@ -57,7 +58,7 @@ def echo_server(prompt: str, *, logprobs: bool = False) -> str | Reply:
 
 def test_echo_simulation_parses_strictly_and_retries(serve):
     good = serve(echo_server)
-    trace = Trace()
+    trace = FailureLog()
     sim = LLMSimulator(LLM(good.client()))
     (pred,) = sim.simulate("the word 'goal'", [TOKENS], trace)
     assert pred is not None and pred.tolist() == [0, 0, 0, 0, 8, 0, 10]
@@ -66,7 +67,7 @@ def test_echo_simulation_parses_strictly_and_retries(serve):
 
     shifted = "The\t0\nstriker\t0\na\t0\ngoal\t8\n⏎\t0\ntoday\t0\nextra\t1\n"  # 'scored' dropped
     bad = serve(sequence("The 0\nstriker 0\nscored 0\na 0\ngoal 8\n\ntoday 0", shifted))
-    trace = Trace()
+    trace = FailureLog()
     llm = LLM(bad.client(), attempts=2)
     assert LLMSimulator(llm).simulate("the word 'goal'", [TOKENS], trace) == [None]
     assert bad.calls == 2 and llm.stats.failed_attempts == {"invalid": 2}
@@ -79,7 +80,7 @@ def test_echo_simulation_parses_strictly_and_retries(serve):
 def test_logprob_simulation_takes_expected_values(serve):
     server = serve(lambda p: echo_server(p, logprobs=True))
     sim = LLMSimulator(LLM(server.client()))
-    (pred,) = sim.simulate("the word 'goal'", [TOKENS], Trace())
+    (pred,) = sim.simulate("the word 'goal'", [TOKENS], FailureLog())
     assert pred is not None
     assert pred[4] == pytest.approx(5.0) and pred[6] == pytest.approx(0.8 * 5.5)
     assert pred[0] == 0 and sim.from_logprobs == 1
@@ -97,7 +98,7 @@ def list_server(prompt: str) -> str:
 
 def test_list_simulation_marks_listed_words_and_rejects_invented_ones(serve):
     server = serve(list_server)
-    trace = Trace()
+    trace = FailureLog()
     sim = LLMSimulator(LLM(server.client()), format="list")
     texts = [TOKENS, [" No", " match", " here"]]
     assert [p.tolist() for p in sim.simulate("the word 'goal'", texts, trace)] == [  # type: ignore[union-attr]
@@ -111,7 +112,7 @@ def test_list_simulation_marks_listed_words_and_rejects_invented_ones(serve):
     assert (sim.listed, sim.absent) == (2, 0)
     # a listed word the text lacks predicts nothing and is counted; a reply listing nothing fails
     odd = serve(sequence("goal, energy", "", "-"))
-    trace = Trace()
+    trace = FailureLog()
     llm = LLM(odd.client(), attempts=2)
     sim = LLMSimulator(llm, format="list")
     assert sim.simulate("x", [TOKENS], trace)[0].tolist() == [0, 0, 0, 0, 10, 0, 0]  # type: ignore[union-attr]
@@ -145,7 +146,7 @@ def test_detection_and_fuzzing_judges(serve):
     rec = synthetic()
     texts = [r.tokens for r in rec.held_out]
     labels = np.array([r.max_activation >= rec.threshold for r in rec.held_out])
-    trace = Trace()
+    trace = FailureLog()
     det = LLMJudge(LLM(server.client()))
     good = judged(det.judge("the word 'goal'", texts, None, trace), labels)
     wrong = judged(det.judge("the word 'vote'", texts, None, trace), labels)
@@ -216,7 +217,7 @@ def test_explainer_is_contrastive_and_rejects_echoes(serve):
             "{\"explanation\": \"football words like 'goal' and 'match'\"}",
         )
     )
-    trace = Trace()
+    trace = FailureLog()
     mode = LLMExplainer(LLM(server.client())).explain_top(rec, 5, trace)
     assert mode.explanation == "football words like 'goal' and 'match'" and not trace.failures
     first = server.bodies[0]["messages"]

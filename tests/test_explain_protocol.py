@@ -11,11 +11,11 @@ from test_explain_core import synthetic
 
 from rangelens.errors import RangelensError
 from rangelens.explain import ActivationRecord, explain_record
+from rangelens.explain.evaluation import Evaluator, LookupTable, fuzz_set
 from rangelens.explain.lexical import LexicalJudge, LexicalSimulator, name_pattern, segment
 from rangelens.explain.offline import OfflineRefiner, offline_roles, render
-from rangelens.explain.protocol import Evaluator, LookupTable, fuzz_set
 from rangelens.explain.records import POOLS
-from rangelens.explain.roles import Component, Mode, Trace
+from rangelens.explain.roles import Component, FailureLog, Mode
 from rangelens.explain.scoring import fit_calibration
 
 
@@ -57,16 +57,16 @@ def test_loop_feedback_acceptance_and_budget():
 
 def test_calibration_uses_only_the_calibration_pool():
     rec = synthetic()
-    ev = Evaluator(offline_roles(), rec, Trace())
+    ev = Evaluator(offline_roles(), rec, FailureLog())
     predict = lambda recs: ev.raw("sports: goal, match, team", recs)  # noqa: E731
     cal, _ = ev.calibrate(predict)
     scrambled = [replace(r, activations=[a * -3 + 1 for a in r.activations]) for r in rec.held_out]
-    cal_same, _ = Evaluator(offline_roles(), replace(rec, held_out=scrambled), Trace()).calibrate(
+    cal_same, _ = Evaluator(offline_roles(), replace(rec, held_out=scrambled), FailureLog()).calibrate(
         predict
     )
     assert cal == cal_same
     doubled = [replace(r, activations=[2 * a for a in r.activations]) for r in rec.validation]
-    cal_other, _ = Evaluator(offline_roles(), replace(rec, validation=doubled), Trace()).calibrate(
+    cal_other, _ = Evaluator(offline_roles(), replace(rec, validation=doubled), FailureLog()).calibrate(
         predict
     )
     assert cal_other != cal
@@ -98,7 +98,7 @@ def test_lookup_table_on_a_known_case():
 
 def test_empty_explanation_is_a_failure():
     rec = synthetic()
-    ev = Evaluator(offline_roles(), rec, Trace())
+    ev = Evaluator(offline_roles(), rec, FailureLog())
     assert ev.validation([]) is None and ev.validation([Mode("x", "", [])]) is None
     scores = ev.final([])
     assert scores.empty and scores.held_out == 0.0 and scores.failed_texts == len(rec.held_out)
@@ -125,9 +125,9 @@ def test_lexical_simulator_reads_free_text_and_lists():
     sim = LexicalSimulator()
     tokens = ["The", " big", "gest", " goal", " in", " Paris", ",", " most", " said", " 2", "0"]
     rendered, written = (
-        sim.simulate('superlatives: most, biggest, after "in"', [tokens, tokens], Trace())[0],
+        sim.simulate('superlatives: most, biggest, after "in"', [tokens, tokens], FailureLog())[0],
         sim.simulate(
-            "Fires on superlative words such as 'most' and on numbers.", [tokens], Trace()
+            "Fires on superlative words such as 'most' and on numbers.", [tokens], FailureLog()
         )[0],
     )
     assert rendered is not None and written is not None
@@ -142,9 +142,9 @@ def test_lexical_judge_detection_and_fuzzing():
     judge = LexicalJudge()
     texts, marks, labels = fuzz_set(rec.held_out, rec.threshold)
     assert labels.any() and not labels.all() and len(texts) == len(marks)
-    scores = judge.judge("sports: goal, match, team", [r.tokens for r in texts], marks, Trace())
+    scores = judge.judge("sports: goal, match, team", [r.tokens for r in texts], marks, FailureLog())
     correct = np.array([s for s, ok in zip(scores, labels, strict=True) if ok], dtype=float)
     wrong = np.array([s for s, ok in zip(scores, labels, strict=True) if not ok], dtype=float)
     assert correct.mean() > wrong.mean()
-    det = judge.judge("sports: goal", [["a", " goal"], ["a", " film"]], None, Trace())
+    det = judge.judge("sports: goal", [["a", " goal"], ["a", " film"]], None, FailureLog())
     assert det == [1.0, 0.0]

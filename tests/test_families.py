@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from rangelens.capture import capture, model_inputs, tokenize
-from rangelens.models import LoadedModel
-from rangelens.sites import FAMILIES, resolve_site
+from rangelens.activations.capture import capture, model_inputs, tokenize
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import FAMILIES, resolve_site
 
 DECODERS = {t for t in FAMILIES if t not in {"bert", "roberta", "xlm-roberta", "camembert"}} - {
     "electra",
@@ -95,7 +95,7 @@ def family_lm(request, decoder_tokenizer, encoder_tokenizer) -> LoadedModel:
 
 def reference(lm: LoadedModel, text: str, paths: dict[str, tuple[str, bool]]) -> dict[str, Any]:
     """Site tensors of one unpadded forward (no mask, no position ids: the model's own defaults),
-    read with plain torch hooks (independent of rangelens.hooks)."""
+    read with plain torch hooks (independent of rangelens.activations.hooks)."""
     got: dict[str, torch.Tensor] = {}
     handles = []
     for name, (path, is_input) in paths.items():

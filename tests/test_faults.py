@@ -29,13 +29,13 @@ import yaml
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from rangelens.analysis import AnalysisConfig, analyze
+from rangelens.activations.models import LoadedModel
 from rangelens.artifacts import STAGE, atomic_dir, clean_stale_temps, write_text
 from rangelens.cli import app
+from rangelens.config import AnalysisConfig
 from rangelens.errors import RangelensError
 from rangelens.explain import save_results
-from rangelens.models import LoadedModel
-from rangelens.pipeline import load_config, run
+from rangelens.pipeline import analyze, load_config, run
 from rangelens.report import build_atlas
 from rangelens.report.atlas import atlas_is_current
 from rangelens.report.server import AtlasServer
@@ -59,7 +59,7 @@ for target in targets:
     if pid == 0:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         os.replace, os.rename = wrap(os.replace, target), wrap(os.rename, target)
-        sys.argv = ["rangelens", "run", config, "--no-progress"]
+        sys.argv = ["rangelens", "run", config, "--quiet"]
         try:
             rangelens.cli.app()
         finally:
@@ -137,7 +137,7 @@ def test_kill_at_each_stage_then_resume_gives_the_same_results(
     kills = [line.split() for line in stdout.splitlines()]
     assert [k[:2] for k in kills] == [[t, str(-signal.SIGKILL)] for t in targets], err
     assert all(int(k[2]) > 0 for k in kills), kills  # each kill left a temporary behind
-    res = CliRunner().invoke(app, ["run", str(config_path), "--no-progress"])
+    res = CliRunner().invoke(app, ["run", str(config_path), "--quiet"])
     assert res.exit_code == 0, res.output
     same_run(reference.run_dir, out)
     assert (out / "atlas" / "index.html").is_file()
@@ -154,7 +154,7 @@ def test_a_second_process_on_a_run_directory_gets_a_one_line_error(
         while not (tmp_path / "ready").exists():
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(0.1)
-        res = CliRunner().invoke(app, ["run", str(config_path), "--no-progress"])
+        res = CliRunner().invoke(app, ["run", str(config_path), "--quiet"])
         assert res.exit_code == 2
         line = error_line(res.output)
         assert "in use by another rangelens process" in line and f"pid {pid}" in line
@@ -397,7 +397,7 @@ def test_a_model_directory_without_weights_is_a_one_line_error(
         weights.unlink()
     out = tmp_path / "out"
     args = ["analyze", "--model", str(tiny_model_dir), "--dataset", str(corpus), "--out", str(out)]
-    res = CliRunner().invoke(app, [*args, "--label-column", "topic", "--no-progress"])
+    res = CliRunner().invoke(app, [*args, "--label-column", "topic", "--quiet"])
     assert res.exit_code == 2 and "cannot be loaded" in error_line(res.output)
     assert not out.exists()
 
@@ -405,7 +405,7 @@ def test_a_model_directory_without_weights_is_a_one_line_error(
 def test_an_empty_folder_as_dataset_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    args = ["analyze", "--dataset", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]
+    args = ["analyze", "--dataset", str(tmp_path / "empty"), "--out", str(out), "--quiet"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "has no texts" in error_line(res.output)
     assert not out.exists()
@@ -443,7 +443,7 @@ def test_labels_with_dollar_signs_draw_literally(
 def test_config_file_errors_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(text)
-    res = CliRunner().invoke(app, ["run", str(path), "--no-progress"])
+    res = CliRunner().invoke(app, ["run", str(path), "--quiet"])
     assert res.exit_code == 2 and message in error_line(res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
 

@@ -1,15 +1,15 @@
-"""The hook primitive (rangelens.hooks) and module sites built on it."""
+"""The hook primitive (rangelens.activations.hooks) and module sites built on it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rangelens.capture import capture, model_inputs, tokenize
+from rangelens.activations.capture import capture, model_inputs, tokenize
+from rangelens.activations.hooks import Trace, TraceDict, stop_forward
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import resolve_site
 from rangelens.errors import RangelensError
-from rangelens.hooks import Trace, TraceDict, stop_forward
-from rangelens.models import LoadedModel
-from rangelens.sites import resolve_site
 
 
 def forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:

@@ -11,13 +11,13 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from rangelens.capture import TokenBatch, model_inputs, record, tokenize
+from rangelens.activations.capture import TokenBatch, model_inputs, record, tokenize
+from rangelens.activations.models import load_model
+from rangelens.activations.sites import NeuronSite, final_norm, resolve_site
 from rangelens.errors import RangelensError
 from rangelens.intervene import NeuronMask, RangeMask, apply_ranges
-from rangelens.models import load_model
-from rangelens.ranges import RangeMap
-from rangelens.sites import NeuronSite, final_norm, resolve_site
-from rangelens.stats import ConceptStats
+from rangelens.ranges.maps import RangeMap
+from rangelens.ranges.stats import ConceptStats
 
 FAMILIES = ("llama", "gpt2", "bert")
 SITES = ("resid", "mlp", "attn")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rangelens.activations.models import LoadedModel, gguf_file, load_model
+from rangelens.assets import BUILTIN_MODELS
 from rangelens.errors import RangelensError
-from rangelens.models import BUILTIN_MODELS, LoadedModel, gguf_file, load_model
 
 
 def smollm2_gguf() -> Path:

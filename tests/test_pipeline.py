@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from rangelens.cli import app
 from rangelens.pipeline import example_config, load_config, run
-from rangelens.ranges import RangeMap
-from rangelens.rangeset import RangeSet
+from rangelens.ranges.maps import RangeMap
+from rangelens.ranges.rangeset import RangeSet
 
 
 def write_config(path: Path, data: dict) -> Path:
@@ -66,7 +66,7 @@ def test_run_end_to_end_and_resume(tmp_path: Path, config_data: dict) -> None:
 
 def test_cli_run_prints_table_and_atlas(tmp_path: Path, config_data: dict) -> None:
     path = write_config(tmp_path / "cfg.yaml", config_data)
-    res = CliRunner().invoke(app, ["run", str(path), "--no-progress"])
+    res = CliRunner().invoke(app, ["run", str(path), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "erasure" in res.output and "atlas:" in res.output
     assert (
@@ -99,7 +99,7 @@ def test_bad_configs(tmp_path: Path, config_data: dict, patch: dict, message: st
     for section, values in patch.items():
         data[section].update(values)
     path = write_config(tmp_path / "bad.yaml", data)
-    res = CliRunner().invoke(app, ["run", str(path), "--no-progress"])
+    res = CliRunner().invoke(app, ["run", str(path), "--quiet"])
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], res.output

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy import integrate
 from scipy import stats as sps
 
-from rangelens.ranges import (
+from rangelens.ranges.maps import (
     FORMAT_VERSION,
     ConceptRange,
     RangeMap,
@@ -21,8 +21,8 @@ from rangelens.ranges import (
     distribution_table,
     fit_ranges,
 )
-from rangelens.ranking import rank, top_neurons
-from rangelens.stats import ConceptStats
+from rangelens.ranges.ranking import rank, top_neurons
+from rangelens.ranges.stats import ConceptStats
 
 CONCEPTS = ["sports", "world", "science"]
 

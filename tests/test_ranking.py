@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rangelens.ranking import RANKING_METHODS, polysemanticity, rank, top_neurons
-from rangelens.stats import ConceptStats
+from rangelens.ranges.ranking import RANKING_METHODS, polysemanticity, rank, top_neurons
+from rangelens.ranges.stats import ConceptStats
 
 N_CONCEPTS, D, PLANTED_NEURON, PLANTED_CONCEPT = 3, 12, 3, 1
 

@@ -21,22 +21,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
-from rangelens.analysis import AnalysisConfig, analyze
-from rangelens.cli import user_errors
+from rangelens.activations.models import LoadedModel
+from rangelens.cli import app
+from rangelens.config import AnalysisConfig
 from rangelens.erasure import FORMAT_VERSION
 from rangelens.errors import RangelensError
 from rangelens.explain import explain_record, records_from_activations, save_results
 from rangelens.explain.offline import offline_roles
-from rangelens.models import LoadedModel
+from rangelens.pipeline import analyze
 from rangelens.report import build_atlas, make_server
 from rangelens.report.atlas import atlas_is_current
-from rangelens.report.commands import report_command, serve_command
 from rangelens.report.figures import Series, histogram_svg, nice_ticks
-from rangelens.report.server import AtlasServer, resolve_request
+from rangelens.report.server import AtlasServer, resolve_request, serve
 
 SCRIPT_TEXT = '<script>alert("exemplar")</script><b>bold</b> & "quoted"'
 SCRIPT_TOKEN = "<script>alert(1)</script>"
@@ -188,7 +187,7 @@ def test_atlas_has_every_page_and_figure(atlas: Path, report_run: Path) -> None:
     site = pages(atlas)
     for name in ("index", "concepts", "neurons", "erasure", "explanations"):
         assert f"{name}.html" in site
-    from rangelens.ranges import RangeMap
+    from rangelens.ranges.maps import RangeMap
 
     salient = {int(j) for j in RangeMap.load(report_run / "ranges").neurons.ravel()}
     assert {f"neurons/{j}.html" for j in salient} <= set(site)
@@ -276,16 +275,12 @@ def test_bad_run_directories_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "not-a-run").mkdir()
     with pytest.raises(RangelensError, match="not a rangelens run"):
         build_atlas(tmp_path / "not-a-run")
-    app = typer.Typer()
-    app.command()(user_errors(report_command))
-    result = CliRunner().invoke(app, [str(tmp_path / "nope")])
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
 def test_report_command_prints_the_atlas(report_run: Path, tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.command()(user_errors(report_command))
-    result = CliRunner().invoke(app, [str(report_run), "--out", str(tmp_path / "a")])
+    result = CliRunner().invoke(app, ["report", str(report_run), "--out", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     assert "index.html" in result.output and (tmp_path / "a" / "index.html").is_file()
 
@@ -411,7 +406,7 @@ def test_serve_command_builds_the_atlas_and_serves_on_loopback(
         serve_forever(self, poll_interval)
 
     monkeypatch.setattr(AtlasServer, "serve_forever", recorded)
-    thread = threading.Thread(target=serve_command, args=(run, "127.0.0.1", 0), daemon=True)
+    thread = threading.Thread(target=serve, args=(run, "127.0.0.1", 0), daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
     while not started and thread.is_alive() and time.monotonic() < deadline:
@@ -432,7 +427,7 @@ def test_serve_on_a_busy_port_is_a_one_line_error(
     report_run: Path, server: tuple[str, int]
 ) -> None:
     with pytest.raises(RangelensError, match="cannot listen on 127.0.0.1"):
-        serve_command(report_run, "127.0.0.1", server[1])
+        serve(report_run, "127.0.0.1", server[1])
 
 
 def test_atlas_builds_atomically_over_an_old_one(report_run: Path, tmp_path: Path) -> None:

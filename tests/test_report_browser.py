@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 from test_report import shared_report_run
 
-from rangelens.models import LoadedModel
+from rangelens.activations.models import LoadedModel
 from rangelens.report import build_atlas, make_server
 
 CHROMIUM = Path("/usr/bin/chromium")

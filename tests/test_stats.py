@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.numpy import save_file
 
-from rangelens.stats import ConceptStats
+from rangelens.ranges.stats import ConceptStats
 
 EXACT = ("count", "min", "max", "hist_exp", "hist_start", "hist_counts")
 DERIVED = ("mean", "var", "std", "skew", "kurtosis", "mean_abs")

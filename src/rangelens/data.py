@@ -13,16 +13,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 from sklearn.model_selection import train_test_split
 
+from rangelens.assets import BUILTIN_DATASETS
 from rangelens.errors import RangelensError, choices
 
-BUILTIN_DATASETS = ("bbc-news", "rotten-tomatoes")
 GENERAL_TEXT = (
     "presidential-debates"  # held-out general English for perplexity (not classification data)
 )
@@ -150,11 +149,6 @@ def _frame(source: Any, header: bool = True, sep: str | None = None) -> tuple[pd
     raise RangelensError(
         f"dataset {name!r} is not a built-in ({choices(BUILTIN_DATASETS)}) or an existing file/folder"
     )
-
-
-def resolve_dataset(source: str) -> str:
-    """A built-in name as is; a file or folder as its absolute resolved path (what a run records)."""
-    return source if source in BUILTIN_DATASETS else str(Path(source).expanduser().resolve())
 
 
 def _label_strings(labels: pd.Series, name: str, missing_labels: str) -> pd.Series:
@@ -304,40 +298,3 @@ def general_text(max_texts: int = 200, min_chars: int = 200, seed: int = 0) -> l
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(texts))[:max_texts]
     return [texts[i] for i in sorted(pick)]
-
-
-class DataSource(BaseModel):
-    """Which labelled texts a command reads and how: the one declaration of :func:`load_texts`'s
-    options, shared by the analysis and explain configs (and so by their CLI options)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = Field(
-        "bbc-news", description="built-in name or CSV/TSV/JSONL/Parquet/folder path"
-    )
-    text_column: str = Field("text", description="text column of a user file")
-    label_column: str = Field("label", description="label column of a user file")
-    header: bool = Field(True, description="the file's first row names its columns")
-    sep: str | None = Field(None, description="column separator of a delimited file")
-    missing_labels: Literal["drop", "error"] = Field(
-        "drop", description="rows with a missing label: drop them (with a count) or refuse"
-    )
-    concepts: list[str] | None = Field(None, description="keep only these labels (default: all)")
-    min_per_class: int | None = Field(
-        None, ge=1, description="drop classes with fewer examples (with a notice)"
-    )
-    max_per_class: int | None = Field(200, ge=1, description="cap examples per class")
-    balance: bool = Field(False, description="cap every class at the smallest class size")
-    seed: int = Field(0, description="seed for capping, splits, probes and sampling")
-
-    def loader_options(self) -> dict[str, Any]:
-        """How the dataset is read and filtered (everything :func:`load_texts` takes)."""
-        return {k: getattr(self, k) for k in LOADER_KEYS}
-
-    def load_data(self) -> LabeledTexts:
-        """The labelled texts this source selects (capped and balanced with its seed)."""
-        return load_texts(self.dataset, **self.loader_options())
-
-
-# The options of :func:`load_texts` a run records (its config fields of the same names).
-LOADER_KEYS = tuple(k for k in DataSource.model_fields if k != "dataset")

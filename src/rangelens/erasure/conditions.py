@@ -1,10 +1,10 @@
 """The masked states the erasure experiment compares with the unmasked base.
 
 A condition is a name and a function building its mask from a :class:`MaskSpec` (a concept's saved
-:class:`~rangelens.ranges.RangeMap` at one site, tau and p, and the replacement values). Adding a
+:class:`~rangelens.ranges.maps.RangeMap` at one site, tau and p, and the replacement values). Adding a
 condition is one :func:`register` call. ``per_tau`` says whether the mask changes with tau (range
 masks) or only with the salient-neuron set, i.e. with p (neuron masks, the random control);
-``per_ratio`` marks a mask built from the density bands (:mod:`rangelens.bands`) at each saved
+``per_ratio`` marks a mask built from the density bands (:mod:`rangelens.ranges.bands`) at each saved
 likelihood ratio, which the experiment hands over in ``MaskSpec.bands``.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from rangelens.activations.sites import NeuronSite
 from rangelens.errors import RangelensError
 from rangelens.intervene import NeuronMask, RangeMask
-from rangelens.ranges import RangeMap
-from rangelens.sites import NeuronSite
+from rangelens.ranges.maps import RangeMap
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A mask at block L cannot change anything before L, so each batch runs the networ
 caches the hidden state entering the first block that must run; every condition then re-runs the
 stock forward with the prefix blocks swapped for pass-through modules returning that cache
 (:func:`skip_blocks`). Model code is never forked; the stock forward still builds its masks and
-rotary tables. Hooks go through the one primitive, :class:`rangelens.hooks.Trace` (here, in
+rotary tables. Hooks go through the one primitive, :class:`rangelens.activations.hooks.Trace` (here, in
 :meth:`rangelens.intervene.RangeMask.attach` and in capture).
 """
 
@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from rangelens.activations.hooks import Trace, stop_forward
+from rangelens.activations.sites import FAMILIES, NeuronSite, blocks
 from rangelens.errors import RangelensError
-from rangelens.hooks import Trace, stop_forward
 from rangelens.intervene import RangeMask
-from rangelens.sites import FAMILIES, NeuronSite, blocks
 
 T = TypeVar("T")
 
@@ -48,7 +48,7 @@ def suffix_start(model: nn.Module, sites: Sequence[NeuronSite]) -> int:
 
     A ``resid`` site at layer L is block L's output, so blocks 0..L can be replaced by the cached
     output of block L; ``mlp``/``attn`` sites live inside block L, which must run. Only the mapped
-    families (``rangelens.sites.FAMILIES``) are skipped, and only for sites inside the blocks.
+    families (``rangelens.activations.sites.FAMILIES``) are skipped, and only for sites inside the blocks.
     """
     mapped = getattr(model.config, "model_type", None) in FAMILIES
     if not mapped or not sites or any(s.layer is None for s in sites):

@@ -6,7 +6,7 @@ random-neuron control) are compared with the unmasked base on every fold's test 
 accuracy and gold-label confidence on the concept's texts, which erasure should hurt; complement
 accuracy, confidence and flip rate on the other concepts' texts, which should stay) and, for
 decoders, on perplexity of held-out general text. The ranges are *loaded* from the ranges stage
-(:class:`~rangelens.rangeset.RangeSet`): per fold for classification, the ``full`` split's for
+(:class:`~rangelens.ranges.rangeset.RangeSet`): per fold for classification, the ``full`` split's for
 perplexity (one set of conditions on the general text, not one per fold).
 """
 
@@ -23,21 +23,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rangelens.analysis import AnalysisConfig, CaptureResult
-from rangelens.capture import model_inputs, tokenize
+from rangelens.activations.capture import model_inputs, tokenize
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import NeuronSite, blocks, resolve_site
+from rangelens.config.analysis import AnalysisConfig
+from rangelens.config.erasure import ErasureConfig
 from rangelens.data import LabeledTexts, general_text
 from rangelens.erasure.conditions import CONDITIONS, MaskSpec
-from rangelens.erasure.config import ErasureConfig
 from rangelens.erasure.engine import run_conditions, suffix_start
-from rangelens.erasure.metrics import BASE, Figures, Key, Outcomes, Perplexities
+from rangelens.erasure.metrics import BASE, EffectEstimator, Key, Outcomes, Perplexities
 from rangelens.erasure.outputs import ErasureResult, summarise, write_erasure
 from rangelens.erasure.protocol import ErasureProtocol
 from rangelens.erasure.tasks import ClassificationTask, Classifier, has_lm_head, token_nll
 from rangelens.errors import RangelensError, choices
 from rangelens.intervene import RangeMask
-from rangelens.models import LoadedModel
-from rangelens.rangeset import FULL, RangeSet, band_ratios, run_ranges
-from rangelens.sites import NeuronSite, blocks, resolve_site
+from rangelens.ranges.captured import CaptureResult
+from rangelens.ranges.fit import FeatureSource, fit_rangeset
+from rangelens.ranges.rangeset import RangeSet
+from rangelens.ranges.splits import FULL
 
 T = TypeVar("T")
 
@@ -174,6 +177,7 @@ def _classify(
     rows: np.ndarray,
     groups: list[_Group],
     config: ErasureConfig,
+    batch_size: int,
     bar: Any,
 ) -> tuple[dict[Key, np.ndarray], dict[str, Any]]:
     """Class log-probabilities of ``rows`` under every condition, and how they were computed: from
@@ -193,7 +197,7 @@ def _classify(
         run,
         classifier.readout,
         starts,
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         max_length=task.max_length,
         padding_side=task.padding_side,
         bar=bar,
@@ -207,12 +211,16 @@ def _classify(
 
 
 def _perplexity(
-    lm: LoadedModel, groups: list[_Group], config: ErasureConfig, seed: int, bar: Any
+    lm: LoadedModel,
+    groups: list[_Group],
+    config: ErasureConfig,
+    analysis: AnalysisConfig,
+    bar: Any,
 ) -> tuple[Perplexities | None, dict[str, Any]]:
     """Per-text NLL on general text under every condition of the ``full`` split's ranges."""
     if not has_lm_head(lm) or config.ppl_texts == 0:
         return None, {"skipped": "ppl_texts = 0" if has_lm_head(lm) else "no LM head"}
-    general = general_text(config.ppl_texts, seed=seed)
+    general = general_text(config.ppl_texts, seed=analysis.seed)
     starts = _starts(lm, groups, [], config.suffix)
     sums = _run_groups(
         lm,
@@ -220,7 +228,7 @@ def _perplexity(
         groups,
         partial(token_nll, lm.model),
         starts,
-        batch_size=config.batch_size,
+        batch_size=analysis.batch_size,
         max_length=config.ppl_max_length,
         padding_side=None,
         bar=bar,
@@ -266,7 +274,8 @@ def _classify_folds(
             ranges, sites, split.name, protocol.concepts, config, protocol.analysis.seed
         )
         classifier = protocol.classifier(cap, split)
-        logps, how = _classify(lm, task, classifier, rows, groups, config, bar)
+        batch = protocol.analysis.batch_size
+        logps, how = _classify(lm, task, classifier, rows, groups, config, batch, bar)
         text.append(rows)
         for key, logp in logps.items():
             pred.setdefault(key, []).append(logp.argmax(axis=1))
@@ -301,13 +310,13 @@ def run_erasure(
     ranges: RangeSet,
     analysis: AnalysisConfig,
     config: ErasureConfig,
-    out_dir: Path,
+    out_dir: Path | None = None,
     *,
     protocol: ErasureProtocol | None = None,
     progress: bool = True,
 ) -> ErasureResult:
     """Run the erasure experiment on the saved ``ranges`` (the ranges stage's, fitted with the same
-    ``protocol``) and write its files into ``out_dir`` (see :func:`write_erasure`)."""
+    ``protocol``); with ``out_dir``, also write its files there (see :func:`write_erasure`)."""
     started = time.perf_counter()
     _check_capture(data, cap)
     protocol = protocol or ErasureProtocol(lm, data, analysis, config)
@@ -323,9 +332,9 @@ def run_erasure(
         clock = time.perf_counter()
         at = None if config.ppl_sweep else [(float(analysis.tau), float(analysis.p))]
         full = _groups(ranges, sites, FULL, concepts, config, analysis.seed, at)
-        ppl, ppl_how = _perplexity(lm, full, config, analysis.seed, bar)
+        ppl, ppl_how = _perplexity(lm, full, config, analysis, bar)
         seconds["perplexity"] = time.perf_counter() - clock
-    figures = Figures(outcomes, ppl, config.bootstrap, analysis.seed)
+    estimator = EffectEstimator(outcomes, ppl, config.bootstrap, analysis.seed)
     random_neurons = {
         f"{site}/{c}": m.neurons.tolist()
         for (state, c, site, _, p), m in full[0].masks.items()
@@ -360,18 +369,28 @@ def run_erasure(
         "conditions": config.conditions,
         "suffix": config.suffix,
     }
-    result = summarise(figures, data, concepts, analysis, config, info)
+    result = summarise(estimator, data, concepts, analysis, config, info)
     result.info["seconds"] = {
         **{k: round(v, 3) for k, v in seconds.items()},
         "total": round(time.perf_counter() - started, 3),
     }
-    write_erasure(Path(out_dir), result, config)
+    if out_dir is not None:
+        write_erasure(Path(out_dir), result, config)
     return result
 
 
 def erasure_ranges(protocol: ErasureProtocol, cap: CaptureResult) -> RangeSet:
     """The range set the ranges stage fits for ``protocol`` (in memory; the pipeline saves it in
     ``ranges/``): for scripts and tests that run the experiment without a run directory."""
-    source, splits = protocol.plan().make(cap)
-    bands = band_ratios(protocol.analysis) if "density" in protocol.config.conditions else None
-    return run_ranges(cap, protocol.analysis, {}, source=source, splits=splits, ratios=bands)[1]
+    splits = protocol.splits(cap)
+    source = FeatureSource(
+        cap,
+        protocol.analysis,
+        protocol.lm,
+        splits.inputs,
+        max_length=splits.max_length,
+        padding_side=splits.padding_side,
+    )
+    analysis = protocol.analysis
+    bands = analysis.band_ratios() if "density" in protocol.config.conditions else None
+    return fit_rangeset(cap, analysis, {}, source=source, splits=splits, ratios=bands).rangeset

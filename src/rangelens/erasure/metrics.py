@@ -79,8 +79,8 @@ def stratified_weights(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray
     return weights
 
 
-class Figures:
-    """Every per-concept figure of one experiment, with resamples."""
+class EffectEstimator:
+    """Every per-concept effect estimate of one experiment (points and bootstrap resamples)."""
 
     def __init__(
         self, outcomes: Outcomes, ppl: Perplexities | None, n_boot: int, seed: int

@@ -4,31 +4,31 @@ tau sweep, warnings, the verdict, files and figures (and reading them back)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rangelens.analysis import AnalysisConfig
 from rangelens.artifacts import atomic_path, read_json, write_json, write_table, write_text
+from rangelens.config.analysis import AnalysisConfig
+from rangelens.config.erasure import ErasureConfig
 from rangelens.data import LabeledTexts
 from rangelens.erasure.conditions import CONDITIONS
-from rangelens.erasure.config import ErasureConfig
 from rangelens.erasure.metrics import (
     BASE,
     DROPS,
     HEADLINE,
+    EffectEstimator,
     Estimate,
-    Figures,
     Key,
     density_verdict,
     mean_of,
     verdict,
 )
+from rangelens.erasure.plots import erasure_bars, pareto, save_figure, tau_tradeoff
 from rangelens.errors import RangelensError
-from rangelens.plots import erasure_bars, pareto, save_figure, tau_tradeoff
 
 FORMAT_VERSION = "rangelens.erasure/2"
 LEVELS = ("target_acc", "target_conf", "complement_acc", "complement_conf")
@@ -60,6 +60,7 @@ class ErasureResult:
     table: pd.DataFrame
     headline: pd.DataFrame
     info: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)  # the options, as saved
 
 
 def _key(state: str, c: int, site: str, tau: float, p: float, ratio: float | None = None) -> Key:
@@ -78,7 +79,7 @@ def _cells(effects: dict[str, Estimate], prefix: str = "") -> dict[str, float]:
 
 
 def summarise(
-    figures: Figures,
+    estimator: EffectEstimator,
     data: LabeledTexts,
     concepts: list[int],
     analysis: AnalysisConfig,
@@ -87,16 +88,16 @@ def summarise(
 ) -> ErasureResult:
     """Tables, warnings and verdict from the recorded outcomes."""
     states = ["base", *config.conditions]
-    labels = figures.o.labels
+    labels = estimator.o.labels
     ratio = float(analysis.density_ratio)  # the headline ratio of per-ratio conditions
     memo: dict[tuple[Key, int], dict[str, Estimate]] = {}
 
     def effects(key: Key, c: int) -> dict[str, Estimate]:
         if (key, c) not in memo:
-            memo[(key, c)] = figures.effects(key, c)
+            memo[(key, c)] = estimator.effects(key, c)
         return memo[(key, c)]
 
-    n_text = {c: len(np.unique(figures.o.text[labels == c])) for c in concepts}
+    n_text = {c: len(np.unique(estimator.o.text[labels == c])) for c in concepts}
     rows = []
     for site in info["sites"]:
         for tau, p in info["points"]:
@@ -110,10 +111,10 @@ def summarise(
                             "site": site,
                             "tau": tau,
                             "p": p,
-                            **{m: figures.level(key, c, m).point for m in LEVELS},
-                            "ppl": figures.perplexity(key).point,
+                            **{m: estimator.level(key, c, m).point for m in LEVELS},
+                            "ppl": estimator.perplexity(key).point,
                             "n_target": n_text[c],
-                            "n_complement": len(np.unique(figures.o.text[labels != c])),
+                            "n_complement": len(np.unique(estimator.o.text[labels != c])),
                             **_cells(effects(key, c)),
                         }
                     )
@@ -138,15 +139,15 @@ def summarise(
         if which is None:
             for m in ("target_acc", "complement_acc"):
                 levels.update(
-                    mean_of([figures.level(BASE, k, m) for k in concepts]).cells(f"base_{m}")
+                    mean_of([estimator.level(BASE, k, m) for k in concepts]).cells(f"base_{m}")
                 )
         else:
             for m in ("target_acc", "complement_acc"):
-                levels.update(figures.level(BASE, which, m).cells(f"base_{m}"))
+                levels.update(estimator.level(BASE, which, m).cells(f"base_{m}"))
         row: dict[str, Any] = {
             "concept": data.label_names[which] if which is not None else "average",
             **levels,
-            "base_ppl": figures.perplexity(BASE).point,
+            "base_ppl": estimator.perplexity(BASE).point,
             "n_target": n_text[which] if which is not None else int(sum(n_text.values())),
         }
         for s in config.conditions:
@@ -180,14 +181,14 @@ def summarise(
                 entry.update(_cells(mean, f"{s}_"))
         ratio_sweep.append(entry)
 
-    evaluated = figures.o.pred[BASE] == labels
+    evaluated = estimator.o.pred[BASE] == labels
     base_acc = float(evaluated.mean())
     chance = float(np.bincount(labels).max() / len(labels))
     warnings = []
     if base_acc < chance + config.chance_margin:
         warnings.append(
             f"base accuracy {base_acc:.2f} is within {config.chance_margin:g} of chance "
-            f"({chance:.2f}): the classifier barely reads these concepts, so erasure figures "
+            f"({chance:.2f}): the classifier barely reads these concepts, so erasure estimator "
             f"say little about them"
         )
     few = {data.label_names[c]: n for c, n in n_text.items() if n < config.min_test_texts}
@@ -195,16 +196,16 @@ def summarise(
         warnings.append(
             f"concepts with fewer than {config.min_test_texts} test texts: "
             + ", ".join(f"{k} ({v})" for k, v in few.items())
-            + "; their per-concept figures have wide intervals (standard error near 0.1 at 20)"
+            + "; their per-concept estimator have wide intervals (standard error near 0.1 at 20)"
         )
-    n_texts = len(np.unique(figures.o.text))
+    n_texts = len(np.unique(estimator.o.text))
     info = {
         **info,
         "base_acc": base_acc,
         "chance": chance,
         "n_test_texts": n_texts,
         "n_test_per_concept": {data.label_names[c]: n for c, n in n_text.items()},
-        "base_ppl": figures.perplexity(BASE).point,
+        "base_ppl": estimator.perplexity(BASE).point,
         "sweep": sweep,
         "ratio_sweep": ratio_sweep,
         "warnings": warnings,
@@ -270,7 +271,7 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
         frame.to_parquet(tmp, index=False)
 
 
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """JSON-able rows with NaN as null (strict JSON)."""
     records: list[dict[str, Any]] = json.loads(frame.to_json(orient="records"))
     return records
@@ -317,7 +318,7 @@ def write_erasure(out_dir: Path, result: ErasureResult, config: ErasureConfig) -
             "format": FORMAT_VERSION,
             "config": config.model_dump(),
             "info": info,
-            "headline": _records(result.headline),
+            "headline": records(result.headline),
         },
     )
     title = f"{info['model']} / {info['dataset']}: {site}, tau = {info['tau']:g}, p = {info['p']:g}"
@@ -353,7 +354,7 @@ def load_erasure(directory: str | Path) -> ErasureResult:
     numeric = [c for c in headline.columns if c not in ("concept", "n_target")]
     headline[numeric] = headline[numeric].astype(float)  # null -> NaN
     table = pd.read_parquet(Path(directory) / "erasure.parquet")
-    return ErasureResult(table, headline, saved["info"])
+    return ErasureResult(table, headline, saved["info"], saved.get("config", {}))
 
 
 def methods_for(row: dict[str, Any], conditions: list[str]) -> dict[str, Any]:

@@ -10,14 +10,13 @@ map the atlas shows and the perplexity conditions use.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from rangelens.analysis import AnalysisConfig, CaptureResult
+from rangelens.activations.models import LoadedModel
+from rangelens.config.analysis import AnalysisConfig
+from rangelens.config.erasure import ErasureConfig
 from rangelens.data import LabeledTexts
-from rangelens.erasure.config import ErasureConfig
 from rangelens.erasure.tasks import (
     TASKS,
     ClassificationTask,
@@ -27,10 +26,11 @@ from rangelens.erasure.tasks import (
     unmasked_logp,
 )
 from rangelens.errors import RangelensError, choices
-from rangelens.models import LoadedModel
-from rangelens.rangeset import FULL, FeatureSource, RangesPlan, Split
+from rangelens.ranges.captured import CaptureResult
+from rangelens.ranges.splits import FULL, Split, Splits
 
-RANGE_INPUTS = (
+# What the splits depend on besides the analysis config (enters the splits stage's fingerprint).
+SPLIT_INPUTS = (
     "task",
     "range_rows",
     "folds",
@@ -41,7 +41,6 @@ RANGE_INPUTS = (
     "head_position",
     "prompt_template",
     "few_shot",
-    "conditions",  # a 'density' condition makes the ranges stage fit density bands too
 )
 
 
@@ -50,7 +49,7 @@ def check_protocol(
 ) -> list[int]:
     """Checks that need only the data (and the model's kind): concepts, folds against the smallest
     class, perplexity without an LM head. Returns the indices of the concepts to erase."""
-    for name in config.concepts or []:
+    for name in config.targets or []:
         if name not in data.label_names:
             raise RangelensError(
                 f"concept {name!r} not in dataset {data.name!r}; valid: {choices(data.label_names)}"
@@ -69,7 +68,7 @@ def check_protocol(
             f"ppl_texts = {config.ppl_texts}: perplexity needs a decoder with an LM head and model "
             f"{lm.name!r} has none; valid for it: ppl_texts = 0"
         )
-    return [data.label_names.index(n) for n in dict.fromkeys(config.concepts or data.label_names)]
+    return [data.label_names.index(n) for n in dict.fromkeys(config.targets or data.label_names)]
 
 
 def make_folds(
@@ -105,11 +104,6 @@ class ErasureProtocol:
         self._classifiers: dict[str, Classifier] = {}
         self.correct_share: dict[str, float] = {}
 
-    @property
-    def inputs(self) -> dict[str, Any]:
-        """What the ranges depend on besides the analysis config (enters its fingerprint)."""
-        return {k: getattr(self.config, k) for k in RANGE_INPUTS}
-
     def task(self, cap: CaptureResult) -> ClassificationTask:
         if self._task is None:
             self._task = build_task(
@@ -122,8 +116,9 @@ class ErasureProtocol:
             self._classifiers[split.name] = self.task(cap).fit(split.train)
         return self._classifiers[split.name]
 
-    def splits(self, cap: CaptureResult) -> list[Split]:
-        """The ``full`` split and every fold, each with the rows its ranges are fitted on."""
+    def splits(self, cap: CaptureResult) -> Splits:
+        """The ``full`` split and every fold, each with the rows its ranges are fitted on, and what
+        the ranges read (the task's inputs when they are not the dataset texts)."""
         task = self.task(cap)
         labels = self.data.labels
         rows = np.setdiff1d(np.arange(len(labels)), task.reserved)
@@ -134,7 +129,7 @@ class ErasureProtocol:
             split = Split(name, train, test, train, "all training rows")
             if self.config.range_rows == "correct":
                 pred = unmasked_logp(
-                    self.lm, task, self.classifier(cap, split), train, self.config.batch_size
+                    self.lm, task, self.classifier(cap, split), train, self.analysis.batch_size
                 ).argmax(axis=1)
                 correct = pred == labels[train]
                 self.correct_share[name] = float(correct.mean())
@@ -142,7 +137,9 @@ class ErasureProtocol:
                 split.rows = f"correctly classified training rows (task {task.name})"
                 self._check_correct(split, name)
             out.append(split)
-        return out
+        info = {"task": task.name, "correct_share": self.correct_share}
+        inputs = None if task.raw else list(task.inputs)
+        return Splits(out, inputs, task.max_length, task.padding_side, info)
 
     def _check_correct(self, split: Split, name: str) -> None:
         names = self.data.label_names
@@ -157,18 +154,3 @@ class ErasureProtocol:
                 f"correctly classified examples: use more data, range_rows 'all' or another task "
                 f"(valid: {choices(TASKS)})"
             )
-
-    def plan(self) -> RangesPlan:
-        def make(cap: CaptureResult) -> tuple[FeatureSource, list[Split]]:
-            task = self.task(cap)
-            source = FeatureSource(
-                cap,
-                self.analysis,
-                self.lm,
-                None if task.raw else task.inputs,
-                max_length=task.max_length,
-                padding_side=task.padding_side,
-            )
-            return source, self.splits(cap)
-
-        return RangesPlan(self.inputs, make)

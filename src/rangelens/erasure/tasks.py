@@ -21,14 +21,22 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from rangelens.analysis import AnalysisConfig, CaptureResult
-from rangelens.capture import capture, model_inputs, pool, record, stop_forward, tokenize
+from rangelens.activations.capture import (
+    capture,
+    model_inputs,
+    pool,
+    record,
+    stop_forward,
+    tokenize,
+)
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import NeuronSite, resolve_site
+from rangelens.config.analysis import AnalysisConfig
+from rangelens.config.erasure import ErasureConfig
 from rangelens.data import LabeledTexts
-from rangelens.erasure.config import ErasureConfig
 from rangelens.errors import RangelensError, choices
 from rangelens.intervene import RangeMask, apply_ranges
-from rangelens.models import LoadedModel
-from rangelens.sites import NeuronSite, resolve_site
+from rangelens.ranges.captured import CaptureResult
 
 TASKS = ("head", "prompt", "finetuned")
 Readout = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -172,7 +180,7 @@ def head_task(
             data.texts,
             [site],
             position=position,
-            batch_size=config.batch_size,
+            batch_size=analysis.batch_size,
             max_length=analysis.max_length,
             padding_side=analysis.padding_side,
             progress=progress,

@@ -1,28 +1,48 @@
 """Mode-level neuron explanations: NeuronScope (Liu et al., arXiv 2601.03671) with range-aware
-modes, scored as in "Language models can explain neurons in language models" (Bills et al. 2023)."""
+modes, scored as in "Language models can explain neurons in language models" (Bills et al. 2023).
 
-from rangelens.explain.api import (
-    BACKENDS,
-    explain_neurons,
-    explain_range,
-    explain_records,
-    make_roles,
-    save_results,
-)
-from rangelens.explain.clients import (
-    LLM,
-    LLMClient,
-    LLMUnavailable,
-    OpenAIClient,
-    ResponseCache,
-    TransformersClient,
-)
-from rangelens.explain.exemplars import ExemplarConfig, build_records, records_from_activations
-from rangelens.explain.loop import NeuronExplanation, explain_record
-from rangelens.explain.protocol import MethodScores
-from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.explain.roles import Component, Mode, Roles
-from rangelens.explain.scoring import correlation, detection, score_records
+Names are imported on first use, so reading saved explanations does not load torch or openai."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ActivationRecord": "rangelens.explain.records",
+    "BACKENDS": "rangelens.explain.api",
+    "Component": "rangelens.explain.roles",
+    "ExemplarConfig": "rangelens.explain.exemplars",
+    "LLM": "rangelens.explain.clients",
+    "LLMClient": "rangelens.explain.clients",
+    "LLMUnavailable": "rangelens.explain.clients",
+    "MethodScores": "rangelens.explain.evaluation",
+    "Mode": "rangelens.explain.roles",
+    "NeuronExplanation": "rangelens.explain.loop",
+    "NeuronRecord": "rangelens.explain.records",
+    "OpenAIClient": "rangelens.explain.clients",
+    "ResponseCache": "rangelens.explain.clients",
+    "Roles": "rangelens.explain.roles",
+    "TransformersClient": "rangelens.explain.clients",
+    "build_records": "rangelens.explain.exemplars",
+    "correlation": "rangelens.explain.scoring",
+    "detection": "rangelens.explain.scoring",
+    "explain_neurons": "rangelens.explain.api",
+    "explain_range": "rangelens.explain.api",
+    "explain_record": "rangelens.explain.loop",
+    "explain_records": "rangelens.explain.api",
+    "make_roles": "rangelens.explain.api",
+    "records_from_activations": "rangelens.explain.exemplars",
+    "save_results": "rangelens.explain.api",
+    "score_records": "rangelens.explain.scoring",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",

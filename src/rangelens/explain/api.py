@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, get_args
 
-from rangelens.artifacts import EXPLANATIONS, atomic_dir
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import NeuronSite
+from rangelens.artifacts import EXPLANATIONS, atomic_dir, read_json
+from rangelens.config.explain import Backend, ExplainConfig, LLMOptions
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import LLM, LLMClient, ResponseCache
-from rangelens.explain.exemplars import ExemplarConfig, build_records
+from rangelens.explain.evaluation import MethodScores
+from rangelens.explain.exemplars import ExemplarConfig, build_records, scaled_config
 from rangelens.explain.llm import llm_roles
 from rangelens.explain.loop import NeuronExplanation, explain_record
 from rangelens.explain.offline import offline_roles
-from rangelens.explain.protocol import MethodScores
 from rangelens.explain.records import NeuronRecord, write_json
 from rangelens.explain.roles import Roles
-from rangelens.models import LoadedModel
-from rangelens.ranges import ConceptRange
-from rangelens.sites import NeuronSite
+from rangelens.ranges.maps import ConceptRange
 
-BACKENDS = ("offline", "openai", "local")
+BACKENDS = get_args(Backend)
 RESULTS_FORMAT = "rangelens.explain.results/1"
 DEFAULT_EXEMPLARS = ExemplarConfig()
 
@@ -44,6 +47,116 @@ def make_roles(
         raise RangelensError(f"backend {backend!r} needs an LLM client")
     cache = ResponseCache(cache_dir) if cache_dir is not None else None
     return llm_roles(LLM(client, cache, attempts), name=backend, n_exemplars=n_exemplars)
+
+
+def roles_for(options: LLMOptions, lm: LoadedModel, cache_dir: Path) -> tuple[Roles, LLM | None]:
+    """The roles ``options`` ask for, and the :class:`LLM` behind them (None offline). The local
+    backend reuses ``lm`` when ``llm_model`` names it; validated replies are cached in
+    ``cache_dir``."""
+    if options.backend == "offline":
+        return offline_roles(), None
+    client: LLMClient
+    if options.backend == "openai":
+        from rangelens.explain.clients.openai_server import OpenAIClient
+
+        client = OpenAIClient(
+            options.base_url,
+            options.llm_model,
+            api_key_env=options.api_key_env,
+            timeout=options.timeout,
+        )
+    else:
+        from rangelens.explain.clients.local_model import TransformersClient, load_chat_model
+
+        same = options.llm_model == lm.name
+        client = TransformersClient(lm if same else load_chat_model(options.llm_model))
+    llm = LLM(client, ResponseCache(cache_dir), options.max_attempts)
+    return llm_roles(llm, name=options.backend, simulator=options.simulator), llm
+
+
+@dataclass
+class Explained:
+    """An explanations directory's contents (``results.json`` metadata, explanations and exemplar
+    records by neuron); ``llm`` is the LLM that made them in this process (None offline or when
+    loaded from disk)."""
+
+    metadata: dict[str, Any]
+    explanations: dict[int, NeuronExplanation]
+    records: dict[int, NeuronRecord]
+    llm: LLM | None = None
+
+    @property
+    def site(self) -> str | None:
+        site = self.metadata.get("site")
+        return str(site) if site is not None else None
+
+    def save(self, directory: Path) -> None:
+        """Write into ``directory`` (a fresh temporary directory, see :func:`save_results`)."""
+        write_results(
+            directory, list(self.records.values()), list(self.explanations.values()), self.metadata
+        )
+
+
+def load_explained(directory: Path) -> Explained:
+    """Read an explanations directory written by :func:`write_results`."""
+    results = read_json(directory / "results.json")
+    if results.get("format") != RESULTS_FORMAT:
+        raise RangelensError(f"results.json has format {results.get('format')!r}")
+    explanations = {}
+    for path in sorted((directory / "explanations").glob("*.json")):
+        e = NeuronExplanation.load(path)
+        explanations[e.neuron] = e
+    records = {}
+    for path in sorted((directory / "records").glob("*.json")):
+        r = NeuronRecord.load(path)
+        records[r.neuron] = r
+    return Explained(dict(results.get("metadata", {})), explanations, records)
+
+
+def explain_site(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    site: NeuronSite,
+    config: ExplainConfig,
+    *,
+    neurons: Sequence[int] = (),
+    ranges: Sequence[ConceptRange] = (),
+    seed: int = 0,
+    max_length: int = 64,
+    batch_size: int = 16,
+    cache_dir: Path,
+    metadata: dict[str, Any] | None = None,
+) -> Explained:
+    """Explain ``neurons`` of ``site`` (or, with ``ranges``, each concept range: in-range tokens
+    are the positive set) on ``texts``, with the exemplar pools sized to the texts, the loop run
+    ``config.rounds`` times, and the roles ``config`` asks for."""
+    exemplars = scaled_config(len(texts), seed)
+    roles, llm = roles_for(config, lm, cache_dir)
+    records: list[NeuronRecord] = []
+    targets: list[tuple[list[int], tuple[float, float] | None]] = [
+        ([r.neuron], (r.lo, r.hi)) for r in ranges
+    ]
+    if neurons:
+        targets.append((list(neurons), None))
+    for ids, target_range in targets:
+        records += build_records(
+            lm,
+            texts,
+            site,
+            ids,
+            config=exemplars,
+            target_range=target_range,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+    results = explain_records(records, roles, rounds=config.rounds)
+    shown = "offline (lexical baseline)" if config.backend == "offline" else config.backend
+    return Explained(
+        {**(metadata or {}), "backend": shown},
+        {e.neuron: e for e in results},
+        {r.neuron: r for r in records},
+        llm,
+    )
 
 
 def explain_records(

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rangelens.capture import capture
+from rangelens.activations.capture import capture
 from rangelens.errors import RangelensError
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.models import LoadedModel
-from rangelens.sites import NeuronSite
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import NeuronSite
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,10 @@ def scaled_config(n_texts: int, seed: int = 0) -> ExemplarConfig:
     """The default :class:`ExemplarConfig`, shrunk to fit ``n_texts`` texts (about 60% of them
     used; at least 32 texts are needed)."""
     if n_texts < 32:
-        raise RangelensError(f"need at least 32 texts to explain neurons, got {n_texts}")
+        raise RangelensError(
+            f"explanations need at least 32 texts, got {n_texts}: use more --texts-per-class "
+            f"or a larger dataset"
+        )
     d = ExemplarConfig()
     return ExemplarConfig(
         n_top=min(d.n_top, n_texts // 8),

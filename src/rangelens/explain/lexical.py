@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rangelens.explain.roles import Trace
+from rangelens.explain.roles import FailureLog
 
 MARKERS = ("Ġ", "▁", "Ċ")
 
@@ -340,7 +340,7 @@ class LexicalSimulator:
         return self._parsed[explanation]
 
     def simulate(
-        self, explanation: str, texts: Sequence[Sequence[str]], trace: Trace
+        self, explanation: str, texts: Sequence[Sequence[str]], trace: FailureLog
     ) -> list[np.ndarray | None]:
         items = self.items(explanation)
         return [predict(items, tokens) for tokens in texts]
@@ -386,7 +386,7 @@ class LexicalJudge:
         explanation: str,
         texts: Sequence[Sequence[str]],
         highlights: Sequence[Sequence[bool]] | None,
-        trace: Trace,
+        trace: FailureLog,
     ) -> list[float | None]:
         items = self.simulator.items(explanation)
         out: list[float | None] = []

@@ -38,8 +38,8 @@ from rangelens.explain.clients import (
     parallel_map,
 )
 from rangelens.explain.lexical import plain_text, render
-from rangelens.explain.llm import delimit, mark_tokens
-from rangelens.explain.roles import Trace
+from rangelens.explain.prompts import delimit, mark_tokens
+from rangelens.explain.roles import FailureLog
 
 TOP_LOGPROBS = 10
 _WHITESPACE_SHOWN = ("⏎", "␣", "", "\\n", "\\n\\n", "\\t")
@@ -240,7 +240,7 @@ class LLMSimulator:
         return [{"role": "system", "content": SIM_SYSTEM}, {"role": "user", "content": user}]
 
     def simulate(
-        self, explanation: str, texts: Sequence[Sequence[str]], trace: Trace
+        self, explanation: str, texts: Sequence[Sequence[str]], trace: FailureLog
     ) -> list[np.ndarray | None]:
         def one(item: tuple[int, Sequence[str]]) -> np.ndarray | None:
             index, tokens = item
@@ -325,7 +325,7 @@ class LLMJudge:
         explanation: str,
         texts: Sequence[Sequence[str]],
         highlights: Sequence[Sequence[bool]] | None,
-        trace: Trace,
+        trace: FailureLog,
     ) -> list[float | None]:
         if highlights is None:
             question, role = DETECTION_QUESTION, "detection"

@@ -6,7 +6,7 @@ the FEEDBACK pool: a revision is kept only if its validation correlation beats t
 ``min_delta``; the loop stops at a plateau (``patience`` rounds without a kept revision) or after
 ``rounds``. It never starts from the single-pass explanation.
 
-Baselines, each scored by :mod:`rangelens.explain.protocol` on the same held-out texts:
+Baselines, each scored by :mod:`rangelens.explain.evaluation` on the same held-out texts:
 single-pass (Bills et al. 2023) with an EQUAL BUDGET: as many candidates as the loop scored, each
 from a different sample of the top exemplars, the best kept on the same validation pool (the first
 candidate alone is reported too); a best-of-N control: the same loop with the refiner shown random
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from rangelens.errors import RangelensError
-from rangelens.explain.protocol import Evaluator, MethodScores
+from rangelens.explain.evaluation import Evaluator, MethodScores
 from rangelens.explain.records import ActivationRecord, NeuronRecord, write_json
-from rangelens.explain.roles import Component, Mode, Roles, StepFailure, Trace
+from rangelens.explain.roles import Component, Mode, Roles, StepFailure, FailureLog
 from rangelens.explain.scoring import CalibrationKind, score_records
 
 EXPLANATION_FORMAT = "rangelens.explain.neuron/2"
@@ -180,7 +180,7 @@ def refine(
 
 
 def single_pass_candidates(
-    record: NeuronRecord, roles: Roles, n: int, k: int, trace: Trace
+    record: NeuronRecord, roles: Roles, n: int, k: int, trace: FailureLog
 ) -> list[Mode]:
     """``n`` single-pass explanations: the first from the top ``k`` exemplars, the others each
     from a seeded random sample of 60% of the top exemplars."""
@@ -212,7 +212,7 @@ def explain_record(
         raise RangelensError(
             f"neuron {record.neuron}'s record has no feedback pool (an old format); rebuild it"
         )
-    trace = Trace()
+    trace = FailureLog()
     ev = Evaluator(roles, record, trace, calibration)
     history: list[Round] = []
     components: list[Component] = roles.decomposer.decompose(record, trace)

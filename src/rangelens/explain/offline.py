@@ -33,8 +33,8 @@ from rangelens.explain.lexical import (
     segment,
 )
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.explain.roles import Component, ComponentKind, Mode, Roles, Trace, normalize
-from rangelens.models import LoadedModel, load_model
+from rangelens.explain.roles import Component, ComponentKind, Mode, Roles, FailureLog, normalize
+from rangelens.activations.models import LoadedModel, load_model
 
 
 class MiniLMEmbedder:
@@ -123,7 +123,7 @@ class OfflineDecomposer:
         self.min_z = min_z
         self.prior = prior
 
-    def decompose(self, record: NeuronRecord, trace: Trace) -> list[Component]:
+    def decompose(self, record: NeuronRecord, trace: FailureLog) -> list[Component]:
         recs = record.explain_set
         mean = float(np.mean([a for r in recs for a in r.activations]))
         seen: dict[str, tuple[ComponentKind, list[str]]] = {}
@@ -172,7 +172,7 @@ class OfflineClusterer:
         self.ks = ks
 
     def candidates(
-        self, components: list[Component], record: NeuronRecord, trace: Trace
+        self, components: list[Component], record: NeuronRecord, trace: FailureLog
     ) -> list[list[Mode]]:
         return [
             group(components, k, self.embedder) for k in self.ks if k <= max(len(components), 1)
@@ -200,10 +200,10 @@ def group(components: list[Component], k: int, embedder: MiniLMEmbedder) -> list
 class OfflineExplainer:
     """Render each mode as one readable line (see :func:`render`)."""
 
-    def explain(self, modes: list[Mode], record: NeuronRecord, trace: Trace) -> list[Mode]:
+    def explain(self, modes: list[Mode], record: NeuronRecord, trace: FailureLog) -> list[Mode]:
         return [render(m) for m in modes if m.components]
 
-    def explain_top(self, record: NeuronRecord, k: int, trace: Trace) -> Mode:
+    def explain_top(self, record: NeuronRecord, k: int, trace: FailureLog) -> Mode:
         """The words at the peaks of the top ``k`` exemplars (up to 3 peaks per text)."""
         peaks: dict[str, list[float]] = defaultdict(list)
         texts: dict[str, Counter[str]] = defaultdict(Counter)
@@ -272,7 +272,7 @@ class OfflineRefiner:
         modes: list[Mode],
         worst: list[ActivationRecord],
         record: NeuronRecord,
-        trace: Trace,
+        trace: FailureLog,
     ) -> list[list[Mode]]:
         proposals: list[list[Mode]] = []
         known = {c.key for m in modes for c in m.components}

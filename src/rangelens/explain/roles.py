@@ -85,7 +85,7 @@ class StepFailure:
 
 
 @dataclass
-class Trace:
+class FailureLog:
     """Failures and LLM exchanges collected while explaining one neuron."""
 
     failures: list[StepFailure] = field(default_factory=list)
@@ -102,19 +102,19 @@ def explanation_text(modes: Sequence[Mode]) -> str:
 
 
 class Decomposer(Protocol):
-    def decompose(self, record: NeuronRecord, trace: Trace) -> list[Component]: ...
+    def decompose(self, record: NeuronRecord, trace: FailureLog) -> list[Component]: ...
 
 
 class Clusterer(Protocol):
     def candidates(
-        self, components: list[Component], record: NeuronRecord, trace: Trace
+        self, components: list[Component], record: NeuronRecord, trace: FailureLog
     ) -> list[list[Mode]]: ...
 
 
 class Explainer(Protocol):
-    def explain(self, modes: list[Mode], record: NeuronRecord, trace: Trace) -> list[Mode]: ...
+    def explain(self, modes: list[Mode], record: NeuronRecord, trace: FailureLog) -> list[Mode]: ...
 
-    def explain_top(self, record: NeuronRecord, k: int, trace: Trace) -> Mode: ...
+    def explain_top(self, record: NeuronRecord, k: int, trace: FailureLog) -> Mode: ...
 
 
 class Simulator(Protocol):
@@ -123,7 +123,7 @@ class Simulator(Protocol):
     simulation failed (recorded in ``trace``; never replaced by zeros)."""
 
     def simulate(
-        self, explanation: str, texts: Sequence[Sequence[str]], trace: Trace
+        self, explanation: str, texts: Sequence[Sequence[str]], trace: FailureLog
     ) -> list[np.ndarray | None]: ...
 
 
@@ -138,7 +138,7 @@ class Judge(Protocol):
         explanation: str,
         texts: Sequence[Sequence[str]],
         highlights: Sequence[Sequence[bool]] | None,
-        trace: Trace,
+        trace: FailureLog,
     ) -> list[float | None]: ...
 
 
@@ -154,7 +154,7 @@ class Refiner(Protocol):
         modes: list[Mode],
         worst: list[ActivationRecord],
         record: NeuronRecord,
-        trace: Trace,
+        trace: FailureLog,
     ) -> list[list[Mode]]: ...
 
 

@@ -27,11 +27,10 @@ from rangelens.artifacts import ATLAS, atomic_dir, check_output_dir, read_json, 
 from rangelens.erasure.outputs import interval_text, methods_for
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.rangeset import overlap_statement
+from rangelens.ranges.fit import overlap_statement
 from rangelens.report import figures
 from rangelens.report.contents import (
     RunContents,
-    check_run_dir,
     concepts_per_neuron,
     default_explanations,
     distribution_overlap,
@@ -39,6 +38,7 @@ from rangelens.report.contents import (
     salient_overlap,
     source_fingerprint,
 )
+from rangelens.rundir import RunDir
 
 ATLAS_FORMAT = "rangelens.atlas/1"
 PACKAGE_DIR = Path(__file__).parent
@@ -73,7 +73,7 @@ def build_atlas(
     """
     start = time.perf_counter()
     run_path = Path(run_dir)
-    check_run_dir(run_path)
+    RunDir(run_path).require()
     out = Path(out_dir) if out_dir is not None else run_path / "atlas"
     explained = Path(explanations) if explanations is not None else default_explanations(run_path)
     check_output_dir(out, ATLAS, force=force, keep=[run_path])

@@ -12,15 +12,16 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from rangelens.analysis import CaptureResult, load_capture
 from rangelens.artifacts import read_json
-from rangelens.data import LOADER_KEYS, load_texts
-from rangelens.erasure.outputs import FORMAT_VERSION as ERASURE_FORMAT
+from rangelens.config.sources import LOADER_KEYS
+from rangelens.data import load_texts
+from rangelens.erasure.outputs import ErasureResult, load_erasure, records
 from rangelens.errors import RangelensError
-from rangelens.explain.api import RESULTS_FORMAT
-from rangelens.explain.loop import NeuronExplanation
-from rangelens.explain.records import NeuronRecord
-from rangelens.ranges import RangeMap, bhattacharyya
+from rangelens.explain.api import Explained, load_explained
+from rangelens.ranges.captured import CaptureResult, load_capture
+from rangelens.ranges.fit import FittedRanges, load_ranges
+from rangelens.ranges.maps import RangeMap, bhattacharyya
+from rangelens.rundir import RunDir
 
 ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png", "pareto.png")
 STAGES = {  # stage -> (the file that marks it as written, how to make it)
@@ -32,47 +33,32 @@ STAGES = {  # stage -> (the file that marks it as written, how to make it)
     ),
     "explanations": (
         "results.json",
-        "run `rangelens explain --run-dir RUN_DIR --output RUN_DIR/explanations`",
+        "run `rangelens explain --run-dir RUN_DIR`",
     ),
 }
 T = TypeVar("T")
 
 
 @dataclass
-class Ranges:
-    """The ``ranges/`` stage: the range map, its per-(concept, neuron) distribution table, the
-    per-concept summary and polysemanticity tables, and salience scores ``(C, d)``."""
-
-    range_map: RangeMap
-    distribution: pd.DataFrame
-    summary: pd.DataFrame
-    polysemanticity: pd.DataFrame
-    scores: np.ndarray
-
-
-@dataclass
 class Erasure:
-    """The ``erasure/`` stage as written by :mod:`rangelens.erasure`: ``erasure.json`` (config,
-    info, headline), the long results table and the figures that exist."""
+    """The ``erasure/`` stage (read by :func:`rangelens.erasure.outputs.load_erasure`) and the
+    figures it wrote."""
 
-    table: pd.DataFrame | None
-    summary: dict[str, Any]
+    result: ErasureResult
     figures: list[Path]
 
-
-@dataclass
-class Explanations:
-    """A NeuronScope results directory: ``results.json`` metadata, per-neuron explanations and
-    exemplar records (keyed by neuron)."""
-
-    metadata: dict[str, Any]
-    explanations: dict[int, NeuronExplanation]
-    records: dict[int, NeuronRecord]
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.result.table
 
     @property
-    def site(self) -> str | None:
-        site = self.metadata.get("site")
-        return str(site) if site is not None else None
+    def summary(self) -> dict[str, Any]:
+        """What ``erasure.json`` holds: config, info and the headline rows (NaN as None)."""
+        return {
+            "config": self.result.config,
+            "info": self.result.info,
+            "headline": records(self.result.headline),
+        }
 
 
 @dataclass
@@ -91,9 +77,9 @@ class RunContents:
     run_dir: Path
     meta: dict[str, Any]
     capture: CaptureResult | None = None
-    ranges: Ranges | None = None
+    ranges: FittedRanges | None = None
     erasure: Erasure | None = None
-    explanations: Explanations | None = None
+    explanations: Explained | None = None
     texts: TextExemplars | None = None
     missing: list[str] = field(default_factory=list)
 
@@ -133,24 +119,13 @@ def _display_name(source: object) -> str:
     return Path(text).name if text.startswith(("/", ".", "~")) or Path(text).exists() else text
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Raise a one-line error unless ``run_dir`` is an existing rangelens run directory."""
-    if not run_dir.is_dir():
-        raise RangelensError(f"run directory {str(run_dir)!r} does not exist")
-    if not (run_dir / "run.json").is_file():
-        raise RangelensError(
-            f"{str(run_dir)!r} is not a rangelens run (no run.json); "
-            f"make one with `rangelens analyze --out DIR`"
-        )
-
-
 def source_fingerprint(run_dir: Path, explanations: Path) -> str:
     """Hash of what the atlas is built from (stage markers, run.json, explanation results); paths
     are resolved, so every spelling of the same run gives the same hash."""
     digest = hashlib.sha256()
     for path in (
         run_dir / "run.json",
-        *(run_dir / stage / "stage.json" for stage in ("capture", "ranges", "erasure")),
+        *(run_dir / s / "stage.json" for s in ("capture", "splits", "ranges", "erasure")),
         explanations / "results.json",
     ):
         digest.update(str(path.resolve()).encode())
@@ -166,13 +141,13 @@ def default_explanations(run_dir: Path) -> Path:
 def load_run(run_dir: Path, explanations: Path | None = None) -> RunContents:
     """Load every stage of ``run_dir`` that exists; explanations are read from ``explanations``
     (default :func:`default_explanations`)."""
-    check_run_dir(run_dir)
+    RunDir(run_dir).require()
     run = RunContents(run_dir, read_json(run_dir / "run.json"))
     run.capture = _stage(run, "capture", run_dir / "capture", load_capture)
-    run.ranges = _stage(run, "ranges", run_dir / "ranges", _load_ranges)
+    run.ranges = _stage(run, "ranges", run_dir / "ranges", load_ranges)
     run.erasure = _stage(run, "erasure", run_dir / "erasure", _load_erasure)
     run.explanations = _stage(
-        run, "explanations", explanations or default_explanations(run_dir), _load_explanations
+        run, "explanations", explanations or default_explanations(run_dir), load_explained
     )
     if run.capture is not None and run.capture.features is not None:
         run.texts = _load_texts(run)
@@ -200,41 +175,9 @@ def _stage(run: RunContents, name: str, directory: Path, load: Callable[[Path], 
         return None
 
 
-def _load_ranges(directory: Path) -> Ranges:
-    from safetensors.numpy import load_file
-
-    return Ranges(
-        range_map=RangeMap.load(directory),
-        distribution=pd.read_csv(directory / "distribution.csv"),
-        summary=pd.read_csv(directory / "summary.csv"),
-        polysemanticity=pd.read_csv(directory / "polysemanticity.csv"),
-        scores=load_file(str(directory / "scores.safetensors"))["scores"],
-    )
-
-
 def _load_erasure(directory: Path) -> Erasure:
-    summary = read_json(directory / "erasure.json")
-    if summary.get("format") != ERASURE_FORMAT:
-        raise RangelensError(f"erasure.json has format {summary.get('format')!r}")
-    csv = directory / "erasure.csv"
-    table = pd.read_csv(csv) if csv.is_file() else None
     figures = [directory / name for name in ERASURE_FIGURES if (directory / name).is_file()]
-    return Erasure(table, summary, figures)
-
-
-def _load_explanations(directory: Path) -> Explanations:
-    results = read_json(directory / "results.json")
-    if results.get("format") != RESULTS_FORMAT:
-        raise RangelensError(f"results.json has format {results.get('format')!r}")
-    explanations = {}
-    for path in sorted((directory / "explanations").glob("*.json")):
-        e = NeuronExplanation.load(path)
-        explanations[e.neuron] = e
-    records = {}
-    for path in sorted((directory / "records").glob("*.json")):
-        r = NeuronRecord.load(path)
-        records[r.neuron] = r
-    return Explanations(dict(results.get("metadata", {})), explanations, records)
+    return Erasure(load_erasure(directory), figures)
 
 
 def _load_texts(run: RunContents) -> TextExemplars | None:

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 from rangelens.artifacts import ATLAS, check_output_dir
 from rangelens.errors import RangelensError
 from rangelens.report.atlas import atlas_is_current, build_atlas
-from rangelens.report.contents import check_run_dir
+from rangelens.rundir import RunDir
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 SECURITY_HEADERS = {
@@ -153,7 +153,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> Non
     if not 0 <= port <= 65535:
         raise RangelensError(f"--port {port} is not a TCP port; valid: 0-65535 (0: any free port)")
     run_path = Path(run_dir)
-    check_run_dir(run_path)
+    RunDir(run_path).require()
     atlas = run_path / "atlas"
     if not atlas_is_current(run_path, atlas):
         check_output_dir(atlas, ATLAS, keep=[run_path])

@@ -1,0 +1,186 @@
+"""Load models: the embedded built-ins (shipped inside PyPI packages), a GGUF file, or any hub id / local path.
+
+``smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised); it is dequantised once and cached as
+safetensors under the user cache dir so later loads take well under a second. ``minilm-l6`` is
+all-MiniLM-L6-v2 (BERT encoder). A user's ``.gguf`` file (or a folder holding exactly one) goes through the
+same conversion, cached under a key of the file's content hash.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from rangelens.artifacts import atomic_dir, file_digest
+from rangelens.assets import BUILTIN_MODELS, ModelKind, cache_dir
+from rangelens.errors import RangelensError, choices
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A stock `transformers` model with its tokenizer and what rangelens needs to know about it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    kind: ModelKind
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def _package_dir(package: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RangelensError(
+            f"built-in model {name!r} needs the package {package!r}: run `rangelens setup`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
+    """Dequantise a GGUF checkpoint once and save it as safetensors (atomic directory rename)."""
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model while it still carries the quantizer.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (the attribute is typed non-optional)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(dest, replace=False) as tmp:  # if another process finished first, keep its
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Local directory holding the built-in model ``name`` in plain `transformers` format."""
+    spec = BUILTIN_MODELS[name]
+    pkg = _package_dir(spec.package, name)
+    if spec.gguf_file is None:
+        return pkg / spec.subdir
+    dest = cache_dir() / "models" / name
+    if not (dest / "config.json").exists():
+        _convert_gguf(pkg, spec.gguf_file, dest)
+    return dest
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: itself if a ``.gguf`` file, the only ``.gguf`` in a folder without
+    a ``config.json``; None for anything else. Several ``.gguf`` files in a folder are refused."""
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(found) > 1:
+        raise RangelensError(
+            f"folder {str(path)!r} holds {len(found)} .gguf files; give one as --model: "
+            f"{choices([p.name for p in found])}"
+        )
+    return found[0] if found else None
+
+
+def gguf_model_dir(file: Path) -> Path:
+    """A GGUF checkpoint converted once (dequantised) into the cache, keyed by its content hash."""
+    digest = file_digest(file, memo=cache_dir() / "digests.json")
+    dest = cache_dir() / "models" / f"gguf-{digest[:16]}"
+    if not (dest / "config.json").exists():
+        try:
+            _convert_gguf(file.parent, file.name, dest)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise RangelensError(
+                f"cannot convert GGUF file {str(file)!r}: {err}".splitlines()[0]
+            ) from err
+    return dest
+
+
+def _infer_kind(config: Any) -> ModelKind:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(
+        config, "is_decoder", False
+    ):
+        return "decoder"
+    return "encoder"
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    kind: ModelKind | None = None,
+) -> LoadedModel:
+    """Load a built-in model name, a local directory or a Hugging Face hub id, in eval mode.
+
+    Decoders load with their LM head (needed for perplexity and prompted classification); encoders as
+    the bare encoder. Padding tokens are set for tokenizers that lack one.
+    """
+    if dtype not in DTYPES:
+        raise RangelensError(f"unknown dtype {dtype!r}; valid: {choices(DTYPES)}")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as err:
+        raise RangelensError(f"unknown device {device!r}; valid: 'cpu', 'cuda', 'cuda:N'") from err
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise RangelensError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    gguf = None if name_or_path in BUILTIN_MODELS else gguf_file(Path(name_or_path))
+    if name_or_path in BUILTIN_MODELS:
+        path: str | Path = builtin_model_dir(name_or_path)
+        kind = kind or BUILTIN_MODELS[name_or_path].kind
+    elif gguf is not None:
+        path, kind = gguf_model_dir(gguf), kind or "decoder"
+    else:
+        path = name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise RangelensError(
+            f"model {name_or_path!r} is not a built-in ({choices(BUILTIN_MODELS)}), a local model "
+            f"directory, a .gguf file, or a reachable Hugging Face hub id"
+        ) from err
+    kind = kind or _infer_kind(config)
+    loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    hf_logging.disable_progress_bar()  # loading local safetensors takes well under a second
+    try:
+        model = loader.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as err:  # e.g. a directory with config.json but no weights
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RangelensError(f"model {name_or_path!r} cannot be loaded: {first}") from err
+    finally:
+        hf_logging.enable_progress_bar()
+    cast(Any, model).to(torch_device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, kind=kind)

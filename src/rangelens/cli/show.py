@@ -1,0 +1,171 @@
+"""What the CLI prints: stage decisions, the analysis summary, the erasure headline and verdict,
+the explanations table and the LLM summary. Tables never cut a name: they wrap, and when output is
+not a terminal they are laid out wide enough to fit.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+# Not a terminal (a file, a pipe, a test): no 80-column cut.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def stage_line(event: Any) -> None:
+    """One line per stage: reused, or ran and why."""
+    colour = "dim" if event.action == "reused" else "cyan"
+    err_console.print(f"[{colour}]{event}[/]", highlight=False, soft_wrap=True)
+
+
+def print_analysis(result: Any) -> None:
+    """Readable summary of an analysis run."""
+    info = result.capture.info
+    console.print(
+        f"[bold]captured[/] {info['site']} ({info['module']}) at position "
+        f"'{result.range_map.metadata.get('position')}': {info['n_texts']} texts, "
+        f"{info['n_tokens']} tokens, {info['tokens_per_second']} tokens/s, "
+        f"peak RSS {info['peak_rss_mb']} MB"
+    )
+    table = Table(title="concept ranges")
+    for col in ("concept", "train n", "salient", "shared", "skew", "ex. kurt", "BC max", "purity"):
+        table.add_column(col, justify="right" if col != "concept" else "left")
+    counts = dict(zip(result.capture.label_names, result.capture.stats.count, strict=True))
+    poly = dict(
+        zip(result.polysemanticity["concept"], result.polysemanticity["shared"], strict=True)
+    )
+    for row in result.summary.to_dict(orient="records"):
+        name = row["concept"]
+        table.add_row(
+            name,
+            str(int(counts[name])) if name in counts else str(int(sum(counts.values()))),
+            str(int(row["n_neurons"])),
+            f"{poly.get(name, sum(poly.values()) / len(poly)):.0%}",
+            f"{row['median_skew']:+.2f}",
+            f"{row['median_excess_kurtosis']:+.2f}",
+            f"{row['median_bhattacharyya_max']:.2f}",
+            f"{row['median_purity']:.2f}",
+        )
+    console.print(table)
+    console.print(
+        "[dim]shared: share of the concept's salient neurons also salient for another concept; "
+        "skew/ex. kurt: medians (0 for a Gaussian); BC max: median largest Bhattacharyya "
+        "overlap with another concept; purity: median share of in-range activations from the "
+        "concept[/]"
+    )
+    from rangelens.ranges.fit import overlap_statement
+
+    console.print(
+        f"ranges fitted on: {result.range_map.metadata.get('rows', 'all training rows')}, "
+        f"ranking '{result.range_map.metadata.get('ranking')}'"
+    )
+    console.print(
+        f"[bold]{overlap_statement(result.summary, len(result.capture.label_names))}[/]",
+        highlight=False,
+    )
+    console.print(f"[bold green]run directory:[/] {result.run_dir}")
+
+
+def print_erasure(result: Any) -> None:
+    """The erasure headline with 95% intervals, the random-neuron control, warnings and the
+    verdict."""
+    from rangelens.erasure.outputs import interval_text
+
+    info = result.info
+    states = list(info.get("conditions", ["range", "neuron"]))
+    frame = result.headline.set_index("concept")
+    average = frame.loc["average"].to_dict()
+    protocol = info.get("protocol", {})
+    table = Table(
+        title=f"erasure, average over concepts ({info.get('n_test_texts', '?')} test texts, "
+        f"{protocol.get('folds', '?')}-fold x {protocol.get('repeats', 1)})"
+    )
+    table.add_column("effect vs base (95% CI)")
+    for state in states:
+        table.add_column(state, justify="right")
+    diff = "diff_range_neuron_target_drop" in average
+    if diff:
+        table.add_column("range − neuron", justify="right")
+    metrics = [
+        ("target accuracy drop", "target_drop", 2),
+        ("complement accuracy drop", "complement_drop", 2),
+        ("complement flip rate", "complement_flip", 2),
+        ("perplexity change", "ppl_change", 1),
+    ]
+    for title, key, digits in metrics:
+        cells = [interval_text(average, f"{s}_{key}", digits) for s in states]
+        if diff:
+            cells.append(interval_text(average, f"diff_range_neuron_{key}", digits))
+        table.add_row(title, *cells)
+    console.print(table)
+    per = Table(title="per concept (points; intervals in erasure/headline.md)")
+    per.add_column("concept", overflow="fold")
+    per.add_column("texts", justify="right")
+    per.add_column("base acc", justify="right")
+    short = {"range": "R", "neuron": "N", "random": "X"}
+    for key in ("drop", "flip"):
+        for state in states:
+            per.add_column(f"{key} {short.get(state, state)}", justify="right")
+    for name, row in frame.iterrows():
+        cells = [str(name), str(int(row["n_target"])), f"{row['base_target_acc']:.2f}"]
+        for key in ("target_drop", "complement_flip"):
+            cells += [f"{row[f'{s}_{key}']:+.2f}" for s in states]
+        per.add_row(*cells)
+    console.print(per)
+    console.print(
+        "[dim]Drops are base - masked accuracy (erasure wants a large target drop and ~0 "
+        "collateral); flip: share of other-concept texts whose prediction changed; perplexity "
+        f"change is masked - base on general text (base {info.get('base_ppl', float('nan')):.1f})."
+        " R / range: range mask; N / neuron: neuron mask; X / random: as many random neurons "
+        "masked (control). Per concept, drop is the target accuracy drop.[/]"
+    )
+    for warning in info.get("warnings", []):
+        err_console.print(f"[bold red]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]Verdict.[/] {info.get('verdict', '')}", highlight=False)
+
+
+def print_explanations(explained: Any, where: Any) -> None:
+    """One row per neuron: held-out scores of the methods and the modes with their ranges."""
+    results = list(explained.explanations.values())
+    meta = explained.metadata
+    table = Table(title=f"explanations of {meta.get('site')} ({meta.get('backend')}) -> {where}")
+    cols = ("neuron", "target", "iterative r", "single-pass r", "lookup r", "AUC", "modes [range]")
+    for col in cols:
+        table.add_column(col, overflow="fold")
+    for e in results:
+        modes = "\n".join(
+            f"{m.label} [{m.lo:.2f}, {m.hi:.2f}]"
+            if m.lo is not None and m.hi is not None
+            else f"{m.label} [no exemplar: no range]"
+            for m in e.modes
+        )
+        table.add_row(
+            str(e.neuron),
+            e.target,
+            f"{e.iterative.held_out:.3f}",
+            f"{e.single_pass.held_out:.3f}",
+            f"{e.lookup.held_out:.3f}" if e.lookup is not None else "-",
+            f"{e.iterative.auc:.2f}",
+            modes,
+        )
+    console.print(table)
+
+
+def report_llm(llm: Any, max_failed: float = 0.5) -> None:
+    """Print the LLM failure summary; exit 1 when more than ``max_failed`` of the steps failed."""
+    stats = llm.stats
+    err_console.print(stats.summary(), highlight=False, soft_wrap=True)
+    if stats.steps and stats.failed_steps > max_failed * stats.steps:
+        err_console.print(
+            f"[bold red]error:[/] {stats.failed_steps} of {stats.steps} LLM steps failed; the "
+            "explanations are not trustworthy (check the server, --llm-model, --timeout, "
+            "--max-attempts)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)

@@ -1,0 +1,90 @@
+"""Options of the explanations (NeuronScope, Liu et al., arXiv 2601.03671): which neurons, the
+iterative loop, the LLM backend; and the inputs ``explain`` reads (defaults: its run's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rangelens.config.analysis import Runtime, SiteOptions
+from rangelens.config.sources import DataSource, ModelSource, Options
+
+Backend = Literal["offline", "openai", "local"]
+# lexical: the offline word-list simulator; llm: the LLM echoes tokens with 0-10 values; llm-list:
+# the LLM lists the words the explanation describes (small models)
+SimulatorName = Literal["lexical", "llm", "llm-list"]
+
+
+class LLMOptions(Options):
+    """The LLM that explains and scores (``offline``: the lexical baseline, no LLM)."""
+
+    backend: Backend = Field("offline", description="offline (the lexical baseline, no LLM)")
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1", description="OpenAI-compatible server (openai backend)"
+    )
+    llm_model: str = Field(
+        "smollm2-135m",
+        description="served model name (openai), or for the local backend a built-in name, a "
+        "transformers directory or a .gguf file",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="environment variable holding the API key"
+    )
+    timeout: float = Field(
+        60.0, gt=0, description="seconds to wait for one LLM reply (openai backend)"
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="tries per LLM step (failed tries are counted, never cached)"
+    )
+    simulator: SimulatorName = Field(
+        "lexical",
+        description="what scores explanations with an LLM backend: lexical (offline), llm (the LLM "
+        "echoes each token with a 0-10 activation predicted from the explanation text) or "
+        "llm-list (the LLM lists the words the explanation describes; for small models)",
+    )
+
+    @model_validator(mode="after")
+    def _needs_llm(self) -> LLMOptions:
+        if self.simulator != "lexical" and self.backend == "offline":
+            raise ValueError(
+                f"invalid simulator {self.simulator!r} with backend 'offline': it needs an LLM; "
+                f"use backend 'openai' or 'local'"
+            )
+        return self
+
+
+class ExplainOptions(Options):
+    """Which neurons are explained and how long the iterative loop refines."""
+
+    neurons: list[int] | None = Field(None, description="neuron ids (default: --top-k of the run)")
+    top_k: int = Field(10, ge=1, le=1000, description="neurons (or ranges) taken from the run")
+    concept: str | None = Field(
+        None, description="explain this concept's ranges (in-range tokens; needs a run)"
+    )
+    rounds: int = Field(4, ge=0, le=20, description="refinement rounds")
+    texts_per_class: int = Field(
+        60, ge=1, description="texts per class the exemplars are drawn from"
+    )
+
+
+class ExplainConfig(ExplainOptions, LLMOptions):
+    """A run's ``explain:`` section and the ``explain`` command's options."""
+
+
+class RunSource(Options):
+    """The run whose site, data and salient neurons ``explain`` takes."""
+
+    run_dir: Path | None = Field(
+        None, description="a rangelens run dir: explain its top salient neurons"
+    )
+
+
+class ExplainInputs(Runtime, SiteOptions, DataSource, ModelSource):
+    """The model, texts and site ``explain`` reads (defaults: its run's, else these)."""
+
+
+# Taken from the run when not given: what was analysed and how it was read (not how many texts
+# nor the seed: explanations sample their own).
+FROM_RUN = tuple(k for k in ExplainInputs.model_fields if k != "seed")

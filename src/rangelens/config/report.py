@@ -1,0 +1,38 @@
+"""Options of the outputs: where a command writes, the atlas and its server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from rangelens.config.sources import Options
+
+
+class Output(Options):
+    """Where a command writes (the one declaration of ``--out``)."""
+
+    out: Path | None = Field(
+        None,
+        description="output directory (default: runs/<model>-<dataset> for a run, "
+        "RUN_DIR/atlas for report, RUN_DIR/explanations or ./explanations for explain)",
+        json_schema_extra={"short": "-o"},
+    )
+
+
+class ReportOptions(Output):
+    """The atlas of a run."""
+
+    explanations: Path | None = Field(
+        None, description="explanations directory (default: RUN_DIR/explanations)"
+    )
+    open: bool = Field(False, description="open the atlas in a web browser")
+
+
+class ServeOptions(Options):
+    """The read-only atlas server."""
+
+    host: str = Field(
+        "127.0.0.1", description="address to bind (loopback by default; others expose the atlas)"
+    )
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")

@@ -1,0 +1,92 @@
+"""What every LLM backend is: a chat model mapping messages to a :class:`Completion` (text, and
+per-token top log-probabilities where the backend returns them), like delphi's client abstraction.
+
+Every failure of one request (timeout, HTTP error, malformed or empty reply, a reply that fails the
+caller's schema) is a :class:`ReplyError` with a ``kind``; an unusable server is
+:class:`LLMUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+from rangelens.errors import RangelensError
+
+Message = dict[str, str]
+T = TypeVar("T")
+FailureKind = Literal["timeout", "http", "malformed", "empty", "invalid"]
+
+
+class LLMUnavailable(RangelensError):
+    """The LLM server could not be reached, or refuses every request (bad URL, key or model)."""
+
+
+class ReplyError(ValueError):
+    """One failed request: ``kind`` is timeout, http, malformed (unparseable server response),
+    empty, or invalid (the reply does not match the requested format)."""
+
+    def __init__(self, message: str, kind: FailureKind = "invalid") -> None:
+        super().__init__(message)
+        self.kind: FailureKind = kind
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token and the log-probabilities of the most likely tokens at its position."""
+
+    token: str
+    top: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A reply's text; ``logprobs`` per generated token when requested and returned, else None."""
+
+    text: str
+    logprobs: list[TokenLogprobs] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Completion:
+        lps = data.get("logprobs")
+        return cls(str(data["text"]), None if lps is None else [TokenLogprobs(**t) for t in lps])
+
+
+class LLMClient(Protocol):
+    """A chat model. ``identity`` names backend, model and generation settings (cache key; no
+    secrets)."""
+
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def max_concurrency(self) -> int: ...
+
+    @property
+    def supports_prefill(self) -> bool:
+        """Whether a final assistant message is continued (a response prefix), not answered."""
+        ...
+
+    def complete(
+        self, messages: Sequence[Message], *, top_logprobs: int = 0, max_tokens: int | None = None
+    ) -> Completion:
+        """One request; raises :class:`ReplyError` (counted, retried by :class:`LLM`) or
+        :class:`LLMUnavailable` (fatal)."""
+        ...
+
+
+def parallel_map(concurrency: int, fn: Callable[[T], object], items: Sequence[T]) -> list[object]:
+    """``fn`` over ``items`` with at most ``concurrency`` in flight, results in order; the first
+    exception cancels the items not yet started and is raised."""
+    if concurrency <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
