@@ -132,3 +132,11 @@ def tiny_model_dir(tmp_path: Path, tiny_llama: LoadedModel) -> Path:
     tiny_llama.model.save_pretrained(path)
     tiny_llama.tokenizer.save_pretrained(path)
     return path
+
+
+def stage_stamp(stage: Path) -> tuple[int, int]:
+    """Identity of a stage's ``stage.json``: inode and modification time in nanoseconds. A stage
+    that is redone is written anew (a new file renamed into place), so its stamp changes even within
+    the same second."""
+    info = (stage / "stage.json").stat()
+    return info.st_ino, info.st_mtime_ns

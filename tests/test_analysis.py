@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import stage_stamp
 from typer.testing import CliRunner
 
 from rangelens.cli import app
@@ -58,9 +59,9 @@ def test_resume_skips_capture_and_refits_ranges(
     out = tmp_path / "run"
     base = {"model": str(tiny_model_dir), "dataset": str(corpus), "label_column": "topic"}
     analyze(AnalysisConfig(**base), out, progress=False)
-    stamp = (out / "capture" / "stage.json").read_text()
+    stamp = stage_stamp(out / "capture")
     second = analyze(AnalysisConfig(**base, tau=1.0), out, progress=False)
-    assert (out / "capture" / "stage.json").read_text() == stamp  # capture not redone
+    assert stage_stamp(out / "capture") == stamp  # capture not redone
     assert RangeMap.load(out / "ranges").metadata["tau"] == 1.0
     assert second.range_map.metadata["tau"] == 1.0
 

@@ -10,7 +10,7 @@ from rangelens.activations.models import load_model
 from rangelens.activations.sites import resolve_site
 from rangelens.data import load_texts
 from rangelens.explain import ExemplarConfig, NeuronRecord, explain_neurons, explain_range
-from rangelens.explain.api import save_results
+from rangelens.explain.results import save_results
 from rangelens.ranges.maps import ConceptRange
 
 pytestmark = pytest.mark.integration

@@ -256,7 +256,7 @@ def topics_csv(tmp_path):
 def explain_cli(model_dir, csv, url, out, *extra: str):
     args = ["explain", "--model", str(model_dir), "--dataset", str(csv), "--layer", "1"]
     args += ["--neurons", "3", "--rounds", "1", "--backend", "openai", "--base-url", url]
-    return CliRunner().invoke(app, [*args, "--output", str(out), *extra])
+    return CliRunner().invoke(app, [*args, "--out", str(out), *extra])
 
 
 def test_mostly_failed_llm_run_exits_nonzero(serve, tiny_model_dir, topics_csv, tmp_path):
@@ -314,4 +314,7 @@ def test_cli_selects_the_llm_simulator(
     assert any(asked in p and "'goal'" in p for p in prompts)
     assert "LLM steps:" in result.output
     bad = explain_cli(tiny_model_dir, topics_csv, server.url, tmp_path / "o", "--simulator", "x")
-    assert bad.exit_code == 2 and "unknown --simulator 'x'" in bad.output
+    assert (
+        bad.exit_code == 2
+        and "unknown simulator 'x'; valid: 'lexical', 'llm', 'llm-list'" in bad.output
+    )

@@ -61,14 +61,14 @@ def test_calibration_uses_only_the_calibration_pool():
     predict = lambda recs: ev.raw("sports: goal, match, team", recs)  # noqa: E731
     cal, _ = ev.calibrate(predict)
     scrambled = [replace(r, activations=[a * -3 + 1 for a in r.activations]) for r in rec.held_out]
-    cal_same, _ = Evaluator(offline_roles(), replace(rec, held_out=scrambled), FailureLog()).calibrate(
-        predict
-    )
+    cal_same, _ = Evaluator(
+        offline_roles(), replace(rec, held_out=scrambled), FailureLog()
+    ).calibrate(predict)
     assert cal == cal_same
     doubled = [replace(r, activations=[2 * a for a in r.activations]) for r in rec.validation]
-    cal_other, _ = Evaluator(offline_roles(), replace(rec, validation=doubled), FailureLog()).calibrate(
-        predict
-    )
+    cal_other, _ = Evaluator(
+        offline_roles(), replace(rec, validation=doubled), FailureLog()
+    ).calibrate(predict)
     assert cal_other != cal
 
 
@@ -142,7 +142,9 @@ def test_lexical_judge_detection_and_fuzzing():
     judge = LexicalJudge()
     texts, marks, labels = fuzz_set(rec.held_out, rec.threshold)
     assert labels.any() and not labels.all() and len(texts) == len(marks)
-    scores = judge.judge("sports: goal, match, team", [r.tokens for r in texts], marks, FailureLog())
+    scores = judge.judge(
+        "sports: goal, match, team", [r.tokens for r in texts], marks, FailureLog()
+    )
     correct = np.array([s for s, ok in zip(scores, labels, strict=True) if ok], dtype=float)
     wrong = np.array([s for s, ok in zip(scores, labels, strict=True) if not ok], dtype=float)
     assert correct.mean() > wrong.mean()

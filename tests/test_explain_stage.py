@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import yaml
+from conftest import stage_stamp
 
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.pipeline import load_config, run
@@ -24,7 +25,7 @@ def test_run_explains_top_salient_neurons_and_resumes(
             "max_length": 16,
         },
         "erasure": None,
-        "explain": {"top_k": 2, "rounds": 1, "max_per_class": 12},
+        "explain": {"top_k": 2, "rounds": 1, "texts_per_class": 12},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -38,6 +39,6 @@ def test_run_explains_top_salient_neurons_and_resumes(
             out / "explanations" / "explanations" / f"{entry['neuron']}.json"
         )
         assert e.lookup is not None and e.n_candidates >= 1
-    stamp = (out / "explanations" / "stage.json").read_text()
+    stamp = stage_stamp(out / "explanations")
     run(load_config(path), progress=False)  # current: not redone
-    assert (out / "explanations" / "stage.json").read_text() == stamp
+    assert stage_stamp(out / "explanations") == stamp

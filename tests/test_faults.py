@@ -331,7 +331,7 @@ def test_explain_refuses_a_foreign_output_before_doing_anything(tmp_path: Path) 
     with pytest.raises(RangelensError, match="refusing to replace"):
         save_results(victim, [], [], {})
     res = CliRunner().invoke(
-        app, ["explain", "--model", "no-such-model", "--neurons", "1", "--output", str(victim)]
+        app, ["explain", "--model", "no-such-model", "--neurons", "1", "--out", str(victim)]
     )
     assert res.exit_code == 2 and "refusing to replace" in error_line(res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import stage_stamp
 from typer.testing import CliRunner
 
 from rangelens.cli import app
@@ -41,11 +43,11 @@ def test_run_end_to_end_and_resume(tmp_path: Path, config_data: dict) -> None:
     first = run(load_config(path), progress=False)  # analysis only, as if stopped before erasure
     assert first.erasure is None
     out = Path(config_data["out"])
-    stamp = (out / "capture" / "stage.json").read_text()
+    stamp = stage_stamp(out / "capture")
 
     second = run(load_config(write_config(tmp_path / "full.yaml", config_data)), progress=False)
     assert second.erasure is not None
-    assert (out / "capture" / "stage.json").read_text() == stamp  # the capture was not redone
+    assert stage_stamp(out / "capture") == stamp  # the capture was not redone
     table = pd.read_csv(out / "erasure" / "erasure.csv")
     assert set(table["state"]) == {"base", "range", "neuron", "random"}
     ranges = RangeSet.load(out / "ranges")  # the atlas' map is the erased (full split) one
@@ -57,10 +59,23 @@ def test_run_end_to_end_and_resume(tmp_path: Path, config_data: dict) -> None:
     assert first.analysis.range_map.metadata["rows"].startswith("all training rows")
     assert set(table["concept"]) == {"money", "sport", "tech"}
     assert "average" in second.erasure.headline["concept"].tolist()
-    erasure_stamp = (out / "erasure" / "stage.json").read_text()
+    erasure_stamp = stage_stamp(out / "erasure")
 
+    assert [str(e) for e in first.events] == [
+        "capture: ran (no earlier output)",
+        "splits: ran (no earlier output)",
+        "ranges: ran (no earlier output)",
+    ]
+    assert [(e.stage, e.action) for e in second.events] == [
+        ("capture", "reused"),
+        ("splits", "ran"),  # now with folds and correctly classified rows
+        ("ranges", "ran"),
+        ("erasure", "ran"),
+    ]
+    assert second.events[1].why == "inputs changed"
     third = run(load_config(tmp_path / "full.yaml"), progress=False)  # everything current
-    assert (out / "erasure" / "stage.json").read_text() == erasure_stamp
+    assert stage_stamp(out / "erasure") == erasure_stamp
+    assert {e.action for e in third.events} == {"reused"}
     pd.testing.assert_frame_equal(third.erasure.headline, second.erasure.headline)
 
 
@@ -75,6 +90,21 @@ def test_cli_run_prints_table_and_atlas(tmp_path: Path, config_data: dict) -> No
         and "Concept distributions" in res.output
     )
     assert (Path(config_data["out"]) / "atlas" / "index.html").exists()
+    again = CliRunner().invoke(app, ["run", str(path)])  # every stage says what it did
+    assert again.exit_code == 0, again.output
+    for stage in ("capture", "splits", "ranges", "erasure", "atlas"):
+        assert f"{stage}: reused" in again.output, again.output
+
+
+def test_run_takes_the_generated_options_as_overrides(tmp_path: Path, config_data: dict) -> None:
+    path = write_config(tmp_path / "cfg.yaml", {**config_data, "erasure": None})
+    res = CliRunner().invoke(app, ["run", str(path), "--max-per-class", "5", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    recorded = json.loads((Path(config_data["out"]) / "run.json").read_text())["config"]
+    assert recorded["max_per_class"] == 5 and recorded["seed"] == 3
+    assert recorded["max_length"] == 32  # the config's value where no option was given
+    bad = CliRunner().invoke(app, ["run", str(path), "--folds", "1", "--quiet"])
+    assert bad.exit_code == 2 and "folds = 1" in bad.output, bad.output
 
 
 @pytest.mark.parametrize(
@@ -85,7 +115,8 @@ def test_cli_run_prints_table_and_atlas(tmp_path: Path, config_data: dict) -> No
         ({"erasure": {"p": 1.5}}, "p = 1.5"),
         ({"analysis": {"tau": -1}}, "analysis.tau"),
         ({"analysis": {"layer": "last"}}, "analysis.layer"),
-        ({"erasure": {"concepts": ["weather"]}}, "weather"),
+        ({"erasure": {"targets": ["weather"]}}, "weather"),
+        ({"erasure": {"concepts": ["weather"]}}, "is now 'targets'"),
         ({"erasure": {"task": "prompt"}}, "prompt"),
         ({"erasure": {"positions": "last"}}, "positions 'last' with ppl_texts 4"),
         ({"erasure": {"mode": "hard", "scale": 0.5}}, "scale 0.5 only applies to mode 'soft'"),

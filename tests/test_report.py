@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.figure import Figure
+from markupsafe import escape
 from typer.testing import CliRunner
 
 from rangelens.activations.models import LoadedModel
 from rangelens.cli import app
-from rangelens.config import AnalysisConfig
-from rangelens.erasure import FORMAT_VERSION
+from rangelens.config import AnalysisConfig, ErasureConfig, RunConfig
+from rangelens.erasure.outputs import interval_text
 from rangelens.errors import RangelensError
 from rangelens.explain import explain_record, records_from_activations, save_results
 from rangelens.explain.offline import offline_roles
-from rangelens.pipeline import analyze
+from rangelens.pipeline import run as run_pipeline
 from rangelens.report import build_atlas, make_server
 from rangelens.report.atlas import atlas_is_current
 from rangelens.report.figures import Series, histogram_svg, nice_ticks
@@ -91,53 +91,6 @@ def _explanations(directory: Path, neurons: list[int], site: str) -> None:
     save_results(directory, records, results, {"model": "tiny-llama", "site": site})
 
 
-def _erasure(directory: Path, concepts: list[str]) -> None:
-    """An erasure stage in the format :mod:`rangelens.erasure` writes (format rangelens.erasure/2)."""
-    directory.mkdir()
-    rows = []
-    for tau in (1.0, 2.0):
-        for c in concepts:
-            for state, drop in (("base", 0.0), ("range", 0.3), ("neuron", 0.5), ("random", 0.05)):
-                accuracy = {"target_acc": 0.9 - drop, "complement_acc": 0.9 - drop / 5}
-                rows.append(
-                    {"concept": c, "state": state, "site": "resid.2", "tau": tau, **accuracy}
-                )
-    pd.DataFrame(rows).to_csv(directory / "erasure.csv", index=False)
-    metrics = ("target_drop", "complement_drop", "complement_flip", "ppl_change")
-    states = (("range", 0.3), ("neuron", 0.5), ("random", 0.05))
-    headline = [
-        {"concept": c, "base_target_acc": 0.9, "base_target_acc_lo": 0.8, "base_target_acc_hi": 1.0}
-        | {
-            f"{s}_{m}{x}": v + d
-            for s, v in states
-            for m in metrics
-            for x, d in (("", 0.0), ("_lo", -0.1), ("_hi", 0.1))
-        }
-        for c in [*concepts, "average"]
-    ]
-    sweep = [
-        {"tau": t, "range_target_drop": t / 4, "range_target_drop_lo": 0, "range_target_drop_hi": 1}
-        for t in (1.0, 2.0)
-    ]
-    info = {
-        "task": "head",
-        "base_acc": 0.9,
-        "chance": 0.33,
-        "n_test_texts": 8,
-        "sites": ["resid.2"],
-        "conditions": ["range", "neuron", "random"],
-        "sweep": sweep,
-        "verdict": "Range masking matched neuron masking's erasure.",
-        "warnings": ["concepts with fewer than 30 test texts: <b>x</b>"],
-    }
-    summary = {"format": FORMAT_VERSION, "config": {"replacement": "zero"}, "info": info}
-    (directory / "erasure.json").write_text(json.dumps({**summary, "headline": headline}))
-    for name in ("erasure_bars", "tau_tradeoff"):
-        fig = Figure(figsize=(3, 2))
-        fig.add_subplot().plot([0, 1], [0, 1])
-        fig.savefig(directory / f"{name}.png", dpi=50)
-
-
 def make_report_run(root: Path, lm: LoadedModel) -> Path:
     """A run directory with every stage the atlas shows."""
     config = AnalysisConfig(
@@ -146,12 +99,15 @@ def make_report_run(root: Path, lm: LoadedModel) -> Path:
         label_column="topic",
         p=0.25,
         max_length=32,
+        taus=[1.0],
     )
     run = root / "run"
-    result = analyze(config, run, lm=lm, progress=False)
-    salient = sorted({int(j) for j in result.range_map.neurons[:, :2].ravel()})[:2]
-    _explanations(run / "explanations", salient, result.capture.info["site"])
-    _erasure(run / "erasure", result.capture.label_names)
+    erasure = ErasureConfig(folds=2, bootstrap=200, ppl_texts=0)  # a real erasure stage
+    result = run_pipeline(
+        RunConfig(out=run, analysis=config, erasure=erasure), lm=lm, progress=False
+    )
+    salient = sorted({int(j) for j in result.analysis.range_map.neurons[:, :2].ravel()})[:2]
+    _explanations(run / "explanations", salient, result.analysis.capture.info["site"])
     return run
 
 
@@ -201,8 +157,11 @@ def test_atlas_has_every_page_and_figure(atlas: Path, report_run: Path) -> None:
         ]
     assert "Concept distributions on the salient neurons" in site["index.html"]
     erasure = site["erasure.html"]
-    assert "Erased ranges" in erasure and "0.30 [0.20, 0.40]" in erasure
-    assert "matched neuron masking" in erasure and "&lt;b&gt;x&lt;/b&gt;" in erasure
+    saved = json.loads((report_run / "erasure" / "erasure.json").read_text())
+    average = next(r for r in saved["headline"] if r["concept"] == "average")
+    assert "Erased ranges" in erasure and interval_text(average, "range_target_drop") in erasure
+    assert str(escape(saved["info"]["verdict"]))[:60] in erasure
+    assert "&lt;i&gt;tech&lt;/i&gt;" in erasure and "<i>tech</i>" not in erasure
     j = min(salient)
     assert f'href="neurons/{j}.html"' in erasure
     page = site[f"neurons/{j}.html"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stage_stamp
 from typer.testing import CliRunner
 
 from rangelens.cli import app
@@ -106,11 +107,11 @@ def test_cli_analyze_headerless_tsv_module_input(
         (["--site", "module:"], "empty module path"),
         (["--site", "module:model"], "output of module 'model' is a BaseModelOutputWithPast"),
         (["--site", "module:model.layers.9:input"], "module 'model.layers.9' not found"),
-        (["--missing-labels", "keep"], "invalid missing_labels ('keep')"),
-        (["--min-per-class", "0"], "invalid min_per_class ('0')"),
+        (["--missing-labels", "keep"], "unknown missing_labels 'keep'; valid: 'drop', 'error'"),
+        (["--min-per-class", "0"], "invalid min_per_class (0)"),
         (["--max-per-class", "lots"], "invalid max_per_class ('lots')"),
         (["--concepts", "ham,eggs"], "concept 'eggs' not in dataset"),
-        (["--padding-side", "up"], "invalid padding_side ('up')"),
+        (["--padding-side", "up"], "unknown padding_side 'up'; valid: 'left', 'right'"),
         (["--label-column", "label"], "label column 'label' not in dataset"),
     ],
 )
@@ -133,15 +134,15 @@ def test_fingerprint_follows_content_not_path_spelling(
     out = tmp_path / "run"
     base = {"model": str(tiny_model_dir), "label_column": "topic", "max_length": 16}
     analyze(AnalysisConfig(**base, dataset=str(corpus)), out, progress=False)
-    stamp = (out / "capture" / "stage.json").read_text()
+    stamp = stage_stamp(out / "capture")
     monkeypatch.chdir(corpus.parent)  # relative spellings of the same file and run: reused
     assert corpus.parent == tmp_path  # and a relative spelling of the run directory
     analyze(AnalysisConfig(**base, dataset=corpus.name), "run", progress=False)
-    assert (out / "capture" / "stage.json").read_text() == stamp
+    assert stage_stamp(out / "capture") == stamp
     with corpus.open("a") as fh:  # an edited file: captured again
         fh.write("Brand new text about tech (99),tech\n")
     result = analyze(AnalysisConfig(**base, dataset=str(corpus)), out, progress=False)
-    assert (out / "capture" / "stage.json").read_text() != stamp
+    assert stage_stamp(out / "capture") != stamp
     assert int(np.sum(result.capture.labels == 2)) == 13
 
 
@@ -187,5 +188,3 @@ def test_explain_follows_a_run_of_user_data(tmp_path: Path, tiny_model_dir: Path
     assert res.exit_code == 0, res.output
     saved = sorted(p.name for p in (run / "explanations" / "explanations").iterdir())
     assert len(saved) == 2 and all(p.endswith(".json") for p in saved)
-
-

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from rangelens.assets import BUILTIN_DATASETS
 from rangelens.errors import RangelensError, choices
@@ -284,6 +283,8 @@ def split(
         raise RangelensError(f"test_size must be in (0, 1), got {test_size}")
     n_classes = len(data.label_names)
     n_test = max(n_classes, round(test_size * len(data)))
+    from sklearn.model_selection import train_test_split
+
     train, test = train_test_split(
         np.arange(len(data)), test_size=n_test, stratify=data.labels, random_state=seed
     )

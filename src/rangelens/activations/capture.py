@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rangelens.errors import RangelensError, choices
 from rangelens.activations.hooks import TraceDict, stop_forward
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import NeuronSite
+from rangelens.errors import RangelensError, choices
 
 POSITIONS = ("last", "first", "cls", "mean", "tokens")
 PADDING_SIDES = ("left", "right")

@@ -12,12 +12,11 @@ merged in rank order, which equals a single-process run up to floating-point rou
 from __future__ import annotations
 
 import os
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from typing import Any, Protocol, TypeVar
 
 
 class Mergeable(Protocol):

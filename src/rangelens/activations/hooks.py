@@ -114,12 +114,7 @@ class Trace:
     def _fire(self, x: object) -> torch.Tensor:
         t = _tensor(x, self.path, "input" if self.input else "output")
         if self.edit is not None and self.context is not None:
-            if not self.context.active:
-                raise RangelensError(
-                    f"the edit at {self.path!r} reads the forward's arguments: call the model the "
-                    f"trace was made on, not one of its submodules"
-                )
-            t = self.edit(t, self.context)
+            t = self.edit(t, self.context)  # inactive when a submodule was called directly
         elif self.edit is not None:
             t = self.edit(t)
         if self.retain:

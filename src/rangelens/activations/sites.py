@@ -14,8 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rangelens.errors import RangelensError, choices
 from rangelens.activations.hooks import Trace, get_module, stop_forward
+from rangelens.errors import RangelensError, choices
 
 SITE_KINDS = ("resid", "mlp", "attn")
 HookKind = Literal["output", "input"]

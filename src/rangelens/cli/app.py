@@ -80,12 +80,12 @@ def _stage_lines(quiet: bool) -> Any:
 
 def analyze(given: dict[str, Any], *, quiet: bool = False) -> None:
     """Capture a site on labelled text, fit per-concept neuron ranges, and summarise them."""
+    out = given.pop("out", None)
+    config = RunConfig(out=out, analysis=AnalysisConfig(**given), erasure=None)  # checked first
     from rangelens.activations.distributed import is_main
     from rangelens.cli.show import print_analysis
     from rangelens.pipeline import analyze as run_analysis
 
-    out = given.pop("out", None)
-    config = RunConfig(out=out, analysis=AnalysisConfig(**given), erasure=None)
     result = run_analysis(
         config.analysis, config.run_dir, progress=not quiet, report=_stage_lines(quiet)
     )
@@ -108,7 +108,7 @@ def _overridden(config: RunConfig, given: dict[str, Any]) -> RunConfig:
 
 def _run_and_print(config: RunConfig, quiet: bool) -> None:
     from rangelens.cli.show import console, print_analysis, print_erasure, print_explanations
-    from rangelens.explain.api import load_explained
+    from rangelens.explain.results import load_explained
     from rangelens.pipeline import run
 
     result = run(config, progress=not quiet, report=_stage_lines(quiet), atlas=True)

@@ -15,7 +15,8 @@ def explain_command(given: dict[str, Any], *, force: bool = False, quiet: bool =
     from rangelens.activations.sites import resolve_site
     from rangelens.artifacts import EXPLANATIONS, check_output_dir
     from rangelens.cli.show import print_explanations, report_llm, stage_line
-    from rangelens.explain.api import explain_site, save_results
+    from rangelens.explain.api import explain_site
+    from rangelens.explain.results import save_results
     from rangelens.pipeline import explain_run
     from rangelens.ranges.maps import RangeMap
     from rangelens.rundir import RunDir

@@ -65,7 +65,7 @@ def default_text(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, list):
         return ",".join(map(str, value)) or "[]"
-    return str(value)
+    return str(value).encode("unicode_escape").decode("ascii")  # a newline shows as \n
 
 
 def field_help(field: FieldInfo, origin: str | None = None) -> str:

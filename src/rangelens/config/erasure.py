@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rangelens.config.sources import Options
-from rangelens.errors import RangelensError, choices
+from rangelens.errors import RangelensError, choices, shown
 from rangelens.errors import one_line as _one_line
 
 DEFAULT_PROMPT = "Classify the text as one of: {labels}.\n\nText: {text}\nLabel:"
@@ -115,7 +115,10 @@ def one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".")
     if first["type"] == "extra_forbidden" and where in MOVED:
-        return f"{where} is an analysis option (one per run): set analysis.{where}"
+        return (
+            f"invalid erasure option {where} = {shown(first.get('input'))}: {where} is an "
+            f"analysis option (one per run): set analysis.{where}"
+        )
     if first["type"] == "extra_forbidden" and where in RENAMED:
         return f"erasure option {where!r} is now {RENAMED[where]!r}"
     if first["type"] in ("literal_error", "extra_forbidden"):
@@ -123,4 +126,4 @@ def one_line(err: ValidationError) -> str:
     msg = str(first["msg"]).removeprefix("Value error, ")
     if not where:
         return f"invalid erasure options: {msg}"
-    return f"invalid erasure option {where} = {first.get('input')!r}: {msg}"
+    return f"invalid erasure option {where} = {shown(first.get('input'))}: {msg}"

@@ -10,10 +10,28 @@
 - :mod:`~rangelens.erasure.experiment`: :func:`run_erasure`; :mod:`~rangelens.erasure.outputs`: files.
 """
 
-from rangelens.config.erasure import ErasureConfig
-from rangelens.erasure.experiment import erasure_ranges, run_erasure
-from rangelens.erasure.outputs import FORMAT_VERSION, ErasureResult, load_erasure
-from rangelens.erasure.protocol import ErasureProtocol
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ErasureConfig": "rangelens.config.erasure",
+    "erasure_ranges": "rangelens.erasure.experiment",
+    "run_erasure": "rangelens.erasure.experiment",
+    "FORMAT_VERSION": "rangelens.erasure.outputs",
+    "ErasureResult": "rangelens.erasure.outputs",
+    "load_erasure": "rangelens.erasure.outputs",
+    "ErasureProtocol": "rangelens.erasure.protocol",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Names load on first use: reading saved results does not import torch."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_VERSION",

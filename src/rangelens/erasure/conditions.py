@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rangelens.activations.sites import NeuronSite
 from rangelens.errors import RangelensError
-from rangelens.intervene import NeuronMask, RangeMask
 from rangelens.ranges.maps import RangeMap
+
+if TYPE_CHECKING:  # the masks (torch) load when a condition builds one
+    from rangelens.activations.sites import NeuronSite
+    from rangelens.intervene import RangeMask
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,16 @@ def register(condition: Condition) -> Condition:
 
 
 def _range(spec: MaskSpec) -> RangeMask:
+    from rangelens.intervene import RangeMask
+
     return RangeMask.from_range_map(
         spec.site, spec.range_map, spec.concept, replacement=spec.replacement, **spec.options()
     )
 
 
 def _neuron(spec: MaskSpec) -> RangeMask:
+    from rangelens.intervene import NeuronMask
+
     return NeuronMask.from_range_map(
         spec.site, spec.range_map, spec.concept, replacement=spec.replacement, **spec.options()
     )
@@ -74,8 +80,10 @@ def _density(spec: MaskSpec) -> RangeMask:
     if spec.bands is None:
         raise RangelensError(
             "condition 'density' needs density bands from the ranges stage; run it through "
-            "rangelens run (or run_ranges with ratios)"
+            "rangelens run (or fit_rangeset with ratios)"
         )
+    from rangelens.intervene import RangeMask
+
     return RangeMask.from_range_map(
         spec.site, spec.bands, spec.concept, replacement=spec.replacement, **spec.options()
     )
@@ -89,6 +97,8 @@ def random_neurons(spec: MaskSpec) -> np.ndarray:
 
 
 def _random(spec: MaskSpec) -> RangeMask:
+    from rangelens.intervene import NeuronMask
+
     neurons = random_neurons(spec)
     return NeuronMask(spec.site, neurons, replacement=spec.replacement[neurons], **spec.options())
 

@@ -188,7 +188,7 @@ def summarise(
     if base_acc < chance + config.chance_margin:
         warnings.append(
             f"base accuracy {base_acc:.2f} is within {config.chance_margin:g} of chance "
-            f"({chance:.2f}): the classifier barely reads these concepts, so erasure estimator "
+            f"({chance:.2f}): the classifier barely reads these concepts, so erasure figures "
             f"say little about them"
         )
     few = {data.label_names[c]: n for c, n in n_text.items() if n < config.min_test_texts}
@@ -196,7 +196,7 @@ def summarise(
         warnings.append(
             f"concepts with fewer than {config.min_test_texts} test texts: "
             + ", ".join(f"{k} ({v})" for k, v in few.items())
-            + "; their per-concept estimator have wide intervals (standard error near 0.1 at 20)"
+            + "; their per-concept figures have wide intervals (standard error near 0.1 at 20)"
         )
     n_texts = len(np.unique(estimator.o.text))
     info = {

@@ -33,7 +33,7 @@ _WHERE = {
     "explain_records": "rangelens.explain.api",
     "make_roles": "rangelens.explain.api",
     "records_from_activations": "rangelens.explain.exemplars",
-    "save_results": "rangelens.explain.api",
+    "save_results": "rangelens.explain.results",
     "score_records": "rangelens.explain.scoring",
 }
 

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import NeuronSite
-from rangelens.artifacts import EXPLANATIONS, atomic_dir, read_json
 from rangelens.config.explain import Backend, ExplainConfig, LLMOptions
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import LLM, LLMClient, ResponseCache
-from rangelens.explain.evaluation import MethodScores
 from rangelens.explain.exemplars import ExemplarConfig, build_records, scaled_config
 from rangelens.explain.llm import llm_roles
 from rangelens.explain.loop import NeuronExplanation, explain_record
 from rangelens.explain.offline import offline_roles
-from rangelens.explain.records import NeuronRecord, write_json
+from rangelens.explain.records import NeuronRecord
+from rangelens.explain.results import Explained
 from rangelens.explain.roles import Roles
 from rangelens.ranges.maps import ConceptRange
 
 BACKENDS = get_args(Backend)
-RESULTS_FORMAT = "rangelens.explain.results/1"
 DEFAULT_EXEMPLARS = ExemplarConfig()
 
 
@@ -72,45 +69,6 @@ def roles_for(options: LLMOptions, lm: LoadedModel, cache_dir: Path) -> tuple[Ro
         client = TransformersClient(lm if same else load_chat_model(options.llm_model))
     llm = LLM(client, ResponseCache(cache_dir), options.max_attempts)
     return llm_roles(llm, name=options.backend, simulator=options.simulator), llm
-
-
-@dataclass
-class Explained:
-    """An explanations directory's contents (``results.json`` metadata, explanations and exemplar
-    records by neuron); ``llm`` is the LLM that made them in this process (None offline or when
-    loaded from disk)."""
-
-    metadata: dict[str, Any]
-    explanations: dict[int, NeuronExplanation]
-    records: dict[int, NeuronRecord]
-    llm: LLM | None = None
-
-    @property
-    def site(self) -> str | None:
-        site = self.metadata.get("site")
-        return str(site) if site is not None else None
-
-    def save(self, directory: Path) -> None:
-        """Write into ``directory`` (a fresh temporary directory, see :func:`save_results`)."""
-        write_results(
-            directory, list(self.records.values()), list(self.explanations.values()), self.metadata
-        )
-
-
-def load_explained(directory: Path) -> Explained:
-    """Read an explanations directory written by :func:`write_results`."""
-    results = read_json(directory / "results.json")
-    if results.get("format") != RESULTS_FORMAT:
-        raise RangelensError(f"results.json has format {results.get('format')!r}")
-    explanations = {}
-    for path in sorted((directory / "explanations").glob("*.json")):
-        e = NeuronExplanation.load(path)
-        explanations[e.neuron] = e
-    records = {}
-    for path in sorted((directory / "records").glob("*.json")):
-        r = NeuronRecord.load(path)
-        records[r.neuron] = r
-    return Explained(dict(results.get("metadata", {})), explanations, records)
 
 
 def explain_site(
@@ -221,65 +179,3 @@ def explain_range(
         max_length=max_length,
     )
     return record, explain_record(record, roles or offline_roles(), rounds=rounds)
-
-
-def write_results(
-    directory: Path,
-    records: Sequence[NeuronRecord],
-    explanations: Sequence[NeuronExplanation],
-    metadata: dict[str, object],
-) -> None:
-    """Write ``results.json``, ``records/<neuron>.json`` and ``explanations/<neuron>.json`` into
-    ``directory`` (a fresh temporary directory: see :func:`save_results`)."""
-    for rec in records:
-        rec.save(directory / "records" / f"{rec.neuron}.json")
-    for exp in explanations:
-        exp.save(directory / "explanations" / f"{exp.neuron}.json")
-    write_json(
-        directory / "results.json",
-        {
-            "format": RESULTS_FORMAT,
-            "metadata": metadata,
-            "neurons": [summary(e) for e in explanations],
-        },
-    )
-
-
-def save_results(
-    directory: str | os.PathLike[str],
-    records: Sequence[NeuronRecord],
-    explanations: Sequence[NeuronExplanation],
-    metadata: dict[str, object],
-    *,
-    force: bool = False,
-) -> Path:
-    """:func:`write_results` into a temporary sibling directory renamed into place, so
-    ``directory`` is complete or absent. An existing ``directory`` is replaced only if it holds
-    explanations or is empty (``force``: also another kind of rangelens directory; see
-    :func:`rangelens.artifacts.check_output_dir`)."""
-    with atomic_dir(Path(directory), EXPLANATIONS, force=force) as tmp:
-        write_results(tmp, records, explanations, metadata)
-    return Path(directory)
-
-
-def _held(scores: MethodScores | None) -> float | None:
-    return None if scores is None else scores.held_out
-
-
-def summary(e: NeuronExplanation) -> dict[str, object]:
-    """One line of ``results.json``: held-out scores of every method, mode count and ranges."""
-    return {
-        "neuron": e.neuron,
-        "backend": e.backend,
-        "iterative_held_out": e.iterative.held_out,
-        "single_pass_held_out": e.single_pass.held_out,
-        "single_pass_first_held_out": _held(e.single_pass_first),
-        "control_held_out": _held(e.control),
-        "lookup_held_out": _held(e.lookup),
-        "iterative_auc": e.iterative.auc,
-        "single_pass_auc": e.single_pass.auc,
-        "n_candidates": e.n_candidates,
-        "n_modes": len(e.modes),
-        "modes": [{"label": m.label, "lo": m.lo, "hi": m.hi, "score": m.score} for m in e.modes],
-        "failures": len(e.failures),
-    }

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.explain.roles import Judge, Mode, Roles, FailureLog, explanation_text
+from rangelens.explain.roles import FailureLog, Judge, Mode, Roles, explanation_text
 from rangelens.explain.scoring import (
     Calibration,
     CalibrationKind,

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from rangelens.activations.capture import capture
-from rangelens.errors import RangelensError
-from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import NeuronSite
+from rangelens.errors import RangelensError
+from rangelens.explain.records import ActivationRecord, NeuronRecord
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 from rangelens.errors import RangelensError
 from rangelens.explain.evaluation import Evaluator, MethodScores
 from rangelens.explain.records import ActivationRecord, NeuronRecord, write_json
-from rangelens.explain.roles import Component, Mode, Roles, StepFailure, FailureLog
+from rangelens.explain.roles import Component, FailureLog, Mode, Roles, StepFailure
 from rangelens.explain.scoring import CalibrationKind, score_records
 
 EXPLANATION_FORMAT = "rangelens.explain.neuron/2"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from sklearn.cluster import AgglomerativeClustering
 
+from rangelens.activations.models import LoadedModel, load_model
 from rangelens.explain.lexical import (
     LexicalJudge,
     LexicalSimulator,
@@ -33,8 +34,7 @@ from rangelens.explain.lexical import (
     segment,
 )
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.explain.roles import Component, ComponentKind, Mode, Roles, FailureLog, normalize
-from rangelens.activations.models import LoadedModel, load_model
+from rangelens.explain.roles import Component, ComponentKind, FailureLog, Mode, Roles, normalize
 
 
 class MiniLMEmbedder:

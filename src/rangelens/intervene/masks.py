@@ -162,6 +162,11 @@ class RangeMask:
                     f"site {self.site.name} has width {x.shape[-1]} in this forward, not the "
                     f"resolved {self.site.width}; resolve the site on this model"
                 )
+            if forward is not None and not forward.active:
+                raise RangelensError(
+                    "positions 'last' reads attention_mask from the forward of the model the "
+                    "mask is attached to; call that model, not one of its submodules"
+                )
             mask = forward.tensor("attention_mask") if forward is not None else None
             return self._ranges.apply(x, self.mode, self.scale, self.positions, mask)
 

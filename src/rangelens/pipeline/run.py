@@ -24,7 +24,7 @@ from rangelens.config.run import RunConfig
 from rangelens.erasure.outputs import ErasureResult
 from rangelens.erasure.protocol import check_protocol
 from rangelens.errors import RangelensError
-from rangelens.explain.api import Explained
+from rangelens.explain.results import Explained
 from rangelens.pipeline.runner import Runner, StageEvent
 from rangelens.pipeline.stages import (
     Inputs,
@@ -125,8 +125,6 @@ def run(
         if config.explain is not None:
             runner(explanations_stage(inputs, fitted, config.explain))
             explained = run_dir.explanations
-        if writer:
-            run_dir.write_meta(a.model_dump(), a.seed)
         built = _atlas(run_dir, runner) if atlas and writer else None
     return RunResult(
         run_dir.root,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from rangelens.artifacts import EXPLANATIONS, STAGE, Kind, atomic_dir, fingerprint
+from rangelens.artifacts import EXPLANATIONS, STAGE, Kind, atomic_dir, fingerprint, notice
 from rangelens.rundir import RunDir, mark_stage, stage_fingerprint
 
 T = TypeVar("T")
@@ -95,7 +95,11 @@ class Runner:
             try:
                 result = stage.load(directory)
             except Exception as err:  # noqa: BLE001 (any failure to read a stage means redoing it)
-                why = "earlier output unreadable: " + (str(err).splitlines() or [""])[0]
+                reason = (str(err).splitlines() or [type(err).__name__])[0]
+                why = f"earlier output unreadable: {reason}"
+                notice(
+                    f"stage {str(directory)!r} is marked done but cannot be read ({reason}); redoing it"
+                )
             else:
                 return self._done(stage, fp, result, StageEvent(stage.name, "reused"))
         result = stage.compute()

@@ -22,7 +22,8 @@ from rangelens.erasure.experiment import run_erasure
 from rangelens.erasure.outputs import ErasureResult, load_erasure, write_erasure
 from rangelens.erasure.protocol import SPLIT_INPUTS, ErasureProtocol
 from rangelens.errors import RangelensError
-from rangelens.explain.api import Explained, explain_site, load_explained
+from rangelens.explain.api import explain_site
+from rangelens.explain.results import Explained, load_explained
 from rangelens.pipeline.runner import Stage
 from rangelens.ranges.captured import CaptureResult, load_capture, run_capture, save_capture
 from rangelens.ranges.fit import FeatureSource, FittedRanges, fit_rangeset, load_ranges

@@ -13,18 +13,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from rangelens.activations.capture import iter_activations
-from rangelens.activations.distributed import gather, shard, world
-from rangelens.activations.models import LoadedModel
-from rangelens.activations.sites import resolve_site
 from rangelens.artifacts import read_json, write_json
 from rangelens.config.analysis import AnalysisConfig
 from rangelens.data import LabeledTexts, split
 from rangelens.ranges.stats import ConceptStats
+
+if TYPE_CHECKING:
+    from rangelens.activations.models import LoadedModel
 
 
 @dataclass
@@ -58,6 +58,10 @@ def run_capture(
     lm: LoadedModel, data: LabeledTexts, config: AnalysisConfig, *, progress: bool = True
 ) -> CaptureResult:
     """Capture the site over all texts; statistics stream over the training split only."""
+    from rangelens.activations.capture import iter_activations
+    from rangelens.activations.distributed import gather, shard, world
+    from rangelens.activations.sites import resolve_site
+
     site = resolve_site(lm.model, config.site, config.layer)
     train, test = split(data, config.test_size, config.seed)
     is_train = np.zeros(len(data), dtype=bool)

@@ -13,14 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
-from rangelens.activations.capture import capture, iter_activations
-from rangelens.activations.models import LoadedModel
-from rangelens.activations.sites import NeuronSite, resolve_site
 from rangelens.artifacts import read_json, write_json, write_table
 from rangelens.config.analysis import AnalysisConfig
 from rangelens.errors import RangelensError
@@ -30,6 +28,10 @@ from rangelens.ranges.rangeset import RangeSet, replacement_values, sweep_points
 from rangelens.ranges.ranking import polysemanticity, rank
 from rangelens.ranges.splits import FULL, Splits, default_splits
 from rangelens.ranges.stats import ConceptStats
+
+if TYPE_CHECKING:
+    from rangelens.activations.models import LoadedModel
+    from rangelens.activations.sites import NeuronSite
 
 
 @dataclass
@@ -41,6 +43,11 @@ class FittedRanges:
     distribution: pd.DataFrame
     summary: pd.DataFrame
     polysemanticity: pd.DataFrame
+
+    @property
+    def range_map(self) -> RangeMap:
+        """The headline map (see :meth:`headline`)."""
+        return self.headline()
 
     def headline(self) -> RangeMap:
         """The map the atlas shows: analysis site, split ``full``, the run's tau and p."""
@@ -110,6 +117,8 @@ class FeatureSource:
         self.main = str(cap.info["site"])
         self._sites: dict[str, NeuronSite | None] = {self.main: None}
         if config.layers:
+            from rangelens.activations.sites import resolve_site
+
             model = self._model().model
             self._sites = {resolve_site(model, config.site, config.layer).name: None}
             for layer in config.layers:
@@ -130,11 +139,15 @@ class FeatureSource:
         return self.lm
 
     def _site(self, name: str) -> NeuronSite:
+        from rangelens.activations.sites import resolve_site
+
         site = self._sites.get(name)
         return site or resolve_site(self._model().model, self.config.site, self.config.layer)
 
     def stats(self, site: str, rows: np.ndarray) -> tuple[ConceptStats, np.ndarray | None]:
         """Statistics of ``rows`` at ``site`` and their pooled features (None for tokens)."""
+        from rangelens.activations.capture import capture, iter_activations
+
         cap, config = self.cap, self.config
         labels = cap.labels[rows]
         raw_main = site == self.main and self.raw

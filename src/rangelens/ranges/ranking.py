@@ -11,16 +11,11 @@ import warnings
 from typing import Any
 
 import numpy as np
-import sklearn
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from rangelens.errors import RangelensError, choices
 from rangelens.ranges.stats import ConceptStats
 
 RANKING_METHODS = ("mean_abs", "probeless", "probe", "dprime")
-
-_SKLEARN_VERSION = tuple(int(part) for part in sklearn.__version__.split(".")[:2])
 
 
 def rank(
@@ -139,6 +134,9 @@ def probe_scores(
         raise RangelensError(f"probe needs rows of at least 2 concepts; got {present.tolist()}")
     std = x.std(axis=0)
     x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     model = LogisticRegression(
         C=C, solver="saga", max_iter=max_iter, tol=1e-3, random_state=seed, **_elastic_net(l1_ratio)
     )
@@ -155,7 +153,9 @@ def probe_scores(
 
 def _elastic_net(l1_ratio: float) -> dict[str, Any]:
     """LogisticRegression arguments for elastic net (scikit-learn 1.8 deprecated ``penalty``)."""
-    if _SKLEARN_VERSION >= (1, 8):
+    import sklearn
+
+    if tuple(int(part) for part in sklearn.__version__.split(".")[:2]) >= (1, 8):
         return {"l1_ratio": l1_ratio}
     return {"penalty": "elasticnet", "l1_ratio": l1_ratio}
 

@@ -23,10 +23,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import torch
+
+if TYPE_CHECKING:
+    import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -402,10 +405,10 @@ class ConceptStats:
         acts: np.ndarray | torch.Tensor,
         labels: np.ndarray | torch.Tensor | Sequence[int],
     ) -> tuple[F64, I64]:
-        if isinstance(acts, torch.Tensor):
-            if not acts.is_floating_point():
+        if _is_tensor(acts):  # a torch tensor (torch is imported only by whoever made it)
+            if not acts.is_floating_point():  # type: ignore[union-attr]
                 raise RangelensError(f"acts must be floating point; got dtype {acts.dtype}")
-            x = acts.detach().to(device="cpu", dtype=torch.float64).numpy()
+            x = acts.detach().cpu().double().numpy()  # type: ignore[union-attr]
         else:
             raw = np.asarray(acts)
             if raw.dtype.kind != "f":
@@ -414,8 +417,8 @@ class ConceptStats:
         if x.ndim != 2 or x.shape[1] != self.n_neurons:
             raise RangelensError(f"acts must have shape (n, {self.n_neurons}); got {x.shape}")
         y = (
-            labels.detach().cpu().numpy()
-            if isinstance(labels, torch.Tensor)
+            labels.detach().cpu().numpy()  # type: ignore[union-attr]
+            if _is_tensor(labels)
             else np.asarray(labels)
         )
         if y.shape != (len(x),):
@@ -434,6 +437,10 @@ class ConceptStats:
             row, col = np.argwhere(~finite)[0]
             raise RangelensError(f"acts[{row}, {col}] = {x[row, col]} is not finite")
         return x, y.astype(np.int64)
+
+
+def _is_tensor(value: object) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
 
 
 def _check_index(value: int, size: int, what: str) -> int:

@@ -17,7 +17,7 @@ from rangelens.config.sources import LOADER_KEYS
 from rangelens.data import load_texts
 from rangelens.erasure.outputs import ErasureResult, load_erasure, records
 from rangelens.errors import RangelensError
-from rangelens.explain.api import Explained, load_explained
+from rangelens.explain.results import Explained, load_explained
 from rangelens.ranges.captured import CaptureResult, load_capture
 from rangelens.ranges.fit import FittedRanges, load_ranges
 from rangelens.ranges.maps import RangeMap, bhattacharyya
