@@ -29,6 +29,7 @@ import yaml
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
+from rangelens import artifacts
 from rangelens.analysis import AnalysisConfig, analyze
 from rangelens.artifacts import STAGE, atomic_dir, clean_stale_temps, write_text
 from rangelens.cli import app
@@ -499,3 +500,44 @@ def test_an_edited_data_file_is_captured_again(
     second = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
     assert first.capture.features is not None and second.capture.features is not None
     assert not np.array_equal(first.capture.features, second.capture.features)
+
+
+# ------------------------------------------------------- edits that keep size and mtime
+
+
+def rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """Write ``data`` (same length) in place and set the old times back, as ``cp -p``,
+    ``rsync -t`` or ``touch -d`` leave a file."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("hash_always_below", [None, 0])  # None: the default threshold
+def test_a_digest_sees_an_edit_that_keeps_size_and_mtime(
+    tmp_path: Path, hash_always_below: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if hash_always_below is not None:  # the memo of large files (weights) must not be fooled
+        monkeypatch.setattr(artifacts, "HASH_ALWAYS_BELOW", hash_always_below, raising=False)
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\nhello,a\nworld,b\n")
+    memo = tmp_path / "digests.json"
+    first = artifacts.path_digest(data, memo)
+    rewrite_keeping_size_and_mtime(data, b"text,label\nhello,b\nworld,a\n")
+    assert artifacts.path_digest(data, memo) != first
+    assert artifacts.path_digest(tmp_path, memo) != artifacts.fingerprint([("data.csv", first)])
+
+
+def test_relabelled_data_with_its_old_mtime_is_captured_again(
+    tmp_path: Path, analysis: AnalysisConfig, corpus: Path, tiny_llama: LoadedModel
+) -> None:
+    first = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
+    frame = pd.read_csv(corpus)
+    frame["topic"] = frame["topic"].map({"sport": "money", "money": "sport", "tech": "tech"})
+    rewrite_keeping_size_and_mtime(corpus, frame.to_csv(index=False).encode())
+    second = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
+    assert first.capture.features is not None and second.capture.features is not None
+    assert not np.array_equal(first.capture.features, second.capture.features)  # captured again

@@ -60,7 +60,7 @@ from rangelens.stats import ConceptStats
 
 
 def input_digest(source: str) -> str:
-    """A built-in or hub name as is; a local file/folder by its content digest (cached by size+mtime)."""
+    """A built-in or hub name as is; a local file/folder by its content digest (see `file_digest`)."""
     path = Path(source).expanduser()
     if source in BUILTIN_MODELS or not path.exists():
         return source

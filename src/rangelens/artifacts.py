@@ -83,29 +83,38 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple[str, ...], str] = {}
+HASH_ALWAYS_BELOW = 64 << 20  # files smaller than this are hashed on every call (milliseconds)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def file_digest(path: Path, memo: Path | None = None) -> str:
     """sha256 of a file's content, streamed in 1 MiB blocks.
 
-    Reading is cheap for data files (MBs) but seconds for multi-GB weights, so digests are remembered
-    by (resolved path, size, mtime in ns) in this process and, given ``memo``, in that JSON file across
-    runs (the rsync/make quick check: an edit changes size or mtime).
+    Files under :data:`HASH_ALWAYS_BELOW` (data files) are hashed every time. Larger ones (multi-GB
+    weights take seconds) are remembered in this process and, given ``memo``, in that JSON file
+    across runs, by resolved path, device, inode, size, mtime and ctime in ns: an edit in place
+    that keeps the size and restores the mtime (``cp -p``, ``rsync -t``, ``touch -d``) still
+    changes the ctime, which no user call can set back.
     """
     path = path.resolve()
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    if st.st_size < HASH_ALWAYS_BELOW:
+        return _sha256(path)
+    key = tuple(map(str, (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
     stored = read_json(memo) if memo is not None and memo.exists() else {}
-    memo_key = "|".join(map(str, key))
+    memo_key = "|".join(key)
     if key not in _DIGESTS and memo_key in stored:
         _DIGESTS[key] = stored[memo_key]
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = _sha256(path)
         if memo is not None:
             write_json(memo, {**stored, memo_key: _DIGESTS[key]})
     return _DIGESTS[key]
