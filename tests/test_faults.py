@@ -541,3 +541,24 @@ def test_relabelled_data_with_its_old_mtime_is_captured_again(
     second = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
     assert first.capture.features is not None and second.capture.features is not None
     assert not np.array_equal(first.capture.features, second.capture.features)  # captured again
+
+
+def test_force_never_replaces_a_stage_or_anything_inside_another_run(
+    small_run: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(small_run, other)
+    save_results(other / "explained", [], [], {"model": "tiny"})  # explanations inside a run
+    loose = tmp_path / "loose-capture"  # a stage directory outside any run
+    shutil.copytree(other / "capture", loose)
+    before, loose_before = snapshot(other), snapshot(loose)
+    runner = CliRunner()
+    for out in (other / "capture", other / "ranges", other / "explained", loose):
+        res = runner.invoke(app, ["report", str(small_run), "--out", str(out), "--force"])
+        assert res.exit_code == 2, (out, res.output)
+        line = error_line(res.output)
+        assert "refusing to replace" in line and str(out) in line
+    res = runner.invoke(app, ["report", str(small_run), "--out", str(other / "capture")])
+    assert res.exit_code == 2 and "use --force" not in error_line(res.output)  # it would not help
+    assert snapshot(other) == before and snapshot(loose) == loose_before
+    assert leftovers(tmp_path) == []

@@ -306,8 +306,9 @@ def check_output_dir(
     """Raise a one-line error unless a new ``kind`` directory may be written at ``final``.
 
     Allowed: a new path in a writable place, an empty directory, or a directory of the same kind;
-    another kind of rangelens directory only with ``force``. Never: a run directory, a directory
-    holding any of ``keep``, a file, or a directory rangelens did not make.
+    with ``force``, an atlas or explanations directory that is neither a stage nor inside a run.
+    Never: a run directory, a directory holding any of ``keep``, a file, or a directory rangelens
+    did not make.
     """
     label = str(final)
     final = Path(os.path.abspath(final))
@@ -338,12 +339,30 @@ def check_output_dir(
                 f"refusing to replace {label!r}: it is not empty and was not made by rangelens "
                 f"(no {kind.marker}); choose a new or empty directory"
             )
+        if made is not None and made is not kind:
+            _check_forceable(final, label, made)
         if made is not None and made is not kind and not force:
             raise RangelensError(
                 f"refusing to replace {label!r}: it holds a rangelens {made.name}, not "
                 f"{kind.name}; choose another directory or use --force"
             )
     _check_writable(final.parent)
+
+
+def _check_forceable(final: Path, label: str, made: Kind) -> None:
+    """``--force`` replaces another kind of output only when it is a stand-alone atlas or
+    explanations directory: never a stage, nor anything inside a run directory."""
+    if made not in (ATLAS, EXPLANATIONS) or STAGE.marks(final):
+        raise RangelensError(
+            f"refusing to replace {label!r}: it is a rangelens stage directory; --force replaces "
+            f"only an atlas or explanations output; choose another directory"
+        )
+    run = next((p for p in final.parents if RUN.marks(p)), None)
+    if run is not None:
+        raise RangelensError(
+            f"refusing to replace {label!r}: it is inside the rangelens run {str(run)!r}; "
+            f"--force replaces only an atlas or explanations output outside a run"
+        )
 
 
 def _contents(directory: Path) -> tuple[set[str], Kind | None]:

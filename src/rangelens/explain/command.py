@@ -107,7 +107,10 @@ def explain_command(
     rounds: Annotated[int, typer.Option(help="refinement rounds")] = 4,
     force: Annotated[
         bool,
-        typer.Option(help="replace --output even if it holds another kind of rangelens output"),
+        typer.Option(
+            help="replace --output even if it holds a rangelens atlas (never a stage or "
+            "anything inside a run)"
+        ),
     ] = False,
     inputs: dict[str, Any] | None = None,
 ) -> None:

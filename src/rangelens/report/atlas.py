@@ -68,8 +68,8 @@ def build_atlas(
 
     Renders whatever stages exist and lists the missing ones on the overview page. Explanations are
     read from ``explanations`` (default ``RUN_DIR/explanations``). An existing ``out_dir`` is
-    replaced only if it is an atlas or empty (``force``: also another kind of rangelens directory;
-    never the run or a directory holding it; see :func:`rangelens.artifacts.check_output_dir`).
+    replaced only if it is an atlas or empty (``force``: also explanations, but never a stage or
+    anything inside a run; see :func:`rangelens.artifacts.check_output_dir`).
     """
     start = time.perf_counter()
     run_path = Path(run_dir)

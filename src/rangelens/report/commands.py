@@ -30,7 +30,10 @@ def report_command(
     ] = False,
     force: Annotated[
         bool,
-        typer.Option(help="replace --out even if it holds another kind of rangelens output"),
+        typer.Option(
+            help="replace --out even if it holds rangelens explanations (never a stage or "
+            "anything inside a run)"
+        ),
     ] = False,
 ) -> None:
     """Write the self-contained HTML neuron atlas of a run (works offline, from file://).
