@@ -26,12 +26,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from rangelens import artifacts
 from rangelens.analysis import AnalysisConfig, analyze
-from rangelens.artifacts import STAGE, atomic_dir, clean_stale_temps, write_text
+from rangelens.artifacts import STAGE, atomic_dir, atomic_path, clean_stale_temps, write_text
 from rangelens.cli import app
 from rangelens.errors import RangelensError
 from rangelens.explain import save_results
@@ -562,3 +562,18 @@ def test_force_never_replaces_a_stage_or_anything_inside_another_run(
     assert res.exit_code == 2 and "use --force" not in error_line(res.output)  # it would not help
     assert snapshot(other) == before and snapshot(loose) == loose_before
     assert leftovers(tmp_path) == []
+
+
+def test_safetensors_artifacts_follow_the_umask(tmp_path: Path) -> None:
+    weights = {"w": np.zeros((2, 2), dtype=np.float32)}
+    old_mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "single.safetensors") as tmp:
+            save_file(weights, str(tmp))  # safetensors creates its files -rw-------
+        with atomic_dir(tmp_path / "folder") as tmp:
+            save_file(weights, str(tmp / "w.safetensors"))
+    finally:
+        os.umask(old_mask)
+    for path in (tmp_path / "single.safetensors", tmp_path / "folder" / "w.safetensors"):
+        assert stat.filemode(path.stat().st_mode) == "-rw-r--r--", path
+    assert stat.filemode((tmp_path / "folder").stat().st_mode) == "drwxr-xr-x"

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -199,6 +199,35 @@ def _make_dirs(directory: Path) -> Path:
     return directory
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system tells it (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, mask: int) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have under ``mask``: writers that
+    create private files (safetensors' ``save_file``, ``mkstemp``) do not follow the umask."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        return
+    full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666
+    if stat.S_IMODE(st.st_mode) != full & ~mask:
+        with suppress(OSError):
+            os.chmod(path, full & ~mask)
+
+
 def _fsync(path: Path) -> None:
     """Flush a file (or a directory's entries) to disk; file systems that refuse are skipped."""
     try:
@@ -226,6 +255,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = _temp_sibling(final)
     try:
         yield tmp
+        _follow_umask(tmp, _umask())
         _fsync(tmp)
         os.replace(tmp, final)
     except IsADirectoryError as err:
@@ -454,7 +484,9 @@ def atomic_dir(
         yield tmp
         if kind is not None and not (tmp / kind.marker).is_file():
             raise RuntimeError(f"a {kind.name} directory must hold {kind.marker}")
+        mask = _umask()
         for path in tmp.rglob("*"):
+            _follow_umask(path, mask)
             if path.is_file():
                 _fsync(path)
         _swap_in(tmp, final, replace)
