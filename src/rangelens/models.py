@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -164,6 +165,11 @@ def gguf_model_dir(file: Path) -> Path:
     if not (dest / "config.json").exists():
         try:
             _convert_gguf(file.parent, file.name, dest)
+        except (struct.error, EOFError, IndexError, OverflowError) as err:  # reading past the end
+            raise RangelensError(
+                f"cannot convert GGUF file {str(file)!r}: it is truncated or not a GGUF file "
+                f"({err})".splitlines()[0]
+            ) from err
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise RangelensError(
                 f"cannot convert GGUF file {str(file)!r}: {err}".splitlines()[0]
