@@ -15,6 +15,7 @@ from rangelens.errors import RangelensError, choices
 from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
 from rangelens.explain.clients import (
     LLM,
+    MAX_REPLY_MB,
     LLMClient,
     OpenAIClient,
     ResponseCache,
@@ -87,8 +88,15 @@ def explain_command(
         str, typer.Option(help="environment variable holding the API key")
     ] = "OPENAI_API_KEY",
     timeout: Annotated[
-        float, typer.Option(help="seconds to wait for one LLM reply (openai backend)")
+        float,
+        typer.Option(help="seconds one LLM request may take in all, connect to last byte (openai)"),
     ] = 60.0,
+    max_reply_mb: Annotated[
+        float,
+        typer.Option(
+            help="largest LLM reply accepted, in MB; larger ones are failed tries (openai)"
+        ),
+    ] = MAX_REPLY_MB,
     max_attempts: Annotated[
         int, typer.Option(help="tries per LLM step (failed tries are counted, never cached)")
     ] = 3,
@@ -136,7 +144,13 @@ def explain_command(
     resolved = resolve_site(lm.model, given.site, given.layer)
     client: LLMClient | None = None
     if backend == "openai":
-        client = OpenAIClient(base_url, llm_model, api_key_env=api_key_env, timeout=timeout)
+        client = OpenAIClient(
+            base_url,
+            llm_model,
+            api_key_env=api_key_env,
+            timeout=timeout,
+            max_reply_mb=max_reply_mb,
+        )
     elif backend == "local":
         client = TransformersClient(lm if llm_model == model else load_chat_model(llm_model))
     llm: LLM | None = None
