@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +39,9 @@ from rangelens.errors import RangelensError
 from rangelens.explain import save_results
 from rangelens.models import LoadedModel
 from rangelens.pipeline import load_config, run
-from rangelens.report import build_atlas
+from rangelens.plots import erasure_bars
+from rangelens.plots import save_figure as save_png
+from rangelens.report import build_atlas, figures
 from rangelens.report.atlas import atlas_is_current
 from rangelens.report.server import AtlasServer
 
@@ -577,3 +581,49 @@ def test_safetensors_artifacts_follow_the_umask(tmp_path: Path) -> None:
     for path in (tmp_path / "single.safetensors", tmp_path / "folder" / "w.safetensors"):
         assert stat.filemode(path.stat().st_mode) == "-rw-r--r--", path
     assert stat.filemode((tmp_path / "folder").stat().st_mode) == "drwxr-xr-x"
+
+
+# ------------------------------------------------------------------ labels that misbehave
+
+RLO_LABEL = "sport\u202eevil"  # U+202E RIGHT-TO-LEFT OVERRIDE reverses what follows it
+
+
+def unisolated(text: str) -> str:
+    """``text`` without its isolated spans (FSI/LRI/RLI ... PDI, innermost first) and ``<bdi>``."""
+    text = re.sub(r"<bdi>.*?</bdi>", "", text, flags=re.S)
+    previous = None
+    while previous != text:
+        previous, text = text, re.sub("[\u2066-\u2068][^\u2066-\u2069]*\u2069", "", text)
+    return text
+
+
+def test_a_right_to_left_override_in_a_label_is_isolated_or_escaped(
+    tmp_path: Path, corpus: Path, tiny_model_dir: Path
+) -> None:
+    frame = pd.read_csv(corpus)
+    frame["topic"] = frame["topic"].replace({"sport": RLO_LABEL})
+    frame.to_csv(corpus, index=False)
+    out = tmp_path / "run"
+    args = ["analyze", "--model", str(tiny_model_dir), "--dataset", str(corpus), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--label-column", "topic", "--max-length", "32"])
+    assert res.exit_code == 0, res.output
+    assert "\u202e" not in res.output and "sport\\u202eevil" in res.output  # the terminal table
+    pages = {p.name: p.read_text() for p in build_atlas(out).rglob("*.html")}
+    assert f"\u2068{RLO_LABEL}\u2069" in pages["concepts.html"]  # e.g. its heading
+    for name, page in pages.items():
+        assert "\u202e" not in unisolated(page), name
+
+
+def test_an_emoji_label_draws_without_missing_glyph_warnings(tmp_path: Path) -> None:
+    labels = ["sport 🧠", "money 💸", "tech"]
+    headline = pd.DataFrame(
+        {"concept": [*labels, "average"], "range_target_drop": 0.5, "range_complement_flip": 0.1}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figures.save_figure(figures.overlap_figure(labels, np.eye(3), np.eye(3)), tmp_path, "o")
+        poly = figures.polysemanticity_figure(labels, np.full(3, 0.5), np.array([1, 2, 2]))
+        figures.save_figure(poly, tmp_path, "p")
+        save_png(erasure_bars(headline, ["range"], title="erasure of 🧠"), tmp_path / "e.png")
+    glyphs = [str(w.message) for w in caught if "glyph" in str(w.message).lower()]
+    assert glyphs == [] and (tmp_path / "e.png").is_file()

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from rangelens import cliconfig
 from rangelens.data import DataWarning
-from rangelens.errors import RangelensError
+from rangelens.errors import RangelensError, terminal_text
 from rangelens.explain.command import explain_command
 from rangelens.report.commands import report_command, serve_command
 
@@ -98,7 +98,7 @@ def print_analysis(result: Any) -> None:
     for row in result.summary.to_dict(orient="records"):
         name = row["concept"]
         table.add_row(
-            name,
+            terminal_text(name),
             str(int(counts[name])) if name in counts else str(int(sum(counts.values()))),
             str(int(row["n_neurons"])),
             f"{poly.get(name, sum(poly.values()) / len(poly)):.0%}",
@@ -203,7 +203,7 @@ def print_erasure(result: Any) -> None:
         for state in states:
             per.add_column(f"{key} {short.get(state, state)}", justify="right")
     for name, row in frame.iterrows():
-        cells = [str(name), str(int(row["n_target"])), f"{row['base_target_acc']:.2f}"]
+        cells = [terminal_text(name), str(int(row["n_target"])), f"{row['base_target_acc']:.2f}"]
         for key in ("target_drop", "complement_flip"):
             cells += [f"{row[f'{s}_{key}']:+.2f}" for s in states]
         per.add_row(*cells)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from rangelens import cliconfig
 from rangelens.artifacts import EXPLANATIONS, check_output_dir
-from rangelens.errors import RangelensError, choices
+from rangelens.errors import RangelensError, choices, terminal_text
 from rangelens.explain.api import BACKENDS, explain_records, make_roles, save_results
 from rangelens.explain.clients import (
     LLM,
@@ -196,14 +196,14 @@ def explain_command(
         table.add_column(col)
     for e in results:
         modes = "\n".join(
-            f"{m.label} [{m.lo:.2f}, {m.hi:.2f}]"
+            f"{terminal_text(m.label)} [{m.lo:.2f}, {m.hi:.2f}]"
             if m.lo is not None and m.hi is not None
-            else f"{m.label} [no exemplar: no range]"
+            else f"{terminal_text(m.label)} [no exemplar: no range]"
             for m in e.modes
         )
         table.add_row(
             str(e.neuron),
-            e.target,
+            terminal_text(e.target),
             f"{e.iterative.held_out:.3f}",
             f"{e.single_pass.held_out:.3f}",
             f"{e.lookup.held_out:.3f}" if e.lookup is not None else "-",

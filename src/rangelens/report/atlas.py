@@ -125,6 +125,7 @@ class _Site:
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
+            finalize=figures.isolate,  # user text cannot reorder the page around it
         )
         self.env.filters["num"] = figures.fmt
         self.env.filters["fixed"] = figures.fixed
