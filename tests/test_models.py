@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,10 @@ def test_gguf_file_converts_once_by_content(
     lm = load_model(str(src))
     converted = list((tmp_path / "cache" / "models").iterdir())
     assert len(converted) == 1 and converted[0].name.startswith("gguf-")
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in converted[0].iterdir():  # the dequantised weights follow the umask too
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
     assert lm.kind == "decoder" and lm.n_layers == smollm.n_layers
     ids = smollm.tokenizer(["The bank raised rates."], return_tensors="pt")
     with torch.no_grad():
