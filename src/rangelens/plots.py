@@ -164,8 +164,8 @@ def _charmap(font_file: str) -> frozenset[int]:
 def drawable(text: str, props: FontProperties | None = None) -> str:
     """``text`` with the characters that none of the fonts of ``props`` (default: the current
     default font) can draw, such as an emoji in a label, replaced by U+FFFD: matplotlib would draw
-    an empty box and warn once per glyph and drawing. Apply it to labels given to ``set_xticks``
-    (tick texts are made again from the labels when drawn)."""
+    an empty box and warn about each such glyph every time it draws. Apply it to labels given to
+    ``set_xticks`` too (tick texts are made again from those labels when drawn)."""
     props = props if props is not None else FontProperties()
     find = getattr(font_manager.fontManager, "_find_fonts_by_props", None)  # with fallback fonts
     files = find(props) if find is not None else [font_manager.findfont(props)]

@@ -7,8 +7,8 @@ with its chat template. Like delphi's client abstraction, a client only maps mes
 keys are read from an environment variable at call time and never stored, logged or hashed.
 
 Every failure of one request (timeout, HTTP error, malformed, empty or oversized reply, a reply that
-fails the caller's schema) is a :class:`ReplyError` with a ``kind``; :class:`LLM` retries it, counts it, and
-caches only replies that validated, so a re-run after fixing the server asks again.
+fails the caller's schema) is a :class:`ReplyError` with a ``kind``; :class:`LLM` retries it, counts
+it, and caches only replies that validated, so a re-run after fixing the server asks again.
 """
 
 from __future__ import annotations
@@ -131,12 +131,13 @@ class OpenAIClient:
 
     Each request takes at most ``timeout`` seconds as a whole (connecting, sending, and reading
     headers and body: a server that drips bytes is cut off too), and its reply at most
-    ``max_reply_mb`` megabytes (read in chunks, never more). Connection errors, 429 and 5xx replies are
-    retried ``max_retries`` times with exponential backoff from ``backoff`` seconds; a server that
-    stays unreachable raises :class:`LLMUnavailable` naming the URL, as do 401/403/404 (bad key,
-    URL or model: every request would fail). Everything else that goes wrong with one request --
-    timeout, other HTTP errors, a response that is not valid JSON or is too large, no choices or empty
-    content -- is a :class:`ReplyError`. Local servers that need no key get the placeholder ``"EMPTY"``.
+    ``max_reply_mb`` megabytes (read in chunks, never more). Connection errors, 429 and 5xx
+    replies are retried ``max_retries`` times with exponential backoff from ``backoff`` seconds; a
+    server that stays unreachable raises :class:`LLMUnavailable` naming the URL, as do 401/403/404
+    (bad key, URL or model: every request would fail). Everything else that goes wrong with one request --
+    timeout, other HTTP errors, a response that is not valid JSON or is too large, no choices or
+    empty content -- is a :class:`ReplyError`. Local servers that need no key get the placeholder
+    ``"EMPTY"``.
     """
 
     def __init__(
@@ -254,7 +255,7 @@ class OpenAIClient:
         return value
 
     def _fetch(self, request: dict[str, Any], abandoned: threading.Event) -> Any:
-        """POST ``request``; the JSON reply read in chunks up to the size cap (attributes for keys)."""
+        """POST ``request``; its JSON reply, read in chunks up to the size cap, as attributes."""
         cap = int(self.max_reply_mb * 1e6)
         too_large = ReplyError(
             f"reply larger than {self.max_reply_mb:g} MB (--max-reply-mb)", "too_large"
@@ -274,7 +275,7 @@ class OpenAIClient:
                         raise too_large
             except ReplyError:
                 raise
-            except Exception as err:  # noqa: BLE001 (the HTTP library's errors for a cut connection)
+            except Exception as err:  # noqa: BLE001 (the HTTP library's errors: a cut connection)
                 kind: FailureKind = "timeout" if "Timeout" in type(err).__name__ else "malformed"
                 raise ReplyError(f"reply cut off ({type(err).__name__})", kind) from err
         return json.loads(bytes(body), object_hook=lambda d: SimpleNamespace(**d))
