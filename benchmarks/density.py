@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rangelens.artifacts import library_versions, write_text
+from rangelens.artifacts import write_text
 from rangelens.erasure.outputs import interval_text
 from rangelens.pipeline import example_config, load_config, run
+from rangelens.provenance import library_versions
 from rangelens.ranges.bands import band_purity_coverage
 from rangelens.ranges.splits import FULL
 

@@ -31,12 +31,13 @@ import torch
 from rangelens.activations.capture import TokenBatch, capture, model_inputs, pool, tokenize
 from rangelens.activations.models import LoadedModel, builtin_model_dir, load_model
 from rangelens.activations.sites import blocks, resolve_site
-from rangelens.artifacts import library_versions, write_text
+from rangelens.artifacts import write_text
 from rangelens.config import AnalysisConfig
 from rangelens.data import load_texts
 from rangelens.erasure import ErasureConfig, ErasureProtocol, erasure_ranges, run_erasure
 from rangelens.explain import explain_neurons, make_roles
 from rangelens.intervene import RangeMask
+from rangelens.provenance import library_versions
 from rangelens.ranges.captured import peak_rss_mb, run_capture
 
 HERE = Path(__file__).resolve().parent

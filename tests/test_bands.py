@@ -19,7 +19,8 @@ from rangelens.activations.sites import resolve_site
 from rangelens.errors import RangelensError
 from rangelens.intervene import RangeMask, apply_ranges
 from rangelens.ranges.bands import intervals_above, silverman_bandwidth
-from rangelens.ranges.maps import FORMAT_VERSION, RangeMap, distribution_table, fit_ranges
+from rangelens.ranges.distribution import distribution_table
+from rangelens.ranges.maps import FORMAT_VERSION, RangeMap, fit_ranges
 from rangelens.ranges.ranking import rank
 from rangelens.ranges.stats import ConceptStats
 from rangelens.report.figures import Series, histogram_svg

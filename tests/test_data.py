@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from rangelens.data import general_text, load_texts, split
+from rangelens.data import DataWarning, general_text, load_texts, split
 from rangelens.errors import RangelensError
 
 
@@ -125,3 +126,44 @@ def test_empty_texts_unknown_and_unreadable(tmp_path: Path) -> None:
     sheet.write_text("x")
     with pytest.raises(RangelensError, match="unsupported dataset file"):
         load_texts(sheet)
+
+
+@pytest.mark.parametrize("name", ["data.csv.gz", "data.tsv.bz2", "data.jsonl.xz", "data.JSON.gz"])
+def test_compressed_files_are_read_directly(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    df = frame()
+    if ".csv" in name:
+        df.to_csv(path, index=False)  # pandas compresses by the suffix
+    elif ".tsv" in name:
+        df.to_csv(path, sep="\t", index=False)
+    elif ".jsonl" in name:
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_json(path, orient="records", compression="gzip")
+    assert path.read_bytes()[:2] != b"re"  # really compressed
+    data = load_texts(path, text_column="review", label_column="sentiment")
+    assert data.counts() == {"neg": 5, "neu": 5, "pos": 5}
+    assert sorted(data.texts) == sorted(df["review"])
+
+
+def test_a_zip_archive_gets_a_hint_to_extract_it(tmp_path: Path) -> None:
+    inner = tmp_path / "data.csv"
+    frame().to_csv(inner, index=False)
+    archive = tmp_path / "data.csv.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(inner, "data.csv")
+    with pytest.raises(RangelensError) as err:
+        load_texts(archive, text_column="review", label_column="sentiment")
+    message = str(err.value)
+    assert "\n" not in message and str(archive) in message
+    assert "archive; extract it" in message and "'.csv'" in message
+
+
+def test_a_small_class_notice_says_what_to_do() -> None:
+    df = pd.concat([frame(30, ("a",)), frame(30, ("b",)), frame(2, ("tiny",))])
+    with pytest.warns(DataWarning, match="unstable statistics") as caught:
+        load_texts(df, text_column="review", label_column="sentiment")
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert "'tiny': 2" in message and "--min-per-class 20" in message and "--concepts" in message
+    data = load_texts(df, text_column="review", label_column="sentiment", min_per_class=20)
+    assert data.label_names == ["a", "b"]  # what the notice suggests works

@@ -34,12 +34,16 @@ SECRET = "sk-test-SECRET-0123456789"
 @dataclass
 class Reply:
     """A scripted reply: content with optional per-token top log-probabilities (``tokens`` spell
-    the content), or a raw body sent as is, or a delay before answering."""
+    the content), or a raw body sent as is, or a delay before answering; ``drip`` sends the
+    ``"headers"`` (after the status line) or the ``"body"`` one byte every 0.3 s; ``length=False``
+    sends no Content-Length (the body ends when the connection closes)."""
 
     content: str = ""
     tokens: list[tuple[str, dict[str, float]]] | None = None
     raw: bytes | None = None
     delay: float = 0.0
+    drip: str = ""
+    length: bool = True
 
 
 Answer = str | int | Reply
@@ -54,6 +58,7 @@ class Server:
         self.calls = 0
         self.auth: set[str] = set()
         self.bodies: list[dict] = []
+        self.stopped = threading.Event()  # ends drips when the test is over
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,12 +77,29 @@ class Server:
                 if answer.delay:
                     time.sleep(answer.delay)
                 payload = answer.raw or json.dumps(chat_completion(body, answer)).encode()
+                if answer.drip:
+                    self.drip(payload, answer.drip)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
+                if answer.length:
+                    self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 with contextlib.suppress(OSError):  # the client gave up (timeout)
                     self.wfile.write(payload)
+                self.close_connection = not answer.length
+
+            def drip(self, payload: bytes, part: str) -> None:
+                status = b"HTTP/1.1 200 OK\r\n"
+                head = f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+                raw = status + head.encode() + payload
+                sent = len(status) if part == "headers" else len(raw) - len(payload)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.wfile.write(raw[:sent])
+                    while sent < len(raw) and not outer.stopped.wait(0.3):
+                        self.wfile.write(raw[sent : sent + 1])
+                        sent += 1
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -133,6 +155,7 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Server]]:
 
     yield start
     for s in servers:
+        s.stopped.set()
         s.httpd.shutdown()
 
 
@@ -227,3 +250,32 @@ def test_cache_key_ignores_nothing_but_identity(tmp_path: Path):
     assert k1 != cache.key("a", [{"role": "user", "content": "y"}])
     cache.put(k1, "a", Completion("reply"))
     assert cache.get(k1) == Completion("reply")
+
+
+@pytest.mark.parametrize("drip", ["headers", "body"])
+def test_timeout_bounds_the_whole_request_of_a_server_that_drips_bytes(serve, drip):
+    server = serve(lambda _p: Reply("slow", drip=drip))  # a byte every 0.3 s: no read times out
+    llm = LLM(server.client(timeout=2, max_retries=0), attempts=1)
+    start = time.monotonic()
+    answer = llm.ask([{"role": "user", "content": "hi"}], lambda c: c.text)
+    assert time.monotonic() - start < 2 + 1.5
+    assert answer == (None, "timeout: no reply within 2 s")
+    assert llm.stats.failed_attempts == {"timeout": 1}
+
+
+@pytest.mark.parametrize("length", [True, False])  # with or without a Content-Length
+def test_replies_over_the_size_cap_are_counted_failures_never_cached(serve, tmp_path, length):
+    messages = [{"role": "user", "content": "hi"}]
+    huge = serve(lambda _p: Reply("x" * 10_000_000, length=length))  # 10 MB
+    llm = LLM(huge.client(), ResponseCache(tmp_path / "cache"), attempts=2)
+    value, error = llm.ask(messages, lambda c: c.text)
+    assert value is None and error.startswith("too_large: reply larger than 4 MB")
+    assert llm.stats.failed_attempts == {"too_large": 2} and huge.calls == 2
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written
+    small = serve(lambda _p: Reply("y" * 50_000, length=length))
+    capped = LLM(small.client(max_reply_mb=0.01), attempts=1)
+    assert capped.ask(messages, lambda c: c.text) == (
+        None,
+        "too_large: reply larger than 0.01 MB (--max-reply-mb)",
+    )
+    assert LLM(small.client(max_reply_mb=0.1)).ask(messages, lambda c: c.text)[0] == "y" * 50_000

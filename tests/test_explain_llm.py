@@ -283,6 +283,14 @@ def test_mostly_failed_llm_run_exits_nonzero(serve, tiny_model_dir, topics_csv, 
     assert "0 ok" in result.output and "timeout" in result.output
     assert hanging.calls <= 5 + 3  # stopped early (steps already in flight may still finish)
 
+    wordy = serve(lambda _p: "x" * 5_000)
+    result = explain_cli(
+        tiny_model_dir, topics_csv, wordy.url, tmp_path / "out3", "--max-reply-mb", "0.001"
+    )
+    assert result.exit_code == 2 and "in a row failed" in result.output
+    assert "too_large" in result.output and "--max-reply-mb" in result.output
+    assert not (tmp_path / "out3").exists()
+
 
 def scripted_roles(prompt: str) -> str | Reply:
     """Valid answers for every LLM role (the refiner's aside), echo simulation for the simulator."""

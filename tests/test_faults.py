@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,17 +28,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
+from rangelens import provenance
 from rangelens.activations.models import LoadedModel
-from rangelens.artifacts import STAGE, atomic_dir, clean_stale_temps, write_text
+from rangelens.artifacts import STAGE, atomic_dir, atomic_path, clean_stale_temps, write_text
 from rangelens.cli import app
 from rangelens.config import AnalysisConfig
+from rangelens.erasure.plots import erasure_bars
+from rangelens.erasure.plots import save_figure as save_png
 from rangelens.errors import RangelensError
 from rangelens.explain import save_results
 from rangelens.pipeline import analyze, load_config, run
-from rangelens.report import build_atlas
+from rangelens.report import build_atlas, figures
 from rangelens.report.atlas import atlas_is_current
 from rangelens.report.server import AtlasServer
 
@@ -499,3 +504,126 @@ def test_an_edited_data_file_is_captured_again(
     second = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
     assert first.capture.features is not None and second.capture.features is not None
     assert not np.array_equal(first.capture.features, second.capture.features)
+
+
+# ------------------------------------------------------- edits that keep size and mtime
+
+
+def rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """Write ``data`` (same length) in place and set the old times back, as ``cp -p``,
+    ``rsync -t`` or ``touch -d`` leave a file."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("hash_always_below", [None, 0])  # None: the default threshold
+def test_a_digest_sees_an_edit_that_keeps_size_and_mtime(
+    tmp_path: Path, hash_always_below: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if hash_always_below is not None:  # the memo of large files (weights) must not be fooled
+        monkeypatch.setattr(provenance, "HASH_ALWAYS_BELOW", hash_always_below)
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\nhello,a\nworld,b\n")
+    memo = tmp_path / "digests.json"
+    first = provenance.path_digest(data, memo)
+    rewrite_keeping_size_and_mtime(data, b"text,label\nhello,b\nworld,a\n")
+    assert provenance.path_digest(data, memo) != first
+    assert provenance.path_digest(tmp_path, memo) != provenance.fingerprint([("data.csv", first)])
+
+
+def test_relabelled_data_with_its_old_mtime_is_captured_again(
+    tmp_path: Path, analysis: AnalysisConfig, corpus: Path, tiny_llama: LoadedModel
+) -> None:
+    first = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
+    frame = pd.read_csv(corpus)
+    frame["topic"] = frame["topic"].map({"sport": "money", "money": "sport", "tech": "tech"})
+    rewrite_keeping_size_and_mtime(corpus, frame.to_csv(index=False).encode())
+    second = analyze(analysis, tmp_path / "run", lm=tiny_llama, progress=False)
+    assert first.capture.features is not None and second.capture.features is not None
+    assert not np.array_equal(first.capture.features, second.capture.features)  # captured again
+
+
+def test_force_never_replaces_a_stage_or_anything_inside_another_run(
+    small_run: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(small_run, other)
+    save_results(other / "explained", [], [], {"model": "tiny"})  # explanations inside a run
+    loose = tmp_path / "loose-capture"  # a stage directory outside any run
+    shutil.copytree(other / "capture", loose)
+    before, loose_before = snapshot(other), snapshot(loose)
+    runner = CliRunner()
+    for out in (other / "capture", other / "ranges", other / "explained", loose):
+        res = runner.invoke(app, ["report", str(small_run), "--out", str(out), "--force"])
+        assert res.exit_code == 2, (out, res.output)
+        line = error_line(res.output)
+        assert "refusing to replace" in line and str(out) in line
+    res = runner.invoke(app, ["report", str(small_run), "--out", str(other / "capture")])
+    assert res.exit_code == 2 and "use --force" not in error_line(res.output)  # it would not help
+    assert snapshot(other) == before and snapshot(loose) == loose_before
+    assert leftovers(tmp_path) == []
+
+
+def test_safetensors_artifacts_follow_the_umask(tmp_path: Path) -> None:
+    weights = {"w": np.zeros((2, 2), dtype=np.float32)}
+    old_mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "single.safetensors") as tmp:
+            save_file(weights, str(tmp))  # safetensors creates its files -rw-------
+        with atomic_dir(tmp_path / "folder") as tmp:
+            save_file(weights, str(tmp / "w.safetensors"))
+    finally:
+        os.umask(old_mask)
+    for path in (tmp_path / "single.safetensors", tmp_path / "folder" / "w.safetensors"):
+        assert stat.filemode(path.stat().st_mode) == "-rw-r--r--", path
+    assert stat.filemode((tmp_path / "folder").stat().st_mode) == "drwxr-xr-x"
+
+
+# ------------------------------------------------------------------ labels that misbehave
+
+RLO_LABEL = "sport\u202eevil"  # U+202E RIGHT-TO-LEFT OVERRIDE reverses what follows it
+
+
+def unisolated(text: str) -> str:
+    """``text`` without its isolated spans (FSI/LRI/RLI ... PDI, innermost first) and ``<bdi>``."""
+    text = re.sub(r"<bdi>.*?</bdi>", "", text, flags=re.S)
+    previous = None
+    while previous != text:
+        previous, text = text, re.sub("[\u2066-\u2068][^\u2066-\u2069]*\u2069", "", text)
+    return text
+
+
+def test_a_right_to_left_override_in_a_label_is_isolated_or_escaped(
+    tmp_path: Path, corpus: Path, tiny_model_dir: Path
+) -> None:
+    frame = pd.read_csv(corpus)
+    frame["topic"] = frame["topic"].replace({"sport": RLO_LABEL})
+    frame.to_csv(corpus, index=False)
+    out = tmp_path / "run"
+    args = ["analyze", "--model", str(tiny_model_dir), "--dataset", str(corpus), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--label-column", "topic", "--max-length", "32"])
+    assert res.exit_code == 0, res.output
+    assert "\u202e" not in res.output and "sport\\u202eevil" in res.output  # the terminal table
+    pages = {p.name: p.read_text() for p in build_atlas(out).rglob("*.html")}
+    assert f"\u2068{RLO_LABEL}\u2069" in pages["concepts.html"]  # e.g. its heading
+    for name, page in pages.items():
+        assert "\u202e" not in unisolated(page), name
+
+
+def test_an_emoji_label_draws_without_missing_glyph_warnings(tmp_path: Path) -> None:
+    labels = ["sport 🧠", "money 💸", "tech"]
+    headline = pd.DataFrame(
+        {"concept": [*labels, "average"], "range_target_drop": 0.5, "range_complement_flip": 0.1}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figures.save_figure(figures.overlap_figure(labels, np.eye(3), np.eye(3)), tmp_path, "o")
+        poly = figures.polysemanticity_figure(labels, np.full(3, 0.5), np.array([1, 2, 2]))
+        figures.save_figure(poly, tmp_path, "p")
+        save_png(erasure_bars(headline, ["range"], title="erasure of 🧠"), tmp_path / "e.png")
+    glyphs = [str(w.message) for w in caught if "glyph" in str(w.message).lower()]
+    assert glyphs == [] and (tmp_path / "e.png").is_file()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from rangelens.activations.models import LoadedModel, gguf_file, load_model
 from rangelens.assets import BUILTIN_MODELS
+from rangelens.cli import app
 from rangelens.errors import RangelensError
 
 
@@ -55,6 +58,10 @@ def test_gguf_file_converts_once_by_content(
     lm = load_model(str(src))
     converted = list((tmp_path / "cache" / "models").iterdir())
     assert len(converted) == 1 and converted[0].name.startswith("gguf-")
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in converted[0].iterdir():  # the dequantised weights follow the umask too
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
     assert lm.kind == "decoder" and lm.n_layers == smollm.n_layers
     ids = smollm.tokenizer(["The bank raised rates."], return_tensors="pt")
     with torch.no_grad():
@@ -70,3 +77,31 @@ def test_gguf_file_converts_once_by_content(
     assert list((tmp_path / "cache" / "models").iterdir()) == converted
     assert (converted[0] / "config.json").stat().st_mtime_ns == stamp
     assert again.n_layers == lm.n_layers
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        1_000_000,  # the first 1 MB of a real file: its metadata ends mid-value
+        b"GGUF\x03\x00\x00\x00garbage",  # a valid magic and version, then a cut header
+    ],
+)
+def test_truncated_gguf_is_a_one_line_error_naming_the_file(
+    tmp_path: Path, monkeypatch, head: int | bytes
+) -> None:
+    monkeypatch.setenv("RANGELENS_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "cut.gguf"
+    if isinstance(head, int):
+        with smollm2_gguf().open("rb") as fh:
+            bad.write_bytes(fh.read(head))
+    else:
+        bad.write_bytes(head)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["analyze", "--model", str(bad), "--out", str(out), "--no-progress"]
+    )
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot convert GGUF file"), res.output
+    assert str(bad) in lines[0] and "truncated" in lines[0]
+    assert not out.exists()

@@ -346,8 +346,9 @@ def test_server_is_loopback_read_only_and_refuses_traversal(server: tuple[str, i
     for path in ("/../run.json", "/%2e%2e/run.json", "/%2e%2e%2frun.json", "/..%2f..%2fetc/passwd"):
         status, _, body = _request(server, "GET", path)
         assert status == 404 and b"format" not in body, path
-    status, _, _ = _request(server, "GET", "/", host=f"localhost:{server[1]}")
-    assert status == 200
+    for host in ("localhost", "LOCALHOST", "LocalHost", "127.0.0.1", "[::1]"):
+        status, _, _ = _request(server, "GET", "/", host=f"{host}:{server[1]}")
+        assert status == 200, host  # host names compare case-insensitively
     status, _, body = _request(server, "GET", "/", host=f"evil.example:{server[1]}")
     assert status == 403 and b"doctype" not in body  # DNS rebinding
 

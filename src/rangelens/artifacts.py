@@ -25,7 +25,6 @@ import errno
 import hashlib
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -34,9 +33,8 @@ import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -49,72 +47,9 @@ RUN_FORMAT = "rangelens.run/1"
 STAGE_FORMAT = "rangelens.stage/1"
 LOCK_FILE = ".rangelens.lock"
 STALE_AFTER_S = 7 * 24 * 3600  # a temporary of a live process is left alone unless this old
-VERSIONED_PACKAGES = (
-    "rangelens",
-    "torch",
-    "transformers",
-    "numpy",
-    "scipy",
-    "scikit-learn",
-    "pandas",
-    "safetensors",
-)
 T = TypeVar("T")
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 _TEMP = re.compile(r"^\.(?P<name>.+)\.rangelens-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries a result depends on (saved with every run)."""
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def fingerprint(*parts: Any) -> str:
-    """Stable short hash of JSON-able inputs (config subsets, upstream fingerprints)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: Path, memo: Path | None = None) -> str:
-    """sha256 of a file's content, streamed in 1 MiB blocks.
-
-    Reading is cheap for data files (MBs) but seconds for multi-GB weights, so digests are remembered
-    by (resolved path, size, mtime in ns) in this process and, given ``memo``, in that JSON file across
-    runs (the rsync/make quick check: an edit changes size or mtime).
-    """
-    path = path.resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    stored = read_json(memo) if memo is not None and memo.exists() else {}
-    memo_key = "|".join(map(str, key))
-    if key not in _DIGESTS and memo_key in stored:
-        _DIGESTS[key] = stored[memo_key]
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-        if memo is not None:
-            write_json(memo, {**stored, memo_key: _DIGESTS[key]})
-    return _DIGESTS[key]
-
-
-def path_digest(path: Path, memo: Path | None = None) -> str:
-    """Content digest of a file, or of a folder (its files' relative paths and digests)."""
-    if path.is_file():
-        return file_digest(path, memo)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return fingerprint([(str(f.relative_to(path)), file_digest(f, memo)) for f in files])
 
 
 def notice(message: str) -> None:
@@ -188,6 +123,35 @@ def _make_dirs(directory: Path) -> Path:
     return directory
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system tells it (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, mask: int) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have under ``mask``: writers that
+    create private files (safetensors' ``save_file``, ``mkstemp``) do not follow the umask."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        return
+    full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666
+    if stat.S_IMODE(st.st_mode) != full & ~mask:
+        with suppress(OSError):
+            os.chmod(path, full & ~mask)
+
+
 def _fsync(path: Path) -> None:
     """Flush a file (or a directory's entries) to disk; file systems that refuse are skipped."""
     try:
@@ -215,6 +179,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = _temp_sibling(final)
     try:
         yield tmp
+        _follow_umask(tmp, _umask())
         _fsync(tmp)
         os.replace(tmp, final)
     except IsADirectoryError as err:
@@ -295,8 +260,9 @@ def check_output_dir(
     """Raise a one-line error unless a new ``kind`` directory may be written at ``final``.
 
     Allowed: a new path in a writable place, an empty directory, or a directory of the same kind;
-    another kind of rangelens directory only with ``force``. Never: a run directory, a directory
-    holding any of ``keep``, a file, or a directory rangelens did not make.
+    with ``force``, an atlas or explanations directory that is neither a stage nor inside a run.
+    Never: a run directory, a directory holding any of ``keep``, a file, or a directory rangelens
+    did not make.
     """
     label = str(final)
     final = Path(os.path.abspath(final))
@@ -327,12 +293,30 @@ def check_output_dir(
                 f"refusing to replace {label!r}: it is not empty and was not made by rangelens "
                 f"(no {kind.marker}); choose a new or empty directory"
             )
+        if made is not None and made is not kind:
+            _check_forceable(final, label, made)
         if made is not None and made is not kind and not force:
             raise RangelensError(
                 f"refusing to replace {label!r}: it holds a rangelens {made.name}, not "
                 f"{kind.name}; choose another directory or use --force"
             )
     _check_writable(final.parent)
+
+
+def _check_forceable(final: Path, label: str, made: Kind) -> None:
+    """``--force`` replaces another kind of output only when it is a stand-alone atlas or
+    explanations directory: never a stage, nor anything inside a run directory."""
+    if made not in (ATLAS, EXPLANATIONS) or STAGE.marks(final):
+        raise RangelensError(
+            f"refusing to replace {label!r}: it is a rangelens stage directory; --force replaces "
+            f"only an atlas or explanations output; choose another directory"
+        )
+    run = next((p for p in final.parents if RUN.marks(p)), None)
+    if run is not None:
+        raise RangelensError(
+            f"refusing to replace {label!r}: it is inside the rangelens run {str(run)!r}; "
+            f"--force replaces only an atlas or explanations output outside a run"
+        )
 
 
 def _contents(directory: Path) -> tuple[set[str], Kind | None]:
@@ -424,7 +408,9 @@ def atomic_dir(
         yield tmp
         if kind is not None and not (tmp / kind.marker).is_file():
             raise RuntimeError(f"a {kind.name} directory must hold {kind.marker}")
+        mask = _umask()
         for path in tmp.rglob("*"):
+            _follow_umask(path, mask)
             if path.is_file():
                 _fsync(path)
         _swap_in(tmp, final, replace)

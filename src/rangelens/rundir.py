@@ -36,11 +36,11 @@ from rangelens.artifacts import (
     _cannot_write,
     _ignorable,
     _make_dirs,
-    library_versions,
     read_json,
     write_json,
 )
 from rangelens.errors import RangelensError
+from rangelens.provenance import library_versions
 
 STAGES = ("capture", "splits", "ranges", "erasure", "explanations")
 

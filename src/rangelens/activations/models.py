@@ -9,9 +9,10 @@ same conversion, cached under a key of the file's content hash.
 from __future__ import annotations
 
 import importlib.util
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import torch
 from transformers import (
@@ -24,15 +25,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from rangelens.artifacts import atomic_dir, file_digest
+from rangelens.artifacts import atomic_dir
 from rangelens.assets import BUILTIN_MODELS, ModelKind, cache_dir
+from rangelens.config.analysis import Dtype
 from rangelens.errors import RangelensError, choices
+from rangelens.provenance import file_digest
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(Dtype)}
 
 
 @dataclass
@@ -118,6 +117,11 @@ def gguf_model_dir(file: Path) -> Path:
     if not (dest / "config.json").exists():
         try:
             _convert_gguf(file.parent, file.name, dest)
+        except (struct.error, EOFError, IndexError, OverflowError) as err:  # reading past the end
+            raise RangelensError(
+                f"cannot convert GGUF file {str(file)!r}: it is truncated or not a GGUF file "
+                f"({err})".splitlines()[0]
+            ) from err
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise RangelensError(
                 f"cannot convert GGUF file {str(file)!r}: {err}".splitlines()[0]

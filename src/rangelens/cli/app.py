@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from rangelens.cli.options import argument, command
 from rangelens.config.analysis import AnalysisConfig
@@ -180,7 +180,7 @@ def serve(given: dict[str, Any], *, run_dir: Path) -> None:
     serve_atlas(run_dir, host=options.host, port=options.port)
 
 
-RUN_OPTIONS = [Output, AnalysisConfig, ErasureConfig, ExplainConfig]
+RUN_OPTIONS: list[type[BaseModel]] = [Output, AnalysisConfig, ErasureConfig, ExplainConfig]
 CONFIGS = "the config's"
 COMMANDS: dict[str, tuple[Callable[..., None], dict[str, Any]]] = {
     "analyze": (analyze, {"models": [AnalysisConfig, Output], "switches": ["quiet"]}),

@@ -6,15 +6,31 @@ not a terminal they are laid out wide enough to fit.
 from __future__ import annotations
 
 import sys
+import unicodedata
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Not a terminal (a file, a pipe, a test): no 80-column cut.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def terminal_text(value: object) -> str:
+    """User text (a label) for a terminal table: control, bidirectional-formatting and other
+    invisible format characters shown escaped (U+202E as ``\\u202e``, a tab as ``\\t``) so they
+    cannot reorder or break the line, and ``[`` escaped so it is not read as rich markup. Zero-width
+    joiners (emoji sequences) are kept."""
+    text = "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in "\u200c\u200d"
+        else ch
+        for ch in str(value)
+    )
+    return escape(text)
 
 
 def stage_line(event: Any) -> None:
@@ -42,7 +58,7 @@ def print_analysis(result: Any) -> None:
     for row in result.summary.to_dict(orient="records"):
         name = row["concept"]
         table.add_row(
-            name,
+            terminal_text(name),
             str(int(counts[name])) if name in counts else str(int(sum(counts.values()))),
             str(int(row["n_neurons"])),
             f"{poly.get(name, sum(poly.values()) / len(poly)):.0%}",
@@ -112,7 +128,7 @@ def print_erasure(result: Any) -> None:
         for state in states:
             per.add_column(f"{key} {short.get(state, state)}", justify="right")
     for name, row in frame.iterrows():
-        cells = [str(name), str(int(row["n_target"])), f"{row['base_target_acc']:.2f}"]
+        cells = [terminal_text(name), str(int(row["n_target"])), f"{row['base_target_acc']:.2f}"]
         for key in ("target_drop", "complement_flip"):
             cells += [f"{row[f'{s}_{key}']:+.2f}" for s in states]
         per.add_row(*cells)
@@ -139,14 +155,14 @@ def print_explanations(explained: Any, where: Any) -> None:
         table.add_column(col, overflow="fold")
     for e in results:
         modes = "\n".join(
-            f"{m.label} [{m.lo:.2f}, {m.hi:.2f}]"
+            f"{terminal_text(m.label)} [{m.lo:.2f}, {m.hi:.2f}]"
             if m.lo is not None and m.hi is not None
-            else f"{m.label} [no exemplar: no range]"
+            else f"{terminal_text(m.label)} [no exemplar: no range]"
             for m in e.modes
         )
         table.add_row(
             str(e.neuron),
-            e.target,
+            terminal_text(e.target),
             f"{e.iterative.held_out:.3f}",
             f"{e.single_pass.held_out:.3f}",
             f"{e.lookup.held_out:.3f}" if e.lookup is not None else "-",

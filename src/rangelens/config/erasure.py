@@ -29,7 +29,7 @@ class ErasureConfig(Options):
     )
     targets: list[str] | None = Field(None, description="concepts to erase (default: all)")
     conditions: list[Condition] = Field(
-        default_factory=lambda: ["range", "neuron", "random"],
+        default_factory=lambda: list[Condition](["range", "neuron", "random"]),
         description="masked states compared with the unmasked base (see erasure.conditions)",
     )
     range_rows: Literal["correct", "all"] = Field(

@@ -33,7 +33,14 @@ class LLMOptions(Options):
         "OPENAI_API_KEY", description="environment variable holding the API key"
     )
     timeout: float = Field(
-        60.0, gt=0, description="seconds to wait for one LLM reply (openai backend)"
+        60.0,
+        gt=0,
+        description="seconds one LLM request may take in all, connect to last byte (openai)",
+    )
+    max_reply_mb: float = Field(
+        4.0,
+        gt=0,
+        description="largest LLM reply accepted, in MB; larger ones are failed tries (openai)",
     )
     max_attempts: int = Field(
         3, ge=1, description="tries per LLM step (failed tries are counted, never cached)"

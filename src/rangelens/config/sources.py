@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rangelens.artifacts import path_digest
 from rangelens.assets import BUILTIN_DATASETS, BUILTIN_MODELS, cache_dir
+from rangelens.provenance import path_digest
 
 if TYPE_CHECKING:
     from rangelens.data import LabeledTexts
@@ -33,7 +33,8 @@ class DataSource(Options):
     """Which labelled texts a command reads and how: the one declaration of the loader options."""
 
     dataset: str = Field(
-        "bbc-news", description="built-in name or CSV/TSV/JSONL/Parquet/folder path"
+        "bbc-news",
+        description="built-in name or CSV/TSV/JSONL (also .gz/.bz2/.xz/.zst)/Parquet/folder path",
     )
     text_column: str = Field("text", description="text column of a user file")
     label_column: str = Field("label", description="label column of a user file")

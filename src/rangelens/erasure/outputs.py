@@ -121,11 +121,11 @@ def summarise(
     table = pd.DataFrame(rows)
 
     site, tau, p = info["headline_site"], analysis.tau, analysis.p
-    per_concept = {
+    per_concept: dict[int, dict[str, dict[str, Estimate]]] = {
         c: {s: effects(_key(s, c, site, tau, p, ratio), c) for s in config.conditions}
         for c in concepts
     }
-    average = {
+    average: dict[str, dict[str, Estimate]] = {
         s: {m: mean_of([per_concept[c][s][m] for c in concepts]) for m in EFFECTS}
         for s in config.conditions
     }

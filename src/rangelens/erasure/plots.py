@@ -7,13 +7,17 @@ with its 95% bootstrap interval.
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import font_manager
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.text import Text
 
 from rangelens.artifacts import atomic_path
@@ -48,7 +52,7 @@ def erasure_bars(headline: pd.DataFrame, states: list[str], *, title: str = "") 
     ``headline`` is :class:`rangelens.erasure.ErasureResult`'s frame. Erasure wants tall solid bars
     (target) and short hatched ones (collateral).
     """
-    concepts = headline["concept"].astype(str).tolist()
+    concepts = [drawable(c) for c in headline["concept"].astype(str)]
     x = np.arange(len(concepts))
     fig, (ax,) = _figure(max(6.0, 1.5 * len(concepts) + 2), 4.0)
     bars = [(s, m, h) for s in states for m, h in (("target_drop", ""), ("complement_flip", "//"))]
@@ -152,10 +156,38 @@ def pareto(
     return fig
 
 
-def save_figure(fig: Figure, path: Path, *, dpi: int = 120) -> None:
-    """Save a figure as PNG atomically (:func:`rangelens.artifacts.atomic_path`); text is drawn
-    literally (concept names from user data may hold ``$``, which mathtext would parse)."""
+@functools.lru_cache(maxsize=64)
+def _charmap(font_file: str) -> frozenset[int]:
+    return frozenset(font_manager.get_font(font_file).get_charmap())
+
+
+def drawable(text: str, props: FontProperties | None = None) -> str:
+    """``text`` with the characters that none of the fonts of ``props`` (default: the current
+    default font) can draw, such as an emoji in a label, replaced by U+FFFD: matplotlib would draw
+    an empty box and warn about each such glyph every time it draws. Apply it to labels given to
+    ``set_xticks`` too (tick texts are made again from those labels when drawn)."""
+    props = props if props is not None else FontProperties()
+    find = getattr(font_manager.fontManager, "_find_fonts_by_props", None)  # with fallback fonts
+    files = find(props) if find is not None else [font_manager.findfont(props)]
+    glyphs = frozenset().union(*(_charmap(str(f)) for f in files))
+    stand_in = "\ufffd" if 0xFFFD in glyphs else "?"
+    return "".join(
+        ch if ord(ch) in glyphs or unicodedata.category(ch) in ("Cc", "Cf") else stand_in
+        for ch in text
+    )
+
+
+def literal_text(fig: Figure) -> None:
+    """Make every text of ``fig`` draw literally: mathtext off (concept names from user data may
+    hold ``$``) and characters its fonts lack replaced (:func:`drawable`)."""
     for text in fig.findobj(Text):
         text.set_parse_math(False)
+        text.set_text(drawable(text.get_text(), text.get_fontproperties()))
+
+
+def save_figure(fig: Figure, path: Path, *, dpi: int = 120) -> None:
+    """Save a figure as PNG atomically (:func:`rangelens.artifacts.atomic_path`); text is drawn
+    literally and without missing-glyph warnings (:func:`literal_text`)."""
+    literal_text(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")

@@ -61,6 +61,7 @@ def roles_for(options: LLMOptions, lm: LoadedModel, cache_dir: Path) -> tuple[Ro
             options.llm_model,
             api_key_env=options.api_key_env,
             timeout=options.timeout,
+            max_reply_mb=options.max_reply_mb,
         )
     else:
         from rangelens.explain.clients.local_model import TransformersClient, load_chat_model

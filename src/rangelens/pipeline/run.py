@@ -84,8 +84,8 @@ def analyze(
 ) -> AnalysisResult:
     """Run (or resume) the analysis into ``run_dir``: capture, splits (the analysis split) and
     ranges (fitted on all training rows)."""
-    config = RunConfig(out=Path(run_dir), analysis=config, erasure=None)
-    return run(config, lm=lm, progress=progress, report=report).analysis
+    whole = RunConfig(out=Path(run_dir), analysis=config, erasure=None)
+    return run(whole, lm=lm, progress=progress, report=report).analysis
 
 
 def run(

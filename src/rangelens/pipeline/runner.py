@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from rangelens.artifacts import EXPLANATIONS, STAGE, Kind, atomic_dir, fingerprint, notice
+from rangelens.artifacts import EXPLANATIONS, STAGE, Kind, atomic_dir, notice
+from rangelens.provenance import fingerprint
 from rangelens.rundir import RunDir, mark_stage, stage_fingerprint
 
 T = TypeVar("T")

@@ -23,7 +23,8 @@ from rangelens.artifacts import read_json, write_json, write_table
 from rangelens.config.analysis import AnalysisConfig
 from rangelens.errors import RangelensError
 from rangelens.ranges.captured import CaptureResult
-from rangelens.ranges.maps import RangeMap, distribution_summary, distribution_table, fit_ranges
+from rangelens.ranges.distribution import distribution_summary, distribution_table
+from rangelens.ranges.maps import RangeMap, fit_ranges
 from rangelens.ranges.rangeset import RangeSet, replacement_values, sweep_points
 from rangelens.ranges.ranking import polysemanticity, rank
 from rangelens.ranges.splits import FULL, Splits, default_splits

@@ -8,14 +8,15 @@ the salient-neuron sets that NeuronLens (Haider et al., arXiv 2502.06809) fits r
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
+from rangelens.config.analysis import Ranking
 from rangelens.errors import RangelensError, choices
 from rangelens.ranges.stats import ConceptStats
 
-RANKING_METHODS = ("mean_abs", "probeless", "probe", "dprime")
+RANKING_METHODS = get_args(Ranking)  # declared once, in the config
 
 
 def rank(

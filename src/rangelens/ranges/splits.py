@@ -80,7 +80,13 @@ class Splits:
             raise RangelensError(f"{str(directory)!r} holds no splits of format {FORMAT_VERSION}")
         arrays = load_file(str(directory / "splits.safetensors"))
         splits = [
-            Split(name, *(arrays[f"{name}.{part}"] for part in ("train", "test", "fit")), v["rows"])
+            Split(
+                name,
+                arrays[f"{name}.train"],
+                arrays[f"{name}.test"],
+                arrays[f"{name}.fit"],
+                v["rows"],
+            )
             for name, v in index["splits"].items()
         ]
         return cls(

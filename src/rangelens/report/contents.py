@@ -19,8 +19,9 @@ from rangelens.erasure.outputs import ErasureResult, load_erasure, records
 from rangelens.errors import RangelensError
 from rangelens.explain.results import Explained, load_explained
 from rangelens.ranges.captured import CaptureResult, load_capture
+from rangelens.ranges.distribution import bhattacharyya
 from rangelens.ranges.fit import FittedRanges, load_ranges
-from rangelens.ranges.maps import RangeMap, bhattacharyya
+from rangelens.ranges.maps import RangeMap
 from rangelens.rundir import RunDir
 
 ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png", "pareto.png")

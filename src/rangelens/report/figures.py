@@ -3,12 +3,15 @@
 for the pages and PNG for papers.
 
 Every string placed in hand-written SVG goes through :func:`markupsafe.escape`: concept names come
-from the user's dataset and are untrusted.
+from the user's dataset and are untrusted. Text that holds right-to-left or directional formatting
+characters (a label with U+202E RIGHT-TO-LEFT OVERRIDE) is isolated by :func:`isolate`, in the SVG
+and in every page (the atlas templates' ``finalize``), so it cannot reorder the text around it.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,8 @@ from markupsafe import Markup, escape
 from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.text import Text
+
+from rangelens.erasure.plots import drawable, literal_text
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType  # matplotlib >= 3.9
@@ -38,6 +42,31 @@ PALETTE = (
 )
 INK, MUTED, GRID = "#1f2933", "#616e7c", "#e4e7eb"
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"
+
+
+ISOLATES = ("\u2066", "\u2067", "\u2068")  # LRI, RLI, FSI; each closed by a PDI (U+2069)
+_DIRECTIONAL = {"R", "AL", "LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"}
+
+
+def isolate(value: Any) -> Any:
+    """A string holding right-to-left or directional formatting characters wrapped in FSI … PDI
+    (what ``<bdi>`` does, valid in text, attributes and ``<title>``): overrides inside it end with
+    it. A stray PDI that would close the isolate early is dropped. Other values are returned as
+    they are (markup, numbers, strings that cannot reorder anything)."""
+    if not isinstance(value, str) or isinstance(value, Markup):
+        return value
+    if not any(unicodedata.bidirectional(ch) in _DIRECTIONAL for ch in value):
+        return value
+    out, depth = [], 0
+    for ch in value:
+        if ch == "\u2069":
+            if not depth:
+                continue
+            depth -= 1
+        elif ch in ISOLATES:
+            depth += 1
+        out.append(ch)
+    return "\u2068" + "".join(out) + "\u2069" * (depth + 1)
 
 
 def color(index: int) -> str:
@@ -161,7 +190,7 @@ def histogram_svg(
     )
     for s in series:
         paint = color(s.index)
-        name = escape(s.concept)
+        name = escape(isolate(s.concept))
         group = [f'<g class="series" data-concept="{s.index}"><title>{name}</title>']
         nonzero = np.flatnonzero(s.counts)
         if nonzero.size:
@@ -189,11 +218,11 @@ def histogram_svg(
         paint = color(s.index)
         x_mean = float(np.clip(px(s.mean), left, width - right))
         out.append(
-            f'<g class="band" data-concept="{s.index}"><title>{escape(s.concept)} '
+            f'<g class="band" data-concept="{s.index}"><title>{escape(isolate(s.concept))} '
             f"{'range' if len(s.band) == 1 else 'band'} {escape(band_text(s.band))}, "
             f"mean {fmt(s.mean)}</title>"
             f'<text x="{left - 6}" y="{y + 4}" text-anchor="end" fill="{MUTED}">'
-            f"{escape(_short(s.concept))}</text>"
+            f"{escape(isolate(_short(s.concept)))}</text>"
         )
         for lo, hi in s.band:
             x_lo, x_hi = np.clip(px(np.array([lo, hi])), left, width - right)
@@ -210,14 +239,14 @@ def histogram_svg(
         out.append(
             f'<g class="legend" data-concept="{s.index}" tabindex="0" role="button">'
             f'<rect x="{x:.1f}" y="{y}" width="12" height="12" rx="2" fill="{color(s.index)}"/>'
-            f'<text x="{x + 16:.1f}" y="{y + 10}">{escape(_short(s.concept, 18))}</text></g>'
+            f'<text x="{x + 16:.1f}" y="{y + 10}">{escape(isolate(_short(s.concept, 18)))}</text></g>'
         )
     counts = np.array([s.counts for s in series]).T.tolist()  # (bins, concepts)
     bounds, xs = edges.tolist(), px(edges).tolist()
     for k, row in enumerate(counts):
         if any(row):
             lines = [f"[{fmt(bounds[k])}, {fmt(bounds[k + 1])})"]
-            lines += [f"{s.concept}: {n}" for s, n in zip(series, row, strict=True) if n]
+            lines += [f"{isolate(s.concept)}: {n}" for s, n in zip(series, row, strict=True) if n]
             out.append(
                 f'<rect class="bin" x="{xs[k]:.1f}" y="{top}" width="{xs[k + 1] - xs[k]:.1f}" '
                 f'height="{plot_height}" fill="transparent"><title>'
@@ -294,8 +323,8 @@ def overlap_figure(concepts: Sequence[str], salient: np.ndarray, gaussian: np.nd
     )
     for ax, (matrix, title) in zip(axes, panels, strict=True):
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
-        ax.set_xticks(range(n), [_short(c) for c in concepts], rotation=40, ha="right")
-        ax.set_yticks(range(n), [_short(c) for c in concepts])
+        ax.set_xticks(range(n), [drawable(_short(c)) for c in concepts], rotation=40, ha="right")
+        ax.set_yticks(range(n), [drawable(_short(c)) for c in concepts])
         ax.set_title(title, fontsize=9)
         ax.spines[:].set_visible(False)
         if n <= 12:
@@ -320,7 +349,7 @@ def polysemanticity_figure(
     Right: how many salient neurons are salient for 1, 2, ... concepts."""
     fig, (left, right) = _figure(7, 1.2 + 0.25 * len(concepts), 2)
     left.barh(range(len(concepts)), shared, color=[color(i) for i in range(len(concepts))])
-    left.set_yticks(range(len(concepts)), [_short(c) for c in concepts])
+    left.set_yticks(range(len(concepts)), [drawable(_short(c)) for c in concepts])
     left.invert_yaxis()
     left.set_xlim(0, 1)
     left.set_xlabel("share of salient neurons shared with another concept")
@@ -355,10 +384,10 @@ def explanation_scores_figure(
 
 def save_figure(fig: Figure, directory: Path, name: str) -> None:
     """Write ``name.svg`` (for the pages) and ``name.png`` (150 dpi, for papers). Text is drawn
-    literally: concept names come from user data and may hold ``$``, which mathtext would parse."""
-    for text in fig.findobj(Text):
-        text.set_parse_math(False)
+    literally: concept names come from user data and may hold ``$``, which mathtext would parse,
+    or characters the fonts lack (emoji), which are replaced (:func:`rangelens.erasure.plots.literal_text`)."""
     directory.mkdir(parents=True, exist_ok=True)
     with rc_context(STYLE):
+        literal_text(fig)
         fig.savefig(directory / f"{name}.svg", metadata={"Date": None})
         fig.savefig(directory / f"{name}.png", dpi=150)

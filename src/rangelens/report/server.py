@@ -3,8 +3,8 @@
 Requests are GET or HEAD only. A path is percent-decoded once and refused (404) when any segment is
 ``.`` or ``..``, when it holds a backslash, a NUL or a ``%`` left after decoding (a double-encoded
 ``%252e%252e``), or when the file it resolves to (following symlinks) lies outside the atlas. On
-loopback, a request whose ``Host`` is not a loopback name is refused (403), so a web page cannot
-read the atlas through DNS rebinding.
+loopback, a request whose ``Host`` is not a loopback name (in any letter case) is refused (403), so
+a web page cannot read the atlas through DNS rebinding.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class AtlasHandler(BaseHTTPRequestHandler):
         except UnicodeDecodeError:
             path = None
         hosts = self.server.allowed_hosts
-        if hosts is not None and self.headers.get("Host") not in hosts:
+        host = self.headers.get("Host", "").strip().lower()  # host names are case-insensitive
+        if hosts is not None and host not in hosts:
             path, status, payload = None, HTTPStatus.FORBIDDEN, b"forbidden host\n"
         else:
             status, payload = HTTPStatus.NOT_FOUND, b"not found\n"

@@ -2,7 +2,7 @@
 per-token top log-probabilities where the backend returns them), like delphi's client abstraction.
 
 Every failure of one request (timeout, HTTP error, malformed or empty reply, a reply that fails the
-caller's schema) is a :class:`ReplyError` with a ``kind``; an unusable server is
+caller's schema, an oversized reply) is a :class:`ReplyError` with a ``kind``; an unusable server is
 :class:`LLMUnavailable`.
 """
 
@@ -17,7 +17,7 @@ from rangelens.errors import RangelensError
 
 Message = dict[str, str]
 T = TypeVar("T")
-FailureKind = Literal["timeout", "http", "malformed", "empty", "invalid"]
+FailureKind = Literal["timeout", "http", "malformed", "empty", "too_large", "invalid"]
 
 
 class LLMUnavailable(RangelensError):
@@ -26,7 +26,8 @@ class LLMUnavailable(RangelensError):
 
 class ReplyError(ValueError):
     """One failed request: ``kind`` is timeout, http, malformed (unparseable server response),
-    empty, or invalid (the reply does not match the requested format)."""
+    empty, too_large (over the reply size cap), or invalid (the reply does not match the requested
+    format)."""
 
     def __init__(self, message: str, kind: FailureKind = "invalid") -> None:
         super().__init__(message)
