@@ -12,15 +12,8 @@ from hypothesis import strategies as st
 from scipy import integrate
 from scipy import stats as sps
 
-from rangelens.ranges.maps import (
-    FORMAT_VERSION,
-    ConceptRange,
-    RangeMap,
-    bhattacharyya,
-    distribution_summary,
-    distribution_table,
-    fit_ranges,
-)
+from rangelens.ranges.distribution import bhattacharyya, distribution_summary, distribution_table
+from rangelens.ranges.maps import FORMAT_VERSION, ConceptRange, RangeMap, fit_ranges
 from rangelens.ranges.ranking import rank, top_neurons
 from rangelens.ranges.stats import ConceptStats
 
