@@ -110,3 +110,41 @@ def test_module_input_site_equals_mlp_site(tiny_llama: LoadedModel, texts: list[
         torch.from_numpy(acts[module_in.name]), torch.from_numpy(acts[mlp.name])
     )
     assert acts[act.name].shape == (len(texts), model.config.intermediate_size)
+
+
+def test_an_edit_gets_the_forward_context(tiny_llama: LoadedModel, texts: list[str]) -> None:
+    """With ``context=True`` the edit receives the model forward's arguments (positional ones by
+    name), only while that forward runs, and the hooks on the model are removed on exit."""
+    model = tiny_llama.model
+    batch = tokenize(tiny_llama, texts, batch_size=len(texts))[0]
+    seen: list[tuple[bool, torch.Tensor | None]] = []
+
+    def edit(x: torch.Tensor, forward: object) -> torch.Tensor:
+        seen.append((forward.active, forward.tensor("attention_mask")))  # type: ignore[attr-defined]
+        return x
+
+    path = resolve_site(model, "resid", 0).module_path
+    before = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    with Trace(model, path, edit=edit, context=True) as trace:
+        model(batch.input_ids, attention_mask=batch.attention_mask)  # keyword
+        model(batch.input_ids, batch.attention_mask)  # positional
+        assert trace.context is not None and not trace.context.active  # between forwards
+    assert before == (len(model._forward_pre_hooks), len(model._forward_hooks))
+    assert len(seen) == 2 and all(active for active, _ in seen)
+    for _, mask in seen:
+        assert mask is not None and torch.equal(mask, batch.attention_mask)
+
+
+def test_hooks_are_registered_in_one_place() -> None:
+    """Every hook rangelens registers goes through activations/hooks.py (one primitive)."""
+    from pathlib import Path
+
+    import rangelens
+
+    root = Path(rangelens.__file__).parent
+    outside = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "register_forward" in p.read_text() and p.name != "hooks.py"
+    ]
+    assert outside == []

@@ -99,7 +99,7 @@ def test_probe_needs_features_and_labels() -> None:
 
 def test_unknown_method_names_it_and_the_choices() -> None:
     acts, labels = planted()
-    with pytest.raises(ValueError, match=r"'nope'.*'mean_abs', 'probeless', 'probe', 'dprime'"):
+    with pytest.raises(ValueError, match=r"'nope'.*'dprime', 'mean_abs', 'probeless', 'probe'"):
         rank("nope", stats_of(acts, labels))
 
 

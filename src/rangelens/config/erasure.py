@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rangelens.config.sources import Options
 from rangelens.errors import RangelensError, choices, shown
-from rangelens.errors import one_line as _one_line
+from rangelens.errors import one_line
 
 DEFAULT_PROMPT = "Classify the text as one of: {labels}.\n\nText: {text}\nLabel:"
 MOVED = ("tau", "p", "taus", "ps", "layers", "batch_size")  # analysis options: one per run
@@ -77,7 +77,7 @@ class ErasureConfig(Options):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise RangelensError(one_line(err)) from None
+            raise RangelensError(erasure_error(err)) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> ErasureConfig:
@@ -110,7 +110,7 @@ class ErasureConfig(Options):
         return v
 
 
-def one_line(err: ValidationError) -> str:
+def erasure_error(err: ValidationError) -> str:
     """An erasure option error as one line; keys that moved or were renamed say where they went."""
     first = err.errors()[0]
     where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".")
@@ -122,7 +122,7 @@ def one_line(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden" and where in RENAMED:
         return f"erasure option {where!r} is now {RENAMED[where]!r}"
     if first["type"] in ("literal_error", "extra_forbidden"):
-        return _one_line(err, ErasureConfig.model_fields)
+        return one_line(err, ErasureConfig.model_fields)
     msg = str(first["msg"]).removeprefix("Value error, ")
     if not where:
         return f"invalid erasure options: {msg}"

@@ -12,8 +12,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rangelens.lazy import lazy_members
 
 _WHERE = {
     "ErasureConfig": "rangelens.config.erasure",
@@ -26,12 +25,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Names load on first use: reading saved results does not import torch."""
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_members(__name__, _WHERE)
 
 __all__ = [
     "FORMAT_VERSION",

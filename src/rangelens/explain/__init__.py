@@ -5,8 +5,7 @@ Names are imported on first use, so reading saved explanations does not load tor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rangelens.lazy import lazy_members
 
 _WHERE = {
     "ActivationRecord": "rangelens.explain.records",
@@ -38,11 +37,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_members(__name__, _WHERE)
 
 __all__ = [
     "BACKENDS",

@@ -16,20 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rangelens.activations.models import LoadedModel
-from rangelens.artifacts import clean_stale_temps
+from rangelens.activations.models import LoadedModel, load_model
+from rangelens.artifacts import EXPLANATIONS, check_output_dir, clean_stale_temps
 from rangelens.config.analysis import AnalysisConfig
-from rangelens.config.explain import ExplainConfig
+from rangelens.config.explain import ExplainConfig, ExplainInputs
 from rangelens.config.run import RunConfig
 from rangelens.erasure.outputs import ErasureResult
 from rangelens.erasure.protocol import check_protocol
 from rangelens.errors import RangelensError
-from rangelens.explain.results import Explained
+from rangelens.explain.results import Explained, save_results
 from rangelens.pipeline.runner import Runner, StageEvent
 from rangelens.pipeline.stages import (
     Inputs,
     capture_stage,
     erasure_stage,
+    explain_with,
     explanations_stage,
     ranges_stage,
     splits_stage,
@@ -176,6 +177,37 @@ def explain_run(
         fitted = load_ranges(where.ranges)
         inputs = Inputs(where, analysis, None, progress=False)
         return runner(explanations_stage(inputs, fitted, config))
+
+
+def explain_into(
+    out: str | Path,
+    config: ExplainConfig,
+    read: dict[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+) -> Explained:
+    """Explanations written to ``out`` (not a stage of a run): of any model and site given by
+    ``read``, or of a run's (``run_dir``: its recorded inputs, its salient neurons and ranges)."""
+    where = RunDir(run_dir) if run_dir is not None else None
+    if where is not None:
+        where.require()
+    check_output_dir(Path(out), EXPLANATIONS, force=force, keep=[where.root] if where else [])
+    recorded = where.config() if where is not None else {}
+    fields = {k: v for k, v in recorded.items() if k in ExplainInputs.model_fields and k != "seed"}
+    inputs = ExplainInputs(**{**fields, **(read or {})})
+    lm = load_model(inputs.model, device=inputs.device, dtype=inputs.dtype)
+    headline = RangeMap.load(where.ranges) if where is not None else None
+    out = Path(out)
+    explained = explain_with(lm, inputs, config, headline, out.parent / f".{out.name}-llm-cache")
+    save_results(
+        out,
+        list(explained.records.values()),
+        list(explained.explanations.values()),
+        explained.metadata,
+        force=force,
+    )
+    return explained
 
 
 def load_analysis(run_dir: str | Path) -> AnalysisResult:

@@ -15,7 +15,7 @@ from rangelens.activations.models import LoadedModel, load_model
 from rangelens.activations.sites import resolve_site
 from rangelens.config.analysis import AnalysisConfig
 from rangelens.config.erasure import ErasureConfig
-from rangelens.config.explain import FROM_RUN, ExplainConfig
+from rangelens.config.explain import FROM_RUN, ExplainConfig, ExplainInputs
 from rangelens.config.sources import input_digest
 from rangelens.data import LabeledTexts
 from rangelens.erasure.experiment import run_erasure
@@ -27,6 +27,7 @@ from rangelens.explain.results import Explained, load_explained
 from rangelens.pipeline.runner import Stage
 from rangelens.ranges.captured import CaptureResult, load_capture, run_capture, save_capture
 from rangelens.ranges.fit import FeatureSource, FittedRanges, fit_rangeset, load_ranges
+from rangelens.ranges.maps import RangeMap
 from rangelens.ranges.splits import Splits, default_splits
 from rangelens.rundir import RunDir
 
@@ -167,34 +168,49 @@ def erasure_stage(
     )
 
 
+def explain_with(
+    lm: LoadedModel,
+    read: AnalysisConfig | ExplainInputs,
+    config: ExplainConfig,
+    headline: RangeMap | None,
+    cache_dir: Path,
+) -> Explained:
+    """Explain ``config.neurons``, else a concept's ranges or the ``top_k`` most salient neurons of
+    ``headline`` (a run's map), at ``read``'s site on ``config.texts_per_class`` texts per class."""
+    site = resolve_site(lm.model, read.site, read.layer)
+    texts = read.load_data(max_per_class=config.texts_per_class, balance=False).texts
+    ranges = []
+    if config.concept is not None and headline is not None:
+        ranges = headline.ranges(config.concept)[: config.top_k]
+    neurons = [] if ranges else list(config.neurons or [])
+    if not neurons and not ranges and headline is not None:
+        neurons = headline.top_neurons(config.top_k)
+    meta = {"model": read.model, "dataset": read.dataset, "site": site.name, "seed": read.seed}
+    return explain_site(
+        lm,
+        texts,
+        site,
+        config,
+        neurons=neurons,
+        ranges=ranges,
+        seed=read.seed,
+        max_length=read.max_length,
+        batch_size=read.batch_size,
+        cache_dir=cache_dir,
+        metadata={**meta, **({"concept": config.concept} if config.concept else {})},
+    )
+
+
 def explanations_stage(
     run: Inputs, fitted: FittedRanges, config: ExplainConfig
 ) -> Stage[Explained]:
     """The run's top salient neurons (or ``config.neurons`` / a concept's ranges) explained at the
-    analysed site, on ``config.texts_per_class`` texts per class."""
+    analysed site (see :func:`explain_with`)."""
     a = run.analysis
-    headline = fitted.headline()
+    cache = run.run_dir.root / ".explanations-llm-cache"
 
     def compute() -> Explained:
-        site = resolve_site(run.lm.model, a.site, a.layer)
-        texts = a.load_data(max_per_class=config.texts_per_class, balance=False).texts
-        ranges = headline.ranges(config.concept)[: config.top_k] if config.concept else []
-        neurons = [] if ranges else (config.neurons or headline.top_neurons(config.top_k))
-        cache = run.run_dir.root / ".explanations-llm-cache"
-        meta = {"model": a.model, "dataset": a.dataset, "site": site.name, "seed": a.seed}
-        return explain_site(
-            run.lm,
-            texts,
-            site,
-            config,
-            neurons=neurons,
-            ranges=ranges,
-            seed=a.seed,
-            max_length=a.max_length,
-            batch_size=a.batch_size,
-            cache_dir=cache,
-            metadata={**meta, "concept": config.concept},
-        )
+        return explain_with(run.lm, a, config, fitted.headline(), cache)
 
     def save(explained: Explained, directory: Path) -> None:
         explained.save(directory)

@@ -7,18 +7,20 @@ the analysis stack.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rangelens.lazy import lazy_members
 
 if TYPE_CHECKING:
     from rangelens.report.atlas import build_atlas
     from rangelens.report.server import make_server, serve
 
 __all__ = ["build_atlas", "make_server", "serve"]
-_HOMES = {"build_atlas": "atlas", "make_server": "server", "serve": "server"}
+_HOMES = {
+    "build_atlas": "rangelens.report.atlas",
+    "make_server": "rangelens.report.server",
+    "serve": "rangelens.report.server",
+}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(import_module(f"rangelens.report.{_HOMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_members(__name__, _HOMES)

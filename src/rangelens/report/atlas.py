@@ -54,7 +54,7 @@ def build_atlas(
     start = time.perf_counter()
     run_path = Path(run_dir)
     RunDir(run_path).require()
-    out = Path(out_dir) if out_dir is not None else run_path / "atlas"
+    out = Path(out_dir) if out_dir is not None else RunDir(run_path).atlas
     explained = Path(explanations) if explanations is not None else default_explanations(run_path)
     check_output_dir(out, ATLAS, force=force, keep=[run_path])
     run = load_run(run_path, explained)

@@ -125,8 +125,11 @@ def source_fingerprint(run_dir: Path, explanations: Path) -> str:
     are resolved, so every spelling of the same run gives the same hash."""
     digest = hashlib.sha256()
     for path in (
-        run_dir / "run.json",
-        *(run_dir / s / "stage.json" for s in ("capture", "splits", "ranges", "erasure")),
+        RunDir(run_dir).meta,
+        *(
+            RunDir(run_dir).stage(s) / "stage.json"
+            for s in ("capture", "splits", "ranges", "erasure")
+        ),
         explanations / "results.json",
     ):
         digest.update(str(path.resolve()).encode())
@@ -136,17 +139,18 @@ def source_fingerprint(run_dir: Path, explanations: Path) -> str:
 
 def default_explanations(run_dir: Path) -> Path:
     """Where a run's explanations are looked for unless told otherwise."""
-    return run_dir / "explanations"
+    return RunDir(run_dir).explanations
 
 
 def load_run(run_dir: Path, explanations: Path | None = None) -> RunContents:
     """Load every stage of ``run_dir`` that exists; explanations are read from ``explanations``
     (default :func:`default_explanations`)."""
     RunDir(run_dir).require()
-    run = RunContents(run_dir, read_json(run_dir / "run.json"))
-    run.capture = _stage(run, "capture", run_dir / "capture", load_capture)
-    run.ranges = _stage(run, "ranges", run_dir / "ranges", load_ranges)
-    run.erasure = _stage(run, "erasure", run_dir / "erasure", _load_erasure)
+    where = RunDir(run_dir)
+    run = RunContents(run_dir, read_json(where.meta))
+    run.capture = _stage(run, "capture", where.capture, load_capture)
+    run.ranges = _stage(run, "ranges", where.ranges, load_ranges)
+    run.erasure = _stage(run, "erasure", where.erasure, _load_erasure)
     run.explanations = _stage(
         run, "explanations", explanations or default_explanations(run_dir), load_explained
     )

@@ -155,7 +155,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> Non
         raise RangelensError(f"--port {port} is not a TCP port; valid: 0-65535 (0: any free port)")
     run_path = Path(run_dir)
     RunDir(run_path).require()
-    atlas = run_path / "atlas"
+    atlas = RunDir(run_path).atlas
     if not atlas_is_current(run_path, atlas):
         check_output_dir(atlas, ATLAS, keep=[run_path])
         print(f"building the atlas in {atlas} ...", file=sys.stderr)

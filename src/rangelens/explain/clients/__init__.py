@@ -4,9 +4,6 @@ runner the roles use. Backends import their heavy dependencies (openai, torch) o
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from rangelens.explain.clients.base import (
     Completion,
     LLMClient,
@@ -18,6 +15,7 @@ from rangelens.explain.clients.base import (
 )
 from rangelens.explain.clients.cache import ResponseCache
 from rangelens.explain.clients.runner import LLM, LLMStats
+from rangelens.lazy import lazy_members
 
 _BACKENDS = {
     "OpenAIClient": "rangelens.explain.clients.openai_server",
@@ -26,12 +24,7 @@ _BACKENDS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """The backends, imported on first use (``openai`` / ``torch`` only when asked for)."""
-    if name in _BACKENDS:
-        return getattr(importlib.import_module(_BACKENDS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_members(__name__, _BACKENDS)
 
 __all__ = [
     "LLM",
