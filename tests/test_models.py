@@ -97,9 +97,7 @@ def test_truncated_gguf_is_a_one_line_error_naming_the_file(
     else:
         bad.write_bytes(head)
     out = tmp_path / "out"
-    res = CliRunner().invoke(
-        app, ["analyze", "--model", str(bad), "--out", str(out), "--quiet"]
-    )
+    res = CliRunner().invoke(app, ["analyze", "--model", str(bad), "--out", str(out), "--quiet"])
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot convert GGUF file"), res.output

@@ -8,8 +8,7 @@ from typing import Any, Literal, get_args
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rangelens.config.sources import Options
-from rangelens.errors import RangelensError, choices, shown
-from rangelens.errors import one_line
+from rangelens.errors import RangelensError, choices, one_line, shown
 
 DEFAULT_PROMPT = "Classify the text as one of: {labels}.\n\nText: {text}\nLabel:"
 MOVED = ("tau", "p", "taus", "ps", "layers", "batch_size")  # analysis options: one per run
