@@ -105,3 +105,49 @@ def test_literal_options_list_their_choices() -> None:
     assert res.output.strip() == "error: unknown ranking 'magic'; valid: " + ", ".join(
         repr(v) for v in valid
     )
+
+
+def test_tables_never_cut_names_when_output_is_not_a_terminal(capsys) -> None:
+    """A long concept name reaches a piped or captured output whole (rich would cut it at 80
+    columns)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from rangelens.cli import show
+
+    name = "entertainment-and-culture-with-a-very-long-label"
+    summary = pd.DataFrame(
+        [
+            {
+                "concept": c,
+                "n_neurons": 3,
+                "median_skew": 0.0,
+                "median_excess_kurtosis": 0.0,
+                "median_bhattacharyya_max": 0.5,
+                "median_purity": 0.5,
+            }
+            for c in (name, "overall")
+        ]
+    )
+    result = SimpleNamespace(
+        capture=SimpleNamespace(
+            info={
+                "site": "resid.1",
+                "module": "m",
+                "n_texts": 2,
+                "n_tokens": 4,
+                "tokens_per_second": 1.0,
+                "peak_rss_mb": 1.0,
+            },
+            label_names=[name],
+            stats=SimpleNamespace(count=np.array([2])),
+        ),
+        range_map=SimpleNamespace(metadata={"position": "last", "ranking": "dprime"}),
+        polysemanticity=pd.DataFrame({"concept": [name], "shared": [0.5]}),
+        summary=summary,
+        run_dir="runs/x",
+    )
+    show.print_analysis(result)
+    assert name in capsys.readouterr().out

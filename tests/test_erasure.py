@@ -18,7 +18,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 from rangelens.activations.capture import model_inputs, pool, record, stop_forward, tokenize
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import NeuronSite, blocks, resolve_site
-from rangelens.config import AnalysisConfig
+from rangelens.config import AnalysisConfig, RunConfig
 from rangelens.data import LabeledTexts, general_text, load_texts
 from rangelens.erasure import (
     ErasureConfig,
@@ -33,7 +33,7 @@ from rangelens.erasure.metrics import EffectEstimator, Outcomes
 from rangelens.erasure.tasks import fit_head, prompt_task, token_nll
 from rangelens.errors import RangelensError
 from rangelens.intervene import NeuronMask, RangeMask
-from rangelens.pipeline import analyze
+from rangelens.pipeline import run
 from rangelens.ranges.captured import CaptureResult, run_capture
 from rangelens.ranges.rangeset import RangeSet
 from rangelens.ranges.splits import FULL
@@ -520,21 +520,12 @@ def test_smollm2_bbc_news_head_and_range_erasure(smollm: LoadedModel, tmp_path: 
     analysis = AnalysisConfig(max_per_class=20, max_length=48)
     data = load_texts("bbc-news", max_per_class=20, seed=analysis.seed)
     config = ErasureConfig(ppl_texts=8, ppl_max_length=32, folds=4, bootstrap=200)
-    protocol = ErasureProtocol(smollm, data, analysis, config)
-    analyzed = analyze(analysis, tmp_path / "run", lm=smollm, plan=protocol.plan(), progress=False)
+    assert len(data) == 100  # the pipeline reads the same texts
+    whole = run(RunConfig(out=tmp_path / "run", analysis=analysis, erasure=config), lm=smollm)
+    analyzed, result = whole.analysis, whole.erasure
+    assert result is not None
     assert analyzed.range_map.metadata["rows"].startswith("correctly classified")
     assert analyzed.range_map.metadata["ranking"] == "dprime"
-    result = run_erasure(
-        smollm,
-        data,
-        analyzed.capture,
-        analyzed.rangeset,
-        analysis,
-        config,
-        tmp_path / "erasure",
-        protocol=protocol,
-        progress=False,
-    )
     assert result.info["base_acc"] >= 0.6  # chance is 0.2
     average = result.headline.set_index("concept").loc["average"]
     assert average["range_target_drop"] > average["range_complement_drop"]
