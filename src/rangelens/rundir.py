@@ -68,19 +68,12 @@ class RunDir:
             raise RangelensError(f"unknown stage {name!r}; valid: {', '.join(STAGES)}")
         return self.root / name
 
-    def is_run(self) -> bool:
-        return self.meta.is_file()
-
     def config(self) -> dict[str, Any]:
         """The resolved config the run recorded (empty if it has none)."""
         if not self.meta.is_file():
             return {}
         config = read_json(self.meta).get("config", {})
         return config if isinstance(config, dict) else {}
-
-    def analysis_config(self) -> dict[str, Any]:
-        """The run's analysis options (``run.json`` records them at its top level)."""
-        return self.config()
 
     def fingerprint(self, name: str) -> str | None:
         """The fingerprint stage ``name`` was finished with, or None."""
@@ -143,11 +136,6 @@ def stage_fingerprint(stage: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return fp if isinstance(fp, str) else None
-
-
-def stage_is_current(stage: Path, fp: str) -> bool:
-    """True when ``stage`` was completed with inputs of fingerprint ``fp``."""
-    return stage_fingerprint(stage) == fp
 
 
 def mark_stage(stage_tmp: Path, name: str, fp: str, **info: Any) -> None:

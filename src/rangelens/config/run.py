@@ -17,8 +17,6 @@ from rangelens.config.explain import ExplainConfig
 from rangelens.config.report import Output
 from rangelens.errors import RangelensError, choices
 
-SECTIONS = ("analysis", "erasure", "explain")
-
 
 class RunConfig(Output):
     """A whole run: the analysis, the erasure experiment (``null`` skips it) and the explanations

@@ -74,7 +74,6 @@ class Runner:
         self.report = report
         self.fingerprints: dict[str, str] = {}
         self.events: list[StageEvent] = []
-        self.results: dict[str, Any] = {}
 
     def fingerprint(self, stage: Stage[Any]) -> str:
         missing = [u for u in stage.upstream if u not in self.fingerprints]
@@ -82,10 +81,6 @@ class Runner:
             raise RuntimeError(f"stage {stage.name!r} runs before its upstream {missing}")
         upstream = [self.fingerprints[u] for u in stage.upstream]
         return fingerprint(stage.name, stage.inputs, upstream)
-
-    def is_current(self, stage: Stage[Any]) -> bool:
-        """Whether ``stage`` would be reused (its recorded fingerprint matches)."""
-        return stage_fingerprint(self.run_dir.stage(stage.name)) == self.fingerprint(stage)
 
     def __call__(self, stage: Stage[T]) -> T:
         fp = self.fingerprint(stage)
@@ -115,7 +110,6 @@ class Runner:
 
     def _done(self, stage: Stage[T], fp: str, result: T, event: StageEvent) -> T:
         self.fingerprints[stage.name] = fp
-        self.results[stage.name] = result
         self.events.append(event)
         if self.report is not None:
             self.report(event)
