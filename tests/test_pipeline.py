@@ -81,8 +81,11 @@ def test_run_end_to_end_and_resume(tmp_path: Path, config_data: dict) -> None:
 
 def test_cli_run_prints_table_and_atlas(tmp_path: Path, config_data: dict) -> None:
     path = write_config(tmp_path / "cfg.yaml", config_data)
-    res = CliRunner().invoke(app, ["run", str(path), "--quiet"])
+    res = CliRunner().invoke(app, ["run", str(path)])
     assert res.exit_code == 0, res.output
+    for stage in ("capture", "splits", "ranges", "erasure", "atlas"):  # announced as they start
+        assert f"{stage}: running (no earlier output)" in res.output, res.output
+    assert "model: loading" in res.output and "model: loaded in" in res.output
     assert "erasure" in res.output and "atlas:" in res.output
     assert (
         "Verdict." in res.output

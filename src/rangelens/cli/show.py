@@ -34,7 +34,9 @@ def terminal_text(value: object) -> str:
 
 
 def stage_line(event: Any) -> None:
-    """One line per stage: reused, or ran and why."""
+    """One line per stage as it starts: reused, or running and why."""
+    if event.action == "ran":  # already announced as running
+        return
     colour = "dim" if event.action == "reused" else "cyan"
     err_console.print(f"[{colour}]{event}[/]", highlight=False, soft_wrap=True)
 

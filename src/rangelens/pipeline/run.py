@@ -143,8 +143,10 @@ def _atlas(run_dir: RunDir, runner: Runner) -> Path:
     if atlas_is_current(run_dir.root, run_dir.atlas):
         event = StageEvent("atlas", "reused")
     else:
-        build_atlas(run_dir.root)
         event = StageEvent("atlas", "ran", "the run changed")
+        if runner.report is not None:
+            runner.report(StageEvent("atlas", "running", event.why))
+        build_atlas(run_dir.root)
     runner.events.append(event)
     if runner.report is not None:
         runner.report(event)

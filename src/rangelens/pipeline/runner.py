@@ -46,7 +46,7 @@ class StageEvent:
     """What the runner did with one stage."""
 
     stage: str
-    action: str  # "reused" or "ran"
+    action: str  # "reused" or "ran" ("running" while it runs, reported only)
     why: str = ""
 
     def __str__(self) -> str:
@@ -98,6 +98,8 @@ class Runner:
                 )
             else:
                 return self._done(stage, fp, result, StageEvent(stage.name, "reused"))
+        if self.report is not None:  # long work ahead: say so before it starts
+            self.report(StageEvent(stage.name, "running", why))
         result = stage.compute()
         if self.write:
             if self.before_write is not None:

@@ -5,6 +5,8 @@ its inputs, upstream stages, and how it is computed, saved and loaded.
 
 from __future__ import annotations
 
+import sys
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -57,7 +59,13 @@ class Inputs:
     @cached_property
     def lm(self) -> LoadedModel:
         a = self.analysis
-        return load_model(a.model, device=local_device(a.device), dtype=a.dtype)
+        start = time.perf_counter()
+        if self.progress:  # loading (and a first dequantisation) can take a while
+            print(f"model: loading {a.model} ...", file=sys.stderr, flush=True)
+        lm = load_model(a.model, device=local_device(a.device), dtype=a.dtype)
+        if self.progress:
+            print(f"model: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        return lm
 
     @cached_property
     def protocol(self) -> ErasureProtocol:
