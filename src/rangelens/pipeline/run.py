@@ -143,7 +143,8 @@ def _atlas(run_dir: RunDir, runner: Runner) -> Path:
     if atlas_is_current(run_dir.root, run_dir.atlas):
         event = StageEvent("atlas", "reused")
     else:
-        event = StageEvent("atlas", "ran", "the run changed")
+        fresh = not (run_dir.atlas / "atlas.json").is_file()
+        event = StageEvent("atlas", "ran", "no earlier output" if fresh else "the run changed")
         if runner.report is not None:
             runner.report(StageEvent("atlas", "running", event.why))
         build_atlas(run_dir.root)
