@@ -85,7 +85,6 @@ def test_cli_run_prints_table_and_atlas(tmp_path: Path, config_data: dict) -> No
     assert res.exit_code == 0, res.output
     for stage in ("capture", "splits", "ranges", "erasure", "atlas"):  # announced as they start
         assert f"{stage}: running (no earlier output)" in res.output, res.output
-    assert "model: loading" in res.output and "model: loaded in" in res.output
     assert "erasure" in res.output and "atlas:" in res.output
     assert (
         "Verdict." in res.output

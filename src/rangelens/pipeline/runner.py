@@ -35,6 +35,7 @@ class Stage(Generic[T]):
     load: Callable[[Any], T]
     upstream: tuple[str, ...] = ()
     info: Callable[[T], dict[str, Any]] = field(default=lambda _result: {})
+    check: Callable[[], None] = field(default=lambda: None)  # bad input fails before it starts
 
     @property
     def kind(self) -> Kind:
@@ -98,6 +99,7 @@ class Runner:
                 )
             else:
                 return self._done(stage, fp, result, StageEvent(stage.name, "reused"))
+        stage.check()
         if self.report is not None:  # long work ahead: say so before it starts
             self.report(StageEvent(stage.name, "running", why))
         result = stage.compute()

@@ -5,8 +5,6 @@ its inputs, upstream stages, and how it is computed, saved and loaded.
 
 from __future__ import annotations
 
-import sys
-import time
 from functools import cached_property
 from pathlib import Path
 
@@ -59,13 +57,7 @@ class Inputs:
     @cached_property
     def lm(self) -> LoadedModel:
         a = self.analysis
-        start = time.perf_counter()
-        if self.progress:  # loading (and a first dequantisation) can take a while
-            print(f"model: loading {a.model} ...", file=sys.stderr, flush=True)
-        lm = load_model(a.model, device=local_device(a.device), dtype=a.dtype)
-        if self.progress:
-            print(f"model: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        return lm
+        return load_model(a.model, device=local_device(a.device), dtype=a.dtype)
 
     @cached_property
     def protocol(self) -> ErasureProtocol:
@@ -78,9 +70,12 @@ class Inputs:
 def capture_stage(run: Inputs, *, progress: bool) -> Stage[CaptureResult]:
     """One forward per text (stopped after the site): statistics and pooled features."""
 
+    def check() -> None:  # bad data or sites fail before anything is announced or written
+        assert run.data is not None
+        resolve_site(run.lm.model, run.analysis.site, run.analysis.layer)
+
     def compute() -> CaptureResult:
         torch.manual_seed(run.analysis.seed)
-        resolve_site(run.lm.model, run.analysis.site, run.analysis.layer)  # before any write
         return run_capture(run.lm, run.data, run.analysis, progress=progress)
 
     return Stage(
@@ -90,6 +85,7 @@ def capture_stage(run: Inputs, *, progress: bool) -> Stage[CaptureResult]:
         save_capture,
         load_capture,
         info=lambda cap: {"seconds": cap.info["seconds"]},
+        check=check,
     )
 
 
