@@ -68,6 +68,10 @@ class RunDir:
             raise RangelensError(f"unknown stage {name!r}; valid: {', '.join(STAGES)}")
         return self.root / name
 
+    def is_run(self) -> bool:
+        """Whether the directory holds a run (its ``run.json``)."""
+        return self.meta.is_file()
+
     def config(self) -> dict[str, Any]:
         """The resolved config the run recorded (empty if it has none)."""
         if not self.meta.is_file():
