@@ -35,7 +35,7 @@ from rangelens.config.analysis import AnalysisConfig
 from rangelens.config.erasure import ErasureConfig
 from rangelens.data import LabeledTexts
 from rangelens.errors import RangelensError, choices
-from rangelens.intervene import RangeMask, apply_ranges
+from rangelens.intervene import Edit
 from rangelens.ranges.captured import CaptureResult
 
 TASKS = ("head", "prompt", "finetuned")
@@ -83,6 +83,15 @@ def fit_head(
     return LinearHead(coef, intercept)
 
 
+def covers(site: NeuronSite, position: str, mask: Edit | None) -> bool:
+    """Whether an edit's effect on rows pooled at ``site`` / ``position`` is its effect on that
+    one row (so it applies to cached pooled features instead of a forward)."""
+    if mask is None:
+        return True
+    one_row = position not in ("mean", "tokens") and (mask.positions == "all" or position == "last")
+    return mask.site.name == site.name and one_row
+
+
 @dataclass
 class PooledHead:
     """Task ``head``'s classifier on cached pooled features of every data row.
@@ -97,20 +106,18 @@ class PooledHead:
     features: np.ndarray  # (n, d)
     head: LinearHead
 
-    def covers(self, mask: RangeMask | None) -> bool:
+    def covers(self, mask: Edit | None) -> bool:
         """Whether :meth:`log_proba` gives the same result as a forward with ``mask``."""
-        if mask is None:
-            return True
-        one_row = self.position != "mean" and (mask.positions == "all" or self.position == "last")
-        return mask.site.name == self.site.name and one_row
+        return covers(self.site, self.position, mask)
 
-    def log_proba(self, rows: np.ndarray, mask: RangeMask | None = None) -> np.ndarray:
-        x = torch.from_numpy(self.features[rows])
-        if mask is not None:
-            x = apply_ranges(
-                x, mask.neurons, mask.lo, mask.hi, mask.replacement, mask.mode, mask.scale
-            )
-        return self.head.log_proba(x).numpy()
+    def log_proba(self, rows: np.ndarray, mask: Edit | None = None) -> np.ndarray:
+        return self.head.log_proba(edited(self.features[rows], mask)).numpy()
+
+
+def edited(features: np.ndarray, mask: Edit | None) -> torch.Tensor:
+    """Pooled rows ``(n, d)`` as a masked forward leaves them (see :meth:`PooledHead.covers`)."""
+    x = torch.from_numpy(np.ascontiguousarray(features))
+    return x if mask is None else mask.edit_rows(x)
 
 
 @dataclass
