@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_erasure import erase
 
 from rangelens.activations.capture import model_inputs, pool, record, tokenize
 from rangelens.activations.models import LoadedModel
@@ -18,7 +19,6 @@ from rangelens.erasure.metrics import BASE, EffectEstimator, Estimate, Outcomes
 from rangelens.erasure.verdicts import collateral, curve, information, verdict
 from rangelens.errors import RangelensError
 from rangelens.intervene import LeaceEdit, NeuronMask
-from test_erasure import erase
 
 # ------------------------------------------------------------------- the information figures
 
@@ -57,8 +57,15 @@ def test_retrained_probe_recovers_what_a_mask_hides(tiny_llama: LoadedModel) -> 
     one = NeuronMask(site, [0])
     both = NeuronMask(site, [0, 1])
     found = fold_information(
-        x, y, train, test, {BASE: None, ("one",): one, ("both",): both},  # type: ignore[dict-item]
-        ["linear", "mlp"], n_classes=3, C=1.0, seed=0,
+        x,
+        y,
+        train,
+        test,
+        {BASE: None, ("one",): one, ("both",): both},  # type: ignore[dict-item]
+        ["linear", "mlp"],
+        n_classes=3,
+        C=1.0,
+        seed=0,
     )
     for kind in ("linear", "mlp"):
         base = found.pred[(kind, BASE)]
@@ -127,9 +134,7 @@ def test_leace_hook_edits_the_forward_like_the_cached_rows(tiny_llama: LoadedMod
 def test_leace_condition_runs_with_information_and_edit_figures(
     tiny_llama: LoadedModel, tmp_path: Path
 ) -> None:
-    result = erase(
-        tiny_llama, tmp_path, folds=2, conditions=["range", "neuron", "leace", "random"]
-    )
+    result = erase(tiny_llama, tmp_path, folds=2, conditions=["range", "neuron", "leace", "random"])
     avg = result.headline.set_index("concept").loc["average"]
     for state in ("range", "neuron", "leace", "random"):
         for metric in ("target_drop", "linear_probe_recall", "mlp_probe_balanced", "edit_norm"):
@@ -148,10 +153,17 @@ def test_leace_condition_runs_with_information_and_edit_figures(
     assert "range − neuron" in text and "retrained" in text
 
 
-def test_a_mask_away_from_the_head_site_is_forecast(tiny_llama: LoadedModel, tmp_path: Path) -> None:
+def test_a_mask_away_from_the_head_site_is_forecast(
+    tiny_llama: LoadedModel, tmp_path: Path
+) -> None:
     result = erase(
-        tiny_llama, tmp_path, {"site": "mlp", "layer": 0, "taus": []}, folds=2,
-        conditions=["range"], ppl_texts=0, probes=["linear"],
+        tiny_llama,
+        tmp_path,
+        {"site": "mlp", "layer": 0, "taus": []},
+        folds=2,
+        conditions=["range"],
+        ppl_texts=0,
+        probes=["linear"],
     )
     notices = result.info["notices"]
     assert any("suffix forwards" in n and "head_site" in n for n in notices)
@@ -198,7 +210,11 @@ def test_collateral_follows_each_figure_alone() -> None:
 
 
 def test_verdict_states_range_vs_random_collateral_ties() -> None:
-    headline = {"range": state(), "neuron": state(), "random": state(target_drop=(0.0, -0.02, 0.02))}
+    headline = {
+        "range": state(),
+        "neuron": state(),
+        "random": state(target_drop=(0.0, -0.02, 0.02)),
+    }
     said = verdict(headline, 5, 400)
     assert "Range masking's collateral was not distinguishable from the random control's" in said
     assert "Neuron masking's erasure is above it" in said
