@@ -84,7 +84,72 @@ def compact_headline(result: ErasureResult) -> pd.DataFrame:
                     row, f"diff_range_neuron_{m}", digits
                 )
         out.append(cells)
-    return pd.DataFrame(out)
+    frame = pd.DataFrame(out)
+    return frame.drop(columns=[c for c in frame.columns if (frame[c] == "–").all()])
+
+
+METHOD_COLUMNS = (
+    ("frozen-head target drop", "target_drop", 2),
+    ("frozen-head target acc", "target_acc", 2),
+    ("retrained linear recall", "linear_probe_recall", 2),
+    ("linear balanced acc", "linear_probe_balanced", 2),
+    ("retrained MLP recall", "mlp_probe_recall", 2),
+    ("MLP balanced acc", "mlp_probe_balanced", 2),
+    ("complement flip", "complement_flip", 2),
+    ("complement drop", "complement_drop", 2),
+    ("ΔPPL", "ppl_change", 1),
+    ("edit norm", "edit_norm", 2),
+)
+
+
+def method_table(result: ErasureResult, concept: str = "average") -> pd.DataFrame:
+    """Behaviour and information per method at the headline point: one row per state (the
+    unmasked base first), ``point [lo, hi]`` cells; figures measured for no state are left out
+    (perplexity of an encoder), and ``dims`` is the dimensions each edit touches (mean over folds
+    and concepts: neurons masked, LEACE's rank)."""
+    row = result.headline.set_index("concept").loc[concept].to_dict()
+    dims = result.info.get("classify", {}).get("dimensions", {})
+    out = []
+    base: dict[str, Any] = {"method": "unmasked"}
+    for title, name, digits in METHOD_COLUMNS:
+        if name in ("linear_probe_recall", "mlp_probe_recall"):
+            base[title] = interval_text(row, f"base_{name}", digits)
+        elif name == "target_acc":
+            base[title] = interval_text(row, "base_target_acc", digits)
+        else:
+            base[title] = "–"
+    base["dims"] = "0"
+    out.append(base)
+    for s in result.info["conditions"]:
+        cells: dict[str, Any] = {"method": s}
+        for title, name, digits in METHOD_COLUMNS:
+            cells[title] = interval_text(row, f"{s}_{name}", digits)
+        cells["dims"] = f"{dims[s]:g}" if s in dims else "–"
+        out.append(cells)
+    frame = pd.DataFrame(out)
+    empty = [c for c in frame.columns if (frame[c] == "–").all()]
+    return frame.drop(columns=empty)
+
+
+def curve_table(info: dict[str, Any]) -> pd.DataFrame:
+    """The tau curve as paired differences range − neuron (average over concepts), text cells."""
+    rows = []
+    for entry in info.get("sweep", []):
+        if "diff_range_neuron_target_drop" not in entry:
+            continue
+        cells: dict[str, Any] = {"tau": f"{entry['tau']:g}"}
+        for metric in HEADLINE:
+            digits = 1 if "ppl" in metric else 2
+            cells[f"Δ {metric.replace('_', ' ')}"] = interval_text(
+                entry, f"diff_range_neuron_{metric}", digits
+            )
+            cells[f"range {metric.replace('_', ' ')}"] = interval_text(
+                entry, f"range_{metric}", digits
+            )
+        rows.append(cells)
+    frame = pd.DataFrame(rows)
+    empty = [c for c in frame.columns if (frame[c] == "–").all()]
+    return frame.drop(columns=empty)
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -121,8 +186,22 @@ def write_erasure(out_dir: Path, result: ErasureResult, config: ErasureConfig) -
         f"base - masked; flip is the share of other-concept texts whose prediction changed; "
         f"ppl change is masked - base. Brackets: 95% bootstrap intervals over texts.\n\n"
         + (warn + "\n" if warn else "")
-        + f"**Verdict.** {info['verdict']}\n\n"
+        + "".join(f"> **Notice:** {n}\n>\n" for n in info.get("notices", []))
+        + f"\n**Verdict.** {info['verdict']}\n\n"
+        + "## Behaviour and information per method (average over concepts)\n\n"
+        + "Frozen head: the classifier trained unmasked (behaviour). Retrained probes: refit on "
+        + "the edited training rows of each fold, scored on its edited test rows (information); "
+        + "balanced accuracy is concept vs rest (chance 0.5). dims: neurons masked, or LEACE's "
+        + "rank; edit norm: mean L2 change of a test row at the masked site.\n\n"
+        + _markdown(method_table(result))
+        + "\n## Per concept\n\n"
         + _markdown(compact_headline(result))
+        + (
+            "\n## tau curve, paired differences range − neuron (average over concepts)\n\n"
+            + _markdown(curve_table(info))
+            if not curve_table(info).empty
+            else ""
+        )
         + f"\n## tau sweep (average over concepts, p = {info['p']:g})\n\n"
         + _markdown(pd.DataFrame(info["sweep"]))
         + (
