@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_erasure import erase
+from test_erasure import erase, keyword_corpus
 
 from rangelens.activations.capture import model_inputs, pool, record, tokenize
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import resolve_site
+from rangelens.data import LabeledTexts
 from rangelens.erasure import ErasureConfig
 from rangelens.erasure.information import fold_information, probe_predict
 from rangelens.erasure.metrics import BASE, EffectEstimator, Estimate, Outcomes
@@ -264,3 +265,29 @@ def test_probes_option_is_validated() -> None:
         ErasureConfig(probes=["svm"])
     with pytest.raises(RangelensError, match="leace"):
         ErasureConfig(conditions=["lace"])
+
+
+def test_binary_tasks_say_the_neuron_mask_is_shared(
+    tiny_llama: LoadedModel, tmp_path: Path
+) -> None:
+    data = keyword_corpus()
+    two = np.flatnonzero(data.labels < 2)
+    binary = LabeledTexts(
+        [data.texts[i] for i in two], data.labels[two], data.label_names[:2], "two"
+    )
+    result = erase(
+        tiny_llama,
+        tmp_path,
+        {"taus": []},
+        data=binary,
+        folds=2,
+        conditions=["range", "neuron"],
+        ppl_texts=0,
+        probes=[],
+    )
+    assert result.info["shared_neuron_mask"]
+    notices = " ".join(result.info["notices"])
+    assert "binary task" in notices and "one shared mask" in notices
+    # The keyword corpus is separable: every training row is classified correctly.
+    assert "range_rows 'correct' changed nothing" in notices
+    assert "retrained" not in result.info["verdict"]  # probes off: no information sentence

@@ -246,8 +246,8 @@ def density_verdict(headline: dict[str, dict[str, Estimate]], ratio: float) -> s
         detail = ", ".join(f"{m.replace('_', ' ')} {c}" for m, c in calls.items() if c != "n/a")
         diff = d["target_drop"] - headline[other]["target_drop"]
         parts.append(
-            f"On the frozen head's figures, density bands (likelihood ratio > {ratio:g}) "
-            f"{words[overall]} {label} (target drop {d['target_drop'].point:.2f} vs "
+            f"Density bands (likelihood ratio > {ratio:g}) {words[overall]} {label} on the "
+            f"frozen head's figures (target drop {d['target_drop'].point:.2f} vs "
             f"{headline[other]['target_drop'].point:.2f}, difference {show(diff, True)}; {detail})."
         )
     return " ".join(parts)
