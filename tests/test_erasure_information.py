@@ -16,7 +16,7 @@ from rangelens.activations.sites import resolve_site
 from rangelens.data import LabeledTexts
 from rangelens.erasure import ErasureConfig
 from rangelens.erasure.information import fold_information, probe_predict
-from rangelens.erasure.metrics import BASE, EffectEstimator, Estimate, Outcomes
+from rangelens.erasure.metrics import BASE, EffectEstimator, Estimate, Outcomes, base_key
 from rangelens.erasure.verdicts import collateral, curve, information, verdict
 from rangelens.errors import RangelensError
 from rangelens.intervene import LeaceEdit, NeuronMask
@@ -291,3 +291,22 @@ def test_binary_tasks_say_the_neuron_mask_is_shared(
     # The keyword corpus is separable: every training row is classified correctly.
     assert "range_rows 'correct' changed nothing" in notices
     assert "retrained" not in result.info["verdict"]  # probes off: no information sentence
+
+
+def test_the_concept_vs_rest_probe_is_read_per_concept_at_base() -> None:
+    labels = np.array([0, 0, 1, 1])
+    key = ("leace", 0, "s", None, 0.3)
+    pred = {BASE: labels.copy(), key: labels.copy()}
+    probe = {
+        ("binary", base_key(0)): np.array([0, 0, -1, -1]),
+        ("binary", base_key(1)): np.array([-1, 1, 1, 1]),
+        ("binary", key): np.array([0, -1, 0, -1]),
+    }
+    o = Outcomes(np.arange(4), labels, pred, {k: np.ones(4) for k in pred}, probe)
+    e = EffectEstimator(o, None, 100, 0)
+    assert e.information("binary", BASE, 0)["balanced"].point == 1.0
+    assert e.information("binary", BASE, 1)["balanced"].point == pytest.approx(0.75)
+    assert e.information("binary", key, 0)["balanced"].point == pytest.approx(0.5)
+    x, y = separable(n=300, d=8)
+    hit = probe_predict("binary:1", x[:240], y[:240], x[240:], 3)
+    assert set(np.unique(hit)) <= {1, -1} and ((hit == 1) == (y[240:] == 1)).mean() > 0.95

@@ -111,6 +111,7 @@ def print_erasure(result: Any) -> None:
         ("target accuracy drop (frozen head)", "target_drop", 2),
         ("target recall, retrained linear probe", "linear_probe_recall", 2),
         ("balanced acc, retrained linear probe", "linear_probe_balanced", 2),
+        ("balanced acc, concept-vs-rest linear probe", "binary_probe_balanced", 2),
         ("target recall, retrained MLP probe", "mlp_probe_recall", 2),
         ("balanced acc, retrained MLP probe", "mlp_probe_balanced", 2),
         ("complement accuracy drop", "complement_drop", 2),

@@ -16,7 +16,7 @@ RENAMED = {"concepts": "targets"}
 # Masked states compared with the unmasked base; each has an entry in ``rangelens.erasure.conditions``.
 Condition = Literal["range", "neuron", "random", "density", "leace"]
 Task = Literal["head", "prompt", "finetuned"]
-Probe = Literal["linear", "mlp"]
+Probe = Literal["linear", "binary", "mlp"]
 
 
 class ErasureConfig(Options):
@@ -72,9 +72,10 @@ class ErasureConfig(Options):
         True, description="perplexity at every swept tau too (false: the headline tau only)"
     )
     probes: list[Probe] = Field(
-        default_factory=lambda: list[Probe](["linear", "mlp"]),
+        default_factory=lambda: list[Probe](["linear", "binary", "mlp"]),
         description="probes refit on masked training rows (does a retrained probe still read the "
-        "concept?): linear (the head's family) and a small MLP; [] skips",
+        "concept?): linear (the head's family), binary (concept vs rest, logistic) and a small "
+        "MLP; [] skips",
     )
     suffix: bool = Field(True, description="re-run only the blocks after the mask site")
 

@@ -93,6 +93,7 @@ METHOD_COLUMNS = (
     ("frozen-head target acc", "target_acc", 2),
     ("retrained linear recall", "linear_probe_recall", 2),
     ("linear balanced acc", "linear_probe_balanced", 2),
+    ("c-vs-rest linear balanced acc", "binary_probe_balanced", 2),
     ("retrained MLP recall", "mlp_probe_recall", 2),
     ("MLP balanced acc", "mlp_probe_balanced", 2),
     ("complement flip", "complement_flip", 2),
@@ -112,7 +113,7 @@ def method_table(result: ErasureResult, concept: str = "average") -> pd.DataFram
     out = []
     base: dict[str, Any] = {"method": "unmasked"}
     for title, name, digits in METHOD_COLUMNS:
-        if name in ("linear_probe_recall", "mlp_probe_recall"):
+        if name.endswith("_probe_recall") or name.endswith("_probe_balanced"):
             base[title] = interval_text(row, f"base_{name}", digits)
         elif name == "target_acc":
             base[title] = interval_text(row, "base_target_acc", digits)

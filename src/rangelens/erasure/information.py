@@ -5,7 +5,8 @@ still reads it, is the experiment's target accuracy drop.)
 Probes are fitted per fold on the training rows' pooled features at the masked site, each edited
 as the masked forward leaves them (:func:`rangelens.erasure.tasks.edited`; no forward needed), and
 predict that fold's test rows: ``linear`` is the head's own family (standardised multinomial
-logistic regression, same ``C``), ``mlp`` a small scikit-learn ``MLPClassifier`` (one hidden layer
+logistic regression, same ``C``), ``binary`` a class-balanced logistic regression of the concept
+against the rest (the probe LEACE's guarantee is about), ``mlp`` a small scikit-learn ``MLPClassifier`` (one hidden layer
 of 64 ReLU units, L-BFGS). Their predictions enter the same bootstrap as every other figure; from them
 :meth:`~rangelens.erasure.metrics.EffectEstimator.information` gives the target recall and the
 concept-vs-rest balanced accuracy. Also recorded per edit: the mean L2 norm of the change of a
@@ -19,16 +20,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
 from rangelens.activations.sites import NeuronSite
-from rangelens.erasure.metrics import Key
+from rangelens.erasure.metrics import Key, base_key
 from rangelens.erasure.tasks import Classifier, covers, edited, fit_head
 from rangelens.intervene import Edit
 from rangelens.ranges.captured import CaptureResult
 
-PROBES = ("linear", "mlp")
+PROBES = ("linear", "binary", "mlp")
 __all__ = [
     "PROBES",
     "FoldInformation",
@@ -68,6 +70,17 @@ def probe_predict(
     if kind == "linear":
         head = fit_head(train_x, train_y, n_classes, C=C)
         return np.asarray(head.log_proba(test_x).numpy().argmax(axis=1))
+    if kind.startswith("binary:"):  # concept c vs rest: LEACE's own guarantee is about this probe
+        c = int(kind.split(":")[1])
+        x = np.asarray(train_x, dtype=np.float64)
+        mean, std = x.mean(axis=0), x.std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit((x - mean) / std, train_y == c)
+        hit = clf.predict((np.asarray(test_x, dtype=np.float64) - mean) / std)
+        return np.where(hit, c, -1)
     x = np.asarray(train_x, dtype=np.float64)
     mean, std = x.mean(axis=0), x.std(axis=0)
     std = np.where(std > 0, std, 1.0)
@@ -128,6 +141,14 @@ def _fill(
         out.norm[key] = np.linalg.norm(test_x.astype(np.float64) - test_raw, axis=1)
         out.dims[key] = 0 if mask is None else mask.dimensions
         for kind in probes:
+            if kind == "binary":  # one probe per concept: the key's, or every concept at base
+                concepts = range(n_classes) if key[1] is None else [int(key[1])]
+                for c in concepts:
+                    at = key if key[1] is not None else base_key(c)
+                    out.pred[(kind, at)] = probe_predict(
+                        f"binary:{c}", train_x, labels[train], test_x, n_classes, C=C
+                    )
+                continue
             out.pred[(kind, key)] = probe_predict(
                 kind, train_x, labels[train], test_x, n_classes, C=C, seed=seed
             )

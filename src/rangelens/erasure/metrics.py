@@ -16,6 +16,13 @@ import numpy as np
 
 Key = tuple[str, int | None, str | None, float | None, float | None]  # state, concept, site, tau, p
 BASE: Key = ("base", None, None, None, None)
+
+
+def base_key(concept: int) -> Key:
+    """The unmasked state seen by a per-concept probe (the ``binary`` concept-vs-rest probe)."""
+    return ("base", concept, None, None, None)
+
+
 DROPS = ("target_drop", "complement_drop", "target_conf_drop", "complement_conf_drop")
 HEADLINE = ("target_drop", "complement_drop", "complement_flip", "ppl_change")
 LEVEL = 0.95
@@ -121,6 +128,8 @@ class EffectEstimator:
         share of the concept's texts predicted as the concept) and ``balanced`` (concept vs rest
         balanced accuracy: the mean of that recall and the share of other texts not predicted as
         the concept; chance 0.5)."""
+        if (probe, key) not in self.o.probe and key == BASE:
+            key = base_key(concept)
         pred = self.o.probe[(probe, key)]
         target = self.o.labels == concept
         recall = self._mean(pred == concept, target)
@@ -159,7 +168,9 @@ class EffectEstimator:
         out["ppl_change"] = self.perplexity(key) - self.perplexity(BASE)
         out["target_acc"] = self.level(key, concept, "target_acc")
         for probe in self.probes():
-            if (probe, key) in self.o.probe:
+            if (probe, key) in self.o.probe or (
+                key == BASE and (probe, base_key(concept)) in self.o.probe
+            ):
                 for name, e in self.information(probe, key, concept).items():
                     out[f"{probe}_probe_{name}"] = e
         if key in self.o.norm:

@@ -58,7 +58,9 @@ PAIRS = (
     ("neuron", "leace"),
     ("density", "leace"),
 )
-PROBE_FIGURES = tuple(f"{p}_probe_{m}" for p in ("linear", "mlp") for m in ("recall", "balanced"))
+PROBE_FIGURES = tuple(
+    f"{p}_probe_{m}" for p in ("linear", "binary", "mlp") for m in ("recall", "balanced")
+)
 
 
 def _shared(per_concept: dict[int, dict[str, dict[str, Estimate]]], state: str) -> list[str]:

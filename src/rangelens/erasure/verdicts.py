@@ -28,7 +28,11 @@ NAMES = {
     "leace": "LEACE",
     "random": "The random control",
 }
-PROBE_NAMES = {"linear": "linear", "mlp": "MLP"}
+PROBE_NAMES = {"linear": "linear", "binary": "concept-vs-rest linear", "mlp": "MLP"}
+
+
+def possessive(name: str) -> str:
+    return f"{name}'" if name.endswith("s") else f"{name}'s"
 
 
 def show(e: Estimate, signed: bool = False, digits: int = 2) -> str:
@@ -75,17 +79,17 @@ def collateral(a: dict[str, Estimate], b: dict[str, Estimate], name_a: str, name
     higher = [m for m, c in calls.items() if c == "higher"]
     ties = [m for m, c in calls.items() if c == "tie"]
     if not lower and not higher:
-        judged = f"was not distinguishable from {name_b}'s"
+        judged = f"was not distinguishable from {possessive(name_b)}"
     else:
         said = []
         if lower:
             said.append(f"lower on {_listing(lower)}")
         if higher:
             said.append(f"higher on {_listing(higher)}")
-        judged = f"was {' but '.join(said)} than {name_b}'s"
+        judged = f"was {' but '.join(said)} than {possessive(name_b)}"
         if ties:
             judged += f" (a tie on {_listing(ties)})"
-    return f"{name_a}'s collateral {judged}: {'; '.join(details)}."
+    return f"{possessive(name_a)} collateral {judged}: {'; '.join(details)}."
 
 
 def erasure_call(a: dict[str, Estimate], b: dict[str, Estimate], name_a: str, name_b: str) -> str:
@@ -93,7 +97,7 @@ def erasure_call(a: dict[str, Estimate], b: dict[str, Estimate], name_a: str, na
     c = call(d)
     said = {"tie": "matched", "higher": "exceeded", "lower": "fell short of", "n/a": "n/a"}[c]
     return (
-        f"{name_a} {said} {name_b}'s erasure: target accuracy drop {show(a['target_drop'])} vs "
+        f"{name_a} {said} {possessive(name_b)} erasure: target accuracy drop {show(a['target_drop'])} vs "
         f"{show(b['target_drop'])} (difference {show(d, True)}{', a tie' if c == 'tie' else ''})."
     )
 
@@ -152,7 +156,7 @@ def verdict(
     r, n = headline.get("range"), headline.get("neuron")
     if r is not None and n is not None:
         parts.append(erasure_call(r, n, "Range masking", "neuron masking"))
-        parts.append(collateral(r, n, "Its", "neuron masking"))
+        parts.append(collateral(r, n, "Range masking", "neuron masking"))
     else:
         parts.append("Range and neuron masking were not both run; no comparison between them.")
     if "random" in headline:
