@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.text import Text
+from matplotlib.ticker import FuncFormatter
 
 from rangelens.artifacts import atomic_path
 
@@ -37,6 +38,8 @@ def _ppl_axis(ax: Axes, axis: str, values: list[float]) -> str:
     finite = np.abs(np.asarray([v for v in values if np.isfinite(v)]))
     if finite.size and finite.max() > 100 * max(np.median(finite), 1.0):
         (ax.set_xscale if axis == "x" else ax.set_yscale)("symlog", linthresh=1.0)
+        plain = FuncFormatter(lambda v, _pos: f"{v:+,.0f}" if v else "0")  # no mathtext
+        (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(plain)
         return " (symmetric log scale)"
     return ""
 
@@ -118,7 +121,7 @@ def tau_tradeoff(sweep: pd.DataFrame, states: list[str], *, title: str = "") -> 
         ylabel = "vs base, average over concepts (95% band)"
         if metric == "ppl_change":
             values = [v for s in states for v in sweep[f"{s}_{metric}_hi"].tolist()]
-            ylabel += _ppl_axis(ax, "y", values)
+            ylabel = "vs base (95% band)" + _ppl_axis(ax, "y", values)
         ax.set_ylabel(ylabel)
         ax.set_title(label)
         ax.legend(fontsize="small")
