@@ -310,3 +310,18 @@ def test_the_concept_vs_rest_probe_is_read_per_concept_at_base() -> None:
     x, y = separable(n=300, d=8)
     hit = probe_predict("binary:1", x[:240], y[:240], x[240:], 3)
     assert set(np.unique(hit)) <= {1, -1} and ((hit == 1) == (y[240:] == 1)).mean() > 0.95
+
+
+def test_after_leace_no_probe_reads_a_constant_column_back(tiny_llama: LoadedModel) -> None:
+    """In sample, LEACE leaves a concept-vs-rest linear probe nothing (its theorem), also when a
+    column is constant: standardising it by its rounding noise would read the erased direction
+    back (MiniLM's CLS has such a column)."""
+    site = resolve_site(tiny_llama.model, "resid", -1)
+    x, y = separable(n=300, d=site.width)
+    x[:, 5] = 0.37  # constant
+    x64 = x.astype(np.float64)
+    edit = LeaceEdit.fit(site, x64, y == 1)
+    erased = edit.edit_rows(torch.from_numpy(x64)).numpy()
+    hit = probe_predict("binary:1", erased, y, erased, 3)
+    t = y == 1
+    assert ((hit[t] == 1).mean() + (hit[~t] != 1).mean()) / 2 == pytest.approx(0.5, abs=0.05)

@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from rangelens.activations.sites import NeuronSite
 from rangelens.erasure.metrics import Key, base_key
-from rangelens.erasure.tasks import Classifier, covers, edited, fit_head
+from rangelens.erasure.tasks import Classifier, covers, edited, fit_head, standardiser
 from rangelens.intervene import Edit
 from rangelens.ranges.captured import CaptureResult
 
@@ -73,8 +73,7 @@ def probe_predict(
     if kind.startswith("binary:"):  # concept c vs rest: LEACE's own guarantee is about this probe
         c = int(kind.split(":")[1])
         x = np.asarray(train_x, dtype=np.float64)
-        mean, std = x.mean(axis=0), x.std(axis=0)
-        std = np.where(std > 0, std, 1.0)
+        mean, std = standardiser(x)
         clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -82,8 +81,7 @@ def probe_predict(
         hit = clf.predict((np.asarray(test_x, dtype=np.float64) - mean) / std)
         return np.where(hit, c, -1)
     x = np.asarray(train_x, dtype=np.float64)
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
+    mean, std = standardiser(x)
     mlp = MLPClassifier(
         (MLP_HIDDEN,), solver="lbfgs", alpha=1e-3, max_iter=MLP_ITERATIONS, random_state=seed
     )

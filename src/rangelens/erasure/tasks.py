@@ -42,6 +42,16 @@ TASKS = ("head", "prompt", "finetuned")
 Readout = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
+def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and the scales to divide by: the standard deviation, or 1 for a column that is
+    constant up to rounding (std below 1e-6 of the largest). Dividing such a column by its
+    rounding noise (1e-33 on MiniLM's CLS) would turn float error into a feature, e.g. let a
+    probe read back a direction LEACE removed."""
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    floor = 1e-6 * float(std.max()) if std.size else 0.0
+    return mean, np.where(std > floor, std, 1.0)
+
+
 @dataclass
 class LinearHead:
     """A linear classifier on raw site features: ``log_softmax(x @ weight.T + bias)``."""
@@ -69,8 +79,7 @@ def fit_head(
     missing = sorted(set(range(n_classes)) - set(np.unique(y).tolist()))
     if missing:
         raise RangelensError(f"classes {missing} have no training rows; every class needs some")
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
+    mean, std = standardiser(x)
     clf = LogisticRegression(C=C, max_iter=2000)
     with warnings.catch_warnings():  # a not fully converged head still classifies; keep going
         warnings.simplefilter("ignore", ConvergenceWarning)
