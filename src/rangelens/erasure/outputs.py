@@ -76,13 +76,11 @@ def _probe_figures(effects: dict[str, Estimate]) -> dict[str, Estimate]:
 def _notices(info: dict[str, Any], data: LabeledTexts, concepts: list[int]) -> list[str]:
     """What the reader should know about how the run went (not warnings: nothing is wrong)."""
     out = []
-    if len(data.label_names) == 2 and "neuron" in info["conditions"]:
+    if len(data.label_names) == 2 and info.get("shared_neuron_mask"):
         out.append(
             "binary task: d′ and the other rankings score both concepts' neurons alike, so "
             "'neuron' masks the same neurons for both concepts (one shared mask; the per-concept "
             "figures differ only in which texts are the targets)"
-            if info.get("shared_neuron_mask")
-            else "binary task: check the per-concept neuron masks, which may overlap"
         )
     shares = info["protocol"].get("correct_share", {})
     if shares and all(v == 1.0 for v in shares.values()):
