@@ -314,7 +314,7 @@ def test_token_position_statistics_are_recaptured(tiny_llama: LoadedModel, tmp_p
 def test_perplexity_only_at_the_headline_unless_swept(
     tiny_llama: LoadedModel, tmp_path: Path
 ) -> None:
-    result = erase(tiny_llama, tmp_path, folds=2, conditions=["range", "neuron"])
+    result = erase(tiny_llama, tmp_path, folds=2, conditions=["range", "neuron"], ppl_sweep=False)
     ranged = result.table[result.table["state"] == "range"].set_index("tau")
     assert ranged.loc[2.0, "ppl"].notna().all() and ranged.loc[1.0, "ppl"].isna().all()
     neuron = result.table[result.table["state"] == "neuron"]

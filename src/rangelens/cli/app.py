@@ -96,7 +96,7 @@ def analyze(given: dict[str, Any], *, quiet: bool = False) -> None:
 def _overridden(config: RunConfig, given: dict[str, Any]) -> RunConfig:
     """``config`` with the options given on the command line set in their sections (a section the
     config leaves out is created for an option of it)."""
-    data = config.model_dump(exclude_unset=False)
+    data = config.model_dump(exclude_unset=True)  # unset options stay unset (defaults by kind)
     if "out" in given:
         data["out"] = given.pop("out")
     for section, model in RUN_SECTIONS:

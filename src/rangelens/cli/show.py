@@ -110,13 +110,21 @@ def print_erasure(result: Any) -> None:
     if diff:
         table.add_column("range − neuron", justify="right")
     metrics = [
-        ("target accuracy drop", "target_drop", 2),
+        ("target accuracy drop (frozen head)", "target_drop", 2),
+        ("target recall, retrained linear probe", "linear_probe_recall", 2),
+        ("balanced acc, retrained linear probe", "linear_probe_balanced", 2),
+        ("balanced acc, concept-vs-rest linear probe", "binary_probe_balanced", 2),
+        ("target recall, retrained MLP probe", "mlp_probe_recall", 2),
+        ("balanced acc, retrained MLP probe", "mlp_probe_balanced", 2),
         ("complement accuracy drop", "complement_drop", 2),
         ("complement flip rate", "complement_flip", 2),
         ("perplexity change", "ppl_change", 1),
+        ("edit norm (masked site)", "edit_norm", 2),
     ]
     for title, key, digits in metrics:
         cells = [interval_text(average, f"{s}_{key}", digits) for s in states]
+        if all(c == "–" for c in cells):
+            continue  # not measured here (perplexity of an encoder, probes off)
         if diff:
             cells.append(interval_text(average, f"diff_range_neuron_{key}", digits))
         table.add_row(title, *cells)
@@ -135,13 +143,21 @@ def print_erasure(result: Any) -> None:
             cells += [f"{row[f'{s}_{key}']:+.2f}" for s in states]
         per.add_row(*cells)
     console.print(per)
-    console.print(
-        "[dim]Drops are base - masked accuracy (erasure wants a large target drop and ~0 "
-        "collateral); flip: share of other-concept texts whose prediction changed; perplexity "
-        f"change is masked - base on general text (base {info.get('base_ppl', float('nan')):.1f})."
-        " R / range: range mask; N / neuron: neuron mask; X / random: as many random neurons "
-        "masked (control). Per concept, drop is the target accuracy drop.[/]"
+    base_ppl = info.get("base_ppl")
+    ppl = (
+        f"; perplexity change is masked - base on general text (base {base_ppl:.1f})"
+        if isinstance(base_ppl, float) and base_ppl == base_ppl
+        else ""
     )
+    console.print(
+        "[dim]Drops are base - masked accuracy of the frozen head (erasure wants a large target "
+        "drop and ~0 collateral); retrained probes are refit on the masked training rows (does "
+        "the concept stay decodable?); flip: share of other-concept texts whose prediction "
+        f"changed{ppl}. R / range: range mask; N / neuron: neuron mask; X / random: as many "
+        "random neurons masked (control). Per concept, drop is the target accuracy drop.[/]"
+    )
+    for notice in info.get("notices", []):
+        console.print(f"[bold]notice:[/] {notice}", highlight=False, soft_wrap=True)
     for warning in info.get("warnings", []):
         err_console.print(f"[bold red]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"[bold]Verdict.[/] {info.get('verdict', '')}", highlight=False)

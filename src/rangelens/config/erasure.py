@@ -14,8 +14,9 @@ DEFAULT_PROMPT = "Classify the text as one of: {labels}.\n\nText: {text}\nLabel:
 MOVED = ("tau", "p", "taus", "ps", "layers", "batch_size")  # analysis options: one per run
 RENAMED = {"concepts": "targets"}
 # Masked states compared with the unmasked base; each has an entry in ``rangelens.erasure.conditions``.
-Condition = Literal["range", "neuron", "random", "density"]
+Condition = Literal["range", "neuron", "random", "density", "leace"]
 Task = Literal["head", "prompt", "finetuned"]
+Probe = Literal["linear", "binary", "mlp"]
 
 
 class ErasureConfig(Options):
@@ -68,7 +69,13 @@ class ErasureConfig(Options):
     ppl_texts: int = Field(32, ge=0, description="general texts for perplexity (0: skip)")
     ppl_max_length: int = Field(64, ge=2, description="tokens per general text for perplexity")
     ppl_sweep: bool = Field(
-        False, description="perplexity at every swept tau too (default: the headline tau only)"
+        True, description="perplexity at every swept tau too (false: the headline tau only)"
+    )
+    probes: list[Probe] = Field(
+        default_factory=lambda: list[Probe](["linear", "binary", "mlp"]),
+        description="probes refit on masked training rows (does a retrained probe still read the "
+        "concept?): linear (the head's family), binary (concept vs rest, logistic) and a small "
+        "MLP; [] skips",
     )
     suffix: bool = Field(True, description="re-run only the blocks after the mask site")
 

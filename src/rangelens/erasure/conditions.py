@@ -21,7 +21,7 @@ from rangelens.ranges.maps import RangeMap
 
 if TYPE_CHECKING:  # the masks (torch) load when a condition builds one
     from rangelens.activations.sites import NeuronSite
-    from rangelens.intervene import RangeMask
+    from rangelens.intervene import Edit, LeaceEdit, RangeMask
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class MaskSpec:
     scale: float
     seed: tuple[int, ...]
     bands: RangeMap | None = None  # density bands on the same neurons (per_ratio conditions)
+    features: np.ndarray | None = None  # (n, width) pooled training-row features (fitted edits)
+    labels: np.ndarray | None = None  # (n,) their classes
 
     def options(self) -> dict[str, Any]:
         return {"positions": self.positions, "mode": self.mode, "scale": self.scale}
@@ -46,7 +48,7 @@ class MaskSpec:
 @dataclass(frozen=True)
 class Condition:
     name: str
-    build: Callable[[MaskSpec], RangeMask]
+    build: Callable[[MaskSpec], Edit]
     per_tau: bool
     description: str
     per_ratio: bool = False
@@ -103,6 +105,18 @@ def _random(spec: MaskSpec) -> RangeMask:
     return NeuronMask(spec.site, neurons, replacement=spec.replacement[neurons], **spec.options())
 
 
+def _leace(spec: MaskSpec) -> LeaceEdit:
+    if spec.features is None or spec.labels is None:
+        raise RangelensError(
+            f"condition 'leace' is fitted on pooled training features at site {spec.site.name}, "
+            f"and none are cached there; use the analysis site and position (last, first or cls) "
+            f"as the mask site, or the head site (erasure.head_site / head_layer)"
+        )
+    from rangelens.intervene import LeaceEdit
+
+    return LeaceEdit.fit(spec.site, spec.features, spec.labels == spec.concept, spec.positions)
+
+
 register(
     Condition("range", _range, True, "salient neurons replaced only inside the concept's range")
 )
@@ -117,6 +131,16 @@ register(
         "the same salient neurons replaced only where the concept is more likely than the other "
         "concepts (likelihood ratio above density_ratio; beyond NeuronLens)",
         per_ratio=True,
+    )
+)
+register(
+    Condition(
+        "leace",
+        _leace,
+        False,
+        "LEACE (Belrose et al. 2023, EleutherAI concept-erasure): the least-squares affine edit "
+        "after which no linear probe of the site's pooled training features predicts concept vs "
+        "rest; fitted per fold, applied at every masked position",
     )
 )
 register(

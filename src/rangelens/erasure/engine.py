@@ -10,17 +10,23 @@ rotary tables. Hooks go through the one primitive, :class:`rangelens.activations
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from rangelens.activations.capture import model_inputs, tokenize
 from rangelens.activations.hooks import Trace, stop_forward
+from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import FAMILIES, NeuronSite, blocks
+from rangelens.erasure.metrics import Key
 from rangelens.errors import RangelensError
-from rangelens.intervene import RangeMask
+from rangelens.intervene import Edit
 
 T = TypeVar("T")
 
@@ -93,7 +99,7 @@ def _prefix(model: nn.Module, inputs: dict[str, torch.Tensor], n: int) -> tuple[
 def run_conditions(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
-    masks: Sequence[RangeMask | None],
+    masks: Sequence[Edit | None],
     forward: Callable[[dict[str, torch.Tensor]], T],
     *,
     start: int = 0,
@@ -114,3 +120,94 @@ def run_conditions(
                 stack.enter_context(mask.attach(model))
             results.append(forward(inputs))
     return results
+
+
+@dataclass
+class Group:
+    """Conditions whose masks sit at one site, so they share one prefix per batch."""
+
+    site: NeuronSite
+    masks: dict[Key, Edit | None]
+
+
+def run_groups(
+    lm: LoadedModel,
+    texts: list[str],
+    groups: list[Group],
+    forward: Callable[[dict[str, torch.Tensor]], T],
+    starts: list[int],
+    *,
+    batch_size: int,
+    max_length: int,
+    padding_side: str | None,
+    bar: Any,
+) -> dict[Key, list[tuple[np.ndarray, T]]]:
+    """Every mask of ``groups`` on every batch of ``texts`` (group g skips ``starts[g]`` blocks):
+    per condition the ``(text index, output)`` of each batch."""
+    results: dict[Key, list[tuple[np.ndarray, T]]] = {k: [] for g in groups for k in g.masks}
+    if not groups or not texts:
+        return results
+    batches = tokenize(
+        lm, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side
+    )
+    bar.total += len(results) * len(batches)
+    bar.refresh()
+    for batch in batches:
+        kwargs = model_inputs(lm.model, batch)
+        for group, start in zip(groups, starts, strict=True):
+            keys = list(group.masks)
+            outputs = run_conditions(
+                lm.model, kwargs, [group.masks[k] for k in keys], forward, start=start
+            )
+            for key, out in zip(keys, outputs, strict=True):
+                results[key].append((batch.index, out))
+            bar.update(len(keys))
+    return results
+
+
+def starts_for(
+    lm: LoadedModel, groups: list[Group], readout: list[NeuronSite], suffix: bool
+) -> list[int]:
+    return [suffix_start(lm.model, [*readout, g.site]) if suffix else 0 for g in groups]
+
+
+def skipping(lm: LoadedModel, groups: list[Group], starts: list[int]) -> dict[str, Any]:
+    """Per mask site: how many blocks each condition's forward skipped and re-ran."""
+    n = len(blocks(lm.model)[1])
+    return {
+        g.site.name: {"skipped_blocks": s, "rerun_blocks": n - s}
+        for g, s in zip(groups, starts, strict=True)
+    }
+
+
+def forecast(
+    lm: LoadedModel,
+    texts: list[str],
+    groups: list[Group],
+    starts: list[int],
+    n_texts: int,
+    *,
+    batch_size: int,
+    max_length: int,
+    padding_side: str | None,
+) -> tuple[int, float]:
+    """How many suffix forwards (one batch each) the masks of ``groups`` need over ``n_texts``
+    texts, and about how many seconds, from one timed full forward of a batch of ``texts``."""
+    n_batches = -(-n_texts // batch_size)
+    n_forwards = sum(len(g.masks) for g in groups) * n_batches
+    if not texts or not groups:
+        return n_forwards, 0.0
+    batch = tokenize(
+        lm,
+        texts[:batch_size],
+        batch_size=batch_size,
+        max_length=max_length,
+        padding_side=padding_side,
+    )[0]
+    clock = time.perf_counter()
+    lm.model(**model_inputs(lm.model, batch))
+    full = time.perf_counter() - clock
+    n_blocks = len(blocks(lm.model)[1])
+    per = [full * (n_blocks - s) / n_blocks for s in starts]
+    seconds = sum(len(g.masks) * n_batches * t for g, t in zip(groups, per, strict=True))
+    return n_forwards, seconds

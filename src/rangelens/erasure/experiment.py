@@ -13,9 +13,7 @@ perplexity (one set of conditions on the general text, not one per fold).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,34 +21,29 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rangelens.activations.capture import model_inputs, tokenize
 from rangelens.activations.models import LoadedModel
-from rangelens.activations.sites import NeuronSite, blocks, resolve_site
+from rangelens.activations.sites import NeuronSite, resolve_site
 from rangelens.config.analysis import AnalysisConfig
 from rangelens.config.erasure import ErasureConfig
-from rangelens.data import LabeledTexts, general_text
+from rangelens.data import LabeledTexts
 from rangelens.erasure.conditions import CONDITIONS, MaskSpec
-from rangelens.erasure.engine import run_conditions, suffix_start
-from rangelens.erasure.metrics import BASE, EffectEstimator, Key, Outcomes, Perplexities
-from rangelens.erasure.outputs import ErasureResult, summarise, write_erasure
+from rangelens.erasure.engine import Group
+from rangelens.erasure.evaluate import classify, perplexity
+from rangelens.erasure.information import fold_information, site_features
+from rangelens.erasure.metrics import BASE, EffectEstimator, Key, Outcomes
+from rangelens.erasure.outputs import ErasureResult, state_key, summarise, write_erasure
 from rangelens.erasure.protocol import ErasureProtocol
-from rangelens.erasure.tasks import ClassificationTask, Classifier, has_lm_head, token_nll
+from rangelens.erasure.tasks import (
+    covers,
+)
 from rangelens.errors import RangelensError, choices
-from rangelens.intervene import RangeMask
+from rangelens.intervene import Edit
 from rangelens.ranges.captured import CaptureResult
 from rangelens.ranges.fit import FeatureSource, fit_rangeset
 from rangelens.ranges.rangeset import RangeSet
 from rangelens.ranges.splits import FULL
 
 T = TypeVar("T")
-
-
-@dataclass
-class _Group:
-    """Conditions whose masks sit at one site, so they share one prefix per batch."""
-
-    site: NeuronSite
-    masks: dict[Key, RangeMask | None]
 
 
 def _sites(lm: LoadedModel, analysis: AnalysisConfig, ranges: RangeSet) -> list[NeuronSite]:
@@ -82,13 +75,20 @@ def _groups(
     config: ErasureConfig,
     seed: int,
     points: list[tuple[float, float]] | None = None,
-) -> list[_Group]:
+    features: dict[str, np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
+) -> list[Group]:
     """Every condition's mask at every site, (tau, p) (default: every saved point) and concept,
-    built from the split's maps."""
+    built from the split's maps; fitted edits (LEACE) from the split's training rows of
+    ``features`` (per site, pooled features of every data row) and ``labels``."""
     index = list(ranges.splits).index(split)
+    train = ranges.splits[split].train
     groups = []
     for s, site in enumerate(sites):
-        masks: dict[Key, RangeMask | None] = {}
+        at_site = (features or {}).get(site.name)
+        fit_x = at_site[train] if at_site is not None else None
+        fit_y = labels[train] if labels is not None and at_site is not None else None
+        masks: dict[Key, Edit | None] = {}
         for tau, p in points or ranges.points:
             range_map = ranges.map(site.name, split, tau, p)
             for c in concepts:
@@ -102,6 +102,8 @@ def _groups(
                     config.mode,
                     config.scale,
                     (seed, index, s, c, round(p * 1e6)),
+                    features=fit_x,
+                    labels=fit_y,
                 )
                 for name in config.conditions:
                     condition = CONDITIONS[name]
@@ -115,139 +117,9 @@ def _groups(
                     key = (name, c, site.name, tau if condition.per_tau else None, p)
                     if key not in masks:
                         masks[key] = condition.build(spec)
-        groups.append(_Group(site, masks))
+        groups.append(Group(site, masks))
     groups[0].masks = {BASE: None, **groups[0].masks}  # shares the first site's prefix
     return groups
-
-
-def _run_groups(
-    lm: LoadedModel,
-    texts: list[str],
-    groups: list[_Group],
-    forward: Callable[[dict[str, torch.Tensor]], T],
-    starts: list[int],
-    *,
-    batch_size: int,
-    max_length: int,
-    padding_side: str | None,
-    bar: Any,
-) -> dict[Key, list[tuple[np.ndarray, T]]]:
-    """Every mask of ``groups`` on every batch of ``texts`` (group g skips ``starts[g]`` blocks):
-    per condition the ``(text index, output)`` of each batch."""
-    results: dict[Key, list[tuple[np.ndarray, T]]] = {k: [] for g in groups for k in g.masks}
-    if not groups or not texts:
-        return results
-    batches = tokenize(
-        lm, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side
-    )
-    bar.total += len(results) * len(batches)
-    bar.refresh()
-    for batch in batches:
-        kwargs = model_inputs(lm.model, batch)
-        for group, start in zip(groups, starts, strict=True):
-            keys = list(group.masks)
-            outputs = run_conditions(
-                lm.model, kwargs, [group.masks[k] for k in keys], forward, start=start
-            )
-            for key, out in zip(keys, outputs, strict=True):
-                results[key].append((batch.index, out))
-            bar.update(len(keys))
-    return results
-
-
-def _starts(
-    lm: LoadedModel, groups: list[_Group], readout: list[NeuronSite], suffix: bool
-) -> list[int]:
-    return [suffix_start(lm.model, [*readout, g.site]) if suffix else 0 for g in groups]
-
-
-def _skipping(lm: LoadedModel, groups: list[_Group], starts: list[int]) -> dict[str, Any]:
-    """Per mask site: how many blocks each condition's forward skipped and re-ran."""
-    n = len(blocks(lm.model)[1])
-    return {
-        g.site.name: {"skipped_blocks": s, "rerun_blocks": n - s}
-        for g, s in zip(groups, starts, strict=True)
-    }
-
-
-def _classify(
-    lm: LoadedModel,
-    task: ClassificationTask,
-    classifier: Classifier,
-    rows: np.ndarray,
-    groups: list[_Group],
-    config: ErasureConfig,
-    batch_size: int,
-    bar: Any,
-) -> tuple[dict[Key, np.ndarray], dict[str, Any]]:
-    """Class log-probabilities of ``rows`` under every condition, and how they were computed: from
-    cached pooled features where the masks allow it (with ``suffix``), else by forwards that skip
-    the blocks before each mask site."""
-    logps: dict[Key, np.ndarray] = {}
-    cached: list[_Group] = []
-    pooled = classifier.pooled
-    if pooled is not None and config.suffix:
-        cached = [g for g in groups if all(pooled.covers(m) for m in g.masks.values())]
-        logps = {k: pooled.log_proba(rows, m) for g in cached for k, m in g.masks.items()}
-    run = [g for g in groups if g not in cached]
-    starts = _starts(lm, run, task.sites, config.suffix)
-    outputs = _run_groups(
-        lm,
-        [task.inputs[i] for i in rows],
-        run,
-        classifier.readout,
-        starts,
-        batch_size=batch_size,
-        max_length=task.max_length,
-        padding_side=task.padding_side,
-        bar=bar,
-    )
-    for key, pairs in outputs.items():
-        logps[key] = np.zeros((len(rows), pairs[0][1].shape[1]))
-        for index, out in pairs:
-            logps[key][index] = out.cpu().numpy()
-    how = {"cached_features": [g.site.name for g in cached], "forwards": _skipping(lm, run, starts)}
-    return logps, how
-
-
-def _perplexity(
-    lm: LoadedModel,
-    groups: list[_Group],
-    config: ErasureConfig,
-    analysis: AnalysisConfig,
-    bar: Any,
-) -> tuple[Perplexities | None, dict[str, Any]]:
-    """Per-text NLL on general text under every condition of the ``full`` split's ranges."""
-    if not has_lm_head(lm) or config.ppl_texts == 0:
-        return None, {"skipped": "ppl_texts = 0" if has_lm_head(lm) else "no LM head"}
-    general = general_text(config.ppl_texts, seed=analysis.seed)
-    starts = _starts(lm, groups, [], config.suffix)
-    sums = _run_groups(
-        lm,
-        general,
-        groups,
-        partial(token_nll, lm.model),
-        starts,
-        batch_size=analysis.batch_size,
-        max_length=config.ppl_max_length,
-        padding_side=None,
-        bar=bar,
-    )
-    nll: dict[Key, np.ndarray] = {}
-    tokens = np.zeros(len(general))
-    for key, pairs in sums.items():
-        nll[key] = np.zeros(len(general))
-        for index, (per_text, counts) in pairs:
-            nll[key][index] = per_text
-            tokens[index] = counts
-    how = {
-        "n_texts": len(general),
-        "n_tokens": int(tokens.sum()),
-        "ranges": "split 'full' (the analysis training split), one set for all folds",
-        "points": "every (tau, p)" if config.ppl_sweep else "the headline tau and p only",
-        "forwards": _skipping(lm, groups, starts),
-    }
-    return Perplexities(nll, tokens), how
 
 
 def _classify_folds(
@@ -259,24 +131,72 @@ def _classify_folds(
     protocol: ErasureProtocol,
     config: ErasureConfig,
     bar: Any,
+    features: dict[str, np.ndarray],
+    position: str,
 ) -> tuple[Outcomes, dict[str, Any]]:
-    """Every condition on every fold's test texts, with that fold's classifier and ranges."""
+    """Every condition on every fold's test texts, with that fold's classifier and ranges; and
+    where the headline site's pooled features allow it, the information question at the headline
+    (tau, p, ratio): retrained probes on edited rows (:mod:`rangelens.erasure.information`)."""
     task = protocol.task(cap)
+    a = protocol.analysis
     text: list[np.ndarray] = []
     pred: dict[Key, list[np.ndarray]] = {}
     gold: dict[Key, list[np.ndarray]] = {}
+    probe: dict[tuple[str, Key], list[np.ndarray]] = {}
+    norm: dict[Key, list[np.ndarray]] = {}
+    dims: dict[Key, list[int]] = {}
     how: dict[str, Any] = {}
+    notices: list[str] = []
+    site = sites[0]
+    wanted = {BASE} | {
+        state_key(s, c, site.name, a.tau, a.p, a.density_ratio)
+        for s in config.conditions
+        for c in protocol.concepts
+    }
     for split in ranges.splits.values():
         if split.name == FULL:
             continue
         rows = np.setdiff1d(split.test, task.reserved)
         groups = _groups(
-            ranges, sites, split.name, protocol.concepts, config, protocol.analysis.seed
+            ranges,
+            sites,
+            split.name,
+            protocol.concepts,
+            config,
+            a.seed,
+            None,
+            features,
+            data.labels,
         )
         classifier = protocol.classifier(cap, split)
         batch = protocol.analysis.batch_size
-        logps, how = _classify(lm, task, classifier, rows, groups, config, batch, bar)
+        ahead = 0 if text else sum(len(s.test) for n, s in ranges.splits.items() if n != FULL)
+        logps, how = classify(lm, task, classifier, rows, groups, config, batch, bar, ahead)
+        notices += how.pop("notices")
         text.append(rows)
+        if config.probes and site.name in features:
+            masks = {
+                k: m
+                for k, m in groups[0].masks.items()
+                if k in wanted and covers(site, position, m)
+            }
+            found = fold_information(
+                features[site.name],
+                data.labels,
+                split.train,
+                rows,
+                masks,
+                list(config.probes),
+                n_classes=len(data.label_names),
+                C=config.head_C,
+                seed=a.seed,
+            )
+            for pk, values in found.pred.items():
+                probe.setdefault(pk, []).append(values)
+            for k, values in found.norm.items():
+                norm.setdefault(k, []).append(values)
+            for k, n in found.dims.items():
+                dims.setdefault(k, []).append(n)
         for key, logp in logps.items():
             pred.setdefault(key, []).append(logp.argmax(axis=1))
             gold.setdefault(key, []).append(np.exp(logp[np.arange(len(rows)), data.labels[rows]]))
@@ -286,6 +206,18 @@ def _classify_folds(
         data.labels[every],
         {k: np.concatenate(v) for k, v in pred.items()},
         {k: np.concatenate(v) for k, v in gold.items()},
+        {k: np.concatenate(v) for k, v in probe.items() if len(v) == len(text)},
+        {k: np.concatenate(v) for k, v in norm.items() if len(v) == len(text)},
+    )
+    dimensions: dict[str, list[int]] = {}
+    for k, counts in dims.items():
+        dimensions.setdefault(k[0], []).extend(counts)
+    how["notices"] = notices
+    how["dimensions"] = {s: float(np.mean(v)) for s, v in dimensions.items()}
+    how["information"] = (
+        f"probes {list(config.probes)} refit per fold on edited pooled features at {site.name}"
+        if probe
+        else "not measured (no pooled features at the masked site, or probes [])"
     )
     return outcomes, how
 
@@ -327,14 +259,27 @@ def run_erasure(
     with torch.inference_mode(), bar:
         clock = time.perf_counter()
         task = protocol.task(cap)
-        outcomes, how = _classify_folds(lm, data, cap, ranges, sites, protocol, config, bar)
+        first = next(s for s in ranges.splits.values() if s.name != FULL)
+        found = site_features(protocol.classifier(cap, first), cap, sites[0], analysis.position)
+        features = {sites[0].name: found[0]} if found is not None else {}
+        position = found[1] if found is not None else analysis.position
+        outcomes, how = _classify_folds(
+            lm, data, cap, ranges, sites, protocol, config, bar, features, position
+        )
         seconds["classify"] = time.perf_counter() - clock
         clock = time.perf_counter()
         at = None if config.ppl_sweep else [(float(analysis.tau), float(analysis.p))]
-        full = _groups(ranges, sites, FULL, concepts, config, analysis.seed, at)
-        ppl, ppl_how = _perplexity(lm, full, config, analysis, bar)
+        full = _groups(
+            ranges, sites, FULL, concepts, config, analysis.seed, at, features, data.labels
+        )
+        ppl, ppl_how = perplexity(lm, full, config, analysis, bar)
         seconds["perplexity"] = time.perf_counter() - clock
     estimator = EffectEstimator(outcomes, ppl, config.bootstrap, analysis.seed)
+    neuron_sets = [
+        frozenset(m.neurons.tolist())
+        for (state, _, site, _, p), m in full[0].masks.items()
+        if state == "neuron" and m is not None and p == analysis.p and site == sites[0].name
+    ]
     random_neurons = {
         f"{site}/{c}": m.neurons.tolist()
         for (state, c, site, _, p), m in full[0].masks.items()
@@ -359,6 +304,8 @@ def run_erasure(
         },
         "ranges": "ranges/maps/<site>/<split>/tau<t>_p<p> (loaded from the ranges stage)",
         "random_neurons_full": random_neurons,
+        "shared_neuron_mask": len(set(neuron_sets)) == 1 and len(neuron_sets) > 1,
+        "notices": how.pop("notices", []),
         "sites": [s.name for s in sites],
         "headline_site": sites[0].name,
         "tau": analysis.tau,

@@ -10,12 +10,19 @@ over concepts come from the same resamples. Classification texts are resampled w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 Key = tuple[str, int | None, str | None, float | None, float | None]  # state, concept, site, tau, p
 BASE: Key = ("base", None, None, None, None)
+
+
+def base_key(concept: int) -> Key:
+    """The unmasked state seen by a per-concept probe (the ``binary`` concept-vs-rest probe)."""
+    return ("base", concept, None, None, None)
+
+
 DROPS = ("target_drop", "complement_drop", "target_conf_drop", "complement_conf_drop")
 HEADLINE = ("target_drop", "complement_drop", "complement_flip", "ppl_change")
 LEVEL = 0.95
@@ -30,6 +37,9 @@ class Outcomes:
     labels: np.ndarray
     pred: dict[Key, np.ndarray]
     gold: dict[Key, np.ndarray]
+    # The information question (rangelens.erasure.information), where pooled features allow it:
+    probe: dict[tuple[str, Key], np.ndarray] = field(default_factory=dict)  # retrained probes
+    norm: dict[Key, np.ndarray] = field(default_factory=dict)  # L2 change of each test row
 
 
 @dataclass
@@ -113,6 +123,31 @@ class EffectEstimator:
         """Share of other-concept texts whose prediction differs from the unmasked one."""
         return self._mean(self.o.pred[key] != self.o.pred[BASE], self.o.labels != concept)
 
+    def information(self, probe: str, key: Key, concept: int) -> dict[str, Estimate]:
+        """A retrained ``probe``'s figures on the edited test rows: ``recall`` (target recall,
+        share of the concept's texts predicted as the concept) and ``balanced`` (concept vs rest
+        balanced accuracy: the mean of that recall and the share of other texts not predicted as
+        the concept; chance 0.5)."""
+        if (probe, key) not in self.o.probe and key == BASE:
+            key = base_key(concept)
+        pred = self.o.probe[(probe, key)]
+        target = self.o.labels == concept
+        recall = self._mean(pred == concept, target)
+        specificity = self._mean(pred != concept, ~target)
+        balanced = Estimate(
+            (recall.point + specificity.point) / 2, (recall.boot + specificity.boot) / 2
+        )
+        return {"recall": recall, "balanced": balanced}
+
+    def probes(self) -> list[str]:
+        return list(dict.fromkeys(p for p, _ in self.o.probe))
+
+    def edit_norm(self, key: Key) -> Estimate:
+        """Mean L2 norm of the edit of a test row at the masked site (every test text)."""
+        if key not in self.o.norm:
+            return Estimate(float("nan"), np.full(len(self.weights), np.nan))
+        return self._mean(self.o.norm[key], np.ones(len(self.o.labels), dtype=bool))
+
     def perplexity(self, key: Key) -> Estimate:
         if self.ppl is None or key not in self.ppl.nll:
             return Estimate(float("nan"), np.full(len(self.weights), np.nan))
@@ -131,124 +166,13 @@ class EffectEstimator:
             out[drop] = self.level(BASE, concept, metric) - self.level(key, concept, metric)
         out["complement_flip"] = self.flip(key, concept)
         out["ppl_change"] = self.perplexity(key) - self.perplexity(BASE)
+        out["target_acc"] = self.level(key, concept, "target_acc")
+        for probe in self.probes():
+            if (probe, key) in self.o.probe or (
+                key == BASE and (probe, base_key(concept)) in self.o.probe
+            ):
+                for name, e in self.information(probe, key, concept).items():
+                    out[f"{probe}_probe_{name}"] = e
+        if key in self.o.norm:
+            out["edit_norm"] = self.edit_norm(key)
         return out
-
-
-def verdict(headline: dict[str, dict[str, Estimate]], n_concepts: int, n_texts: int) -> str:
-    """One paragraph: did range masking match neuron masking's erasure, was its collateral lower,
-    and what did the random-neuron control do. A difference whose interval includes 0 is a tie."""
-    if "range" not in headline or "neuron" not in headline:
-        return "Range and neuron masking were not both run; no comparison."
-    r, n = headline["range"], headline["neuron"]
-
-    def show(e: Estimate, signed: bool = False, digits: int = 2) -> str:
-        lo, hi = e.interval()
-        fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
-        return f"{fmt.format(e.point)} [{fmt.format(lo)}, {fmt.format(hi)}]"
-
-    def compare(metric: str) -> tuple[str, Estimate]:
-        d = r[metric] - n[metric]
-        lo, hi = d.interval()
-        if not np.isfinite(d.point):
-            return "n/a", d
-        return ("tie" if lo <= 0 <= hi else "higher" if lo > 0 else "lower"), d
-
-    erase, d_erase = compare("target_drop")
-    said = {"tie": "matched", "higher": "exceeded", "lower": "fell short of", "n/a": "n/a"}[erase]
-    parts = [
-        f"Range masking {said} neuron masking's erasure: target accuracy drop "
-        f"{show(r['target_drop'])} vs {show(n['target_drop'])} (difference "
-        f"{show(d_erase, True)}{', a tie' if erase == 'tie' else ''})."
-    ]
-    flip, d_flip = compare("complement_flip")
-    drop, d_drop = compare("complement_drop")
-    ppl, d_ppl = compare("ppl_change")
-    lower = [x for x in (flip, ppl) if x != "n/a"]
-    if lower and all(x == "lower" for x in lower):
-        collateral = "Its collateral was lower"
-    elif any(x == "higher" for x in lower):
-        collateral = "Its collateral was not lower"
-    elif any(x == "lower" for x in lower):
-        collateral = "Its collateral was partly lower"
-    else:
-        collateral = "Its collateral was not distinguishable from neuron masking's"
-    text = (
-        f"{collateral}: complement flip rate {show(r['complement_flip'])} vs "
-        f"{show(n['complement_flip'])} (difference {show(d_flip, True)}), complement accuracy "
-        f"drop {show(r['complement_drop'])} vs {show(n['complement_drop'])} (difference "
-        f"{show(d_drop, True)})"
-    )
-    if ppl != "n/a":
-        text += (
-            f", perplexity change {show(r['ppl_change'], True, 1)} vs "
-            f"{show(n['ppl_change'], True, 1)} (difference {show(d_ppl, True, 1)})"
-        )
-    parts.append(text + ".")
-    if "random" in headline:
-        x = headline["random"]
-        above = (n["target_drop"] - x["target_drop"]).interval()[0] > 0
-        control = "above" if above else "not above"
-        parts.append(
-            f"The random-neuron control (as many neurons, drawn at random) dropped target accuracy "
-            f"by {show(x['target_drop'])} with flip rate {show(x['complement_flip'])}; neuron "
-            f"masking's erasure is {control} this control."
-        )
-    parts.append(
-        f"(Averages over {n_concepts} concepts; {n_texts} test texts; 95% bootstrap intervals "
-        f"over texts; a difference whose interval includes 0 is a tie.)"
-    )
-    return " ".join(parts)
-
-
-# Which direction of each headline effect is better for an eraser: more target drop, less collateral.
-BETTER = {"target_drop": 1.0, "complement_drop": -1.0, "complement_flip": -1.0, "ppl_change": -1.0}
-
-
-def dominance(a: dict[str, Estimate], b: dict[str, Estimate]) -> tuple[str, dict[str, str]]:
-    """Pareto comparison of state ``a`` with ``b`` on the headline effects, from the paired
-    differences' 95% intervals: per effect ``better`` / ``worse`` / ``tie`` (interval includes 0)
-    or ``n/a``; overall ``dominates`` (none worse, one better), ``dominated``, ``trade-off`` or
-    ``tie``."""
-    calls = {}
-    for metric, sign in BETTER.items():
-        d = a[metric] - b[metric]
-        lo, hi = d.interval()
-        if not np.isfinite(d.point) or not np.isfinite(lo):
-            calls[metric] = "n/a"
-        elif lo <= 0 <= hi:
-            calls[metric] = "tie"
-        else:
-            calls[metric] = "better" if (lo > 0) == (sign > 0) else "worse"
-    found = set(calls.values())
-    if "better" in found and "worse" not in found:
-        return "dominates", calls
-    if "worse" in found and "better" not in found:
-        return "dominated", calls
-    return ("trade-off" if "better" in found else "tie"), calls
-
-
-def density_verdict(headline: dict[str, dict[str, Estimate]], ratio: float) -> str:
-    """Sentences on density bands against range masking and neuron masking (Pareto view)."""
-    if "density" not in headline:
-        return ""
-    d = headline["density"]
-    words = {
-        "dominates": "Pareto-dominate",
-        "dominated": "are Pareto-dominated by",
-        "trade-off": "trade off against",
-        "tie": "are indistinguishable from",
-    }
-    parts = []
-    for other, label in (("range", "μ ± τσ range masking"), ("neuron", "neuron masking")):
-        if other not in headline:
-            continue
-        overall, calls = dominance(d, headline[other])
-        detail = ", ".join(f"{m.replace('_', ' ')} {c}" for m, c in calls.items() if c != "n/a")
-        diff = d["target_drop"] - headline[other]["target_drop"]
-        lo, hi = diff.interval()
-        parts.append(
-            f"Density bands (likelihood ratio > {ratio:g}) {words[overall]} {label} "
-            f"(target drop {d['target_drop'].point:.2f} vs {headline[other]['target_drop'].point:.2f}, "
-            f"difference {diff.point:+.2f} [{lo:+.2f}, {hi:+.2f}]; {detail})."
-        )
-    return " ".join(parts)

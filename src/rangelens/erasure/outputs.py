@@ -3,19 +3,25 @@ tau sweep, warnings, the verdict, files and figures (and reading them back)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rangelens.artifacts import atomic_path, read_json, write_json, write_table, write_text
 from rangelens.config.analysis import AnalysisConfig
 from rangelens.config.erasure import ErasureConfig
 from rangelens.data import LabeledTexts
 from rangelens.erasure.conditions import CONDITIONS
+from rangelens.erasure.files import (
+    FORMAT_VERSION,
+    ErasureResult,
+    compact_headline,
+    interval_text,
+    load_erasure,
+    methods_for,
+    records,
+    write_erasure,
+)
 from rangelens.erasure.metrics import (
     BASE,
     DROPS,
@@ -23,14 +29,22 @@ from rangelens.erasure.metrics import (
     EffectEstimator,
     Estimate,
     Key,
-    density_verdict,
     mean_of,
-    verdict,
 )
-from rangelens.erasure.plots import erasure_bars, pareto, save_figure, tau_tradeoff
-from rangelens.errors import RangelensError
+from rangelens.erasure.verdicts import curve as _curve
+from rangelens.erasure.verdicts import density_verdict, verdict
 
-FORMAT_VERSION = "rangelens.erasure/2"
+__all__ = [
+    "FORMAT_VERSION",
+    "ErasureResult",
+    "compact_headline",
+    "interval_text",
+    "load_erasure",
+    "methods_for",
+    "records",
+    "summarise",
+    "write_erasure",
+]
 LEVELS = ("target_acc", "target_conf", "complement_acc", "complement_conf")
 EFFECTS = (*DROPS, "complement_flip", "ppl_change")
 PAIRS = (
@@ -40,30 +54,46 @@ PAIRS = (
     ("density", "range"),
     ("density", "neuron"),
     ("density", "random"),
+    ("range", "leace"),
+    ("neuron", "leace"),
+    ("density", "leace"),
+)
+PROBE_FIGURES = tuple(
+    f"{p}_probe_{m}" for p in ("linear", "binary", "mlp") for m in ("recall", "balanced")
 )
 
 
-@dataclass
-class ErasureResult:
-    """What :func:`~rangelens.erasure.run_erasure` measured (also written to its directory).
-
-    ``table`` (``erasure.csv`` / ``.parquet``): one row per site x (tau, p) x concept x state (base
-    and the conditions; tau-independent states repeat across tau) with levels (target_acc,
-    target_conf, complement_acc, complement_conf, ppl), n_target, n_complement and the effects
-    ``target_drop``, ``complement_drop``, ``target_conf_drop``, ``complement_conf_drop`` (base -
-    masked), ``complement_flip`` and ``ppl_change`` (masked - base), each with ``_lo`` / ``_hi``
-    95% bootstrap bounds. ``headline``: per concept and ``"average"`` at the analysis site, tau and
-    p: base levels, every state's effects and the paired differences ``diff_<a>_<b>_<effect>``.
-    ``info``: protocol, accuracies, sweep, warnings, verdict, timings.
-    """
-
-    table: pd.DataFrame
-    headline: pd.DataFrame
-    info: dict[str, Any]
-    config: dict[str, Any] = field(default_factory=dict)  # the options, as saved
+def _shared(per_concept: dict[int, dict[str, dict[str, Estimate]]], state: str) -> list[str]:
+    """The figures every concept has for ``state`` (in the first concept's order)."""
+    first, *rest = per_concept.values()
+    return [m for m in first[state] if all(m in other[state] for other in rest)]
 
 
-def _key(state: str, c: int, site: str, tau: float, p: float, ratio: float | None = None) -> Key:
+def _probe_figures(effects: dict[str, Estimate]) -> dict[str, Estimate]:
+    return {m: e for m, e in effects.items() if m in PROBE_FIGURES}
+
+
+def _notices(info: dict[str, Any], data: LabeledTexts, concepts: list[int]) -> list[str]:
+    """What the reader should know about how the run went (not warnings: nothing is wrong)."""
+    out = []
+    if len(data.label_names) == 2 and info.get("shared_neuron_mask"):
+        out.append(
+            "binary task: d′ and the other rankings score both concepts' neurons alike, so "
+            "'neuron' masks the same neurons for both concepts (one shared mask; the per-concept "
+            "figures differ only in which texts are the targets)"
+        )
+    shares = info["protocol"].get("correct_share", {})
+    if shares and all(v == 1.0 for v in shares.values()):
+        out.append(
+            "range_rows 'correct' changed nothing: the classifier got every training row of "
+            "every split right, so ranges were fitted on all training rows"
+        )
+    return out
+
+
+def state_key(
+    state: str, c: int, site: str, tau: float, p: float, ratio: float | None = None
+) -> Key:
     """A state's key; a per-ratio condition (density bands) at likelihood ratio ``ratio``."""
     if state == "base":
         return BASE
@@ -103,7 +133,7 @@ def summarise(
         for tau, p in info["points"]:
             for c in concepts:
                 for state in states:
-                    key = _key(state, c, site, tau, p, ratio)
+                    key = state_key(state, c, site, tau, p, ratio)
                     rows.append(
                         {
                             "concept": data.label_names[c],
@@ -122,13 +152,15 @@ def summarise(
 
     site, tau, p = info["headline_site"], analysis.tau, analysis.p
     per_concept: dict[int, dict[str, dict[str, Estimate]]] = {
-        c: {s: effects(_key(s, c, site, tau, p, ratio), c) for s in config.conditions}
+        c: {s: effects(state_key(s, c, site, tau, p, ratio), c) for s in config.conditions}
         for c in concepts
     }
     average: dict[str, dict[str, Estimate]] = {
-        s: {m: mean_of([per_concept[c][s][m] for c in concepts]) for m in EFFECTS}
+        s: {m: mean_of([per_concept[c][s][m] for c in concepts]) for m in _shared(per_concept, s)}
         for s in config.conditions
     }
+    base_info = {c: _probe_figures(effects(BASE, c)) for c in concepts}
+    base_average = {m: mean_of([base_info[c][m] for c in concepts]) for m in base_info[concepts[0]]}
     head_rows = []
     entries: list[tuple[int | None, dict[str, dict[str, Estimate]]]] = [
         *per_concept.items(),
@@ -141,9 +173,11 @@ def summarise(
                 levels.update(
                     mean_of([estimator.level(BASE, k, m) for k in concepts]).cells(f"base_{m}")
                 )
+            levels.update(_cells(base_average, "base_"))
         else:
             for m in ("target_acc", "complement_acc"):
                 levels.update(estimator.level(BASE, which, m).cells(f"base_{m}"))
+            levels.update(_cells(base_info[which], "base_"))
         row: dict[str, Any] = {
             "concept": data.label_names[which] if which is not None else "average",
             **levels,
@@ -160,14 +194,28 @@ def summarise(
     headline = pd.DataFrame(head_rows)
 
     sweep = []
+    curve: dict[float, dict[str, Estimate]] = {}
     for t in sorted({pt[0] for pt in info["points"] if pt[1] == p}):
         entry: dict[str, float] = {"tau": t}
         for s in config.conditions:
             mean = {
-                m: mean_of([effects(_key(s, c, site, t, p, ratio), c)[m] for c in concepts])
+                m: mean_of([effects(state_key(s, c, site, t, p, ratio), c)[m] for c in concepts])
                 for m in HEADLINE
             }
             entry.update(_cells(mean, f"{s}_"))
+        if "range" in config.conditions and "neuron" in config.conditions:
+            diff = {
+                m: mean_of(
+                    [
+                        effects(state_key("range", c, site, t, p, ratio), c)[m]
+                        - effects(state_key("neuron", c, site, t, p, ratio), c)[m]
+                        for c in concepts
+                    ]
+                )
+                for m in HEADLINE
+            }
+            curve[t] = diff
+            entry.update(_cells(diff, "diff_range_neuron_"))
         sweep.append(entry)
     ratio_sweep = []  # the tau-free sweep of per-ratio conditions (density bands)
     for r in info.get("ratios", []):
@@ -175,7 +223,7 @@ def summarise(
         for s in config.conditions:
             if CONDITIONS[s].per_ratio:
                 mean = {
-                    m: mean_of([effects(_key(s, c, site, tau, p, r), c)[m] for c in concepts])
+                    m: mean_of([effects(state_key(s, c, site, tau, p, r), c)[m] for c in concepts])
                     for m in HEADLINE
                 }
                 entry.update(_cells(mean, f"{s}_"))
@@ -199,6 +247,15 @@ def summarise(
             + "; their per-concept figures have wide intervals (standard error near 0.1 at 20)"
         )
     n_texts = len(np.unique(estimator.o.text))
+    notices = [*info.get("notices", []), *_notices(info, data, concepts)]
+    head_chance = 1 / len(data.label_names)
+    said = verdict(
+        average,
+        len(concepts),
+        n_texts,
+        base=base_average if base_average else None,
+        chance=head_chance,
+    )
     info = {
         **info,
         "base_acc": base_acc,
@@ -209,178 +266,10 @@ def summarise(
         "sweep": sweep,
         "ratio_sweep": ratio_sweep,
         "warnings": warnings,
+        "notices": notices,
+        "head_chance": head_chance,
         "verdict": " ".join(
-            x
-            for x in (verdict(average, len(concepts), n_texts), density_verdict(average, ratio))
-            if x
+            x for x in (said, density_verdict(average, ratio), _curve(curve, float(tau))) if x
         ),
     }
     return ErasureResult(table, headline, info)
-
-
-def _markdown(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub markdown table; NaN shows as an en dash."""
-
-    def cell(v: object) -> str:
-        if isinstance(v, float | np.floating):
-            return "–" if np.isnan(v) else f"{v:.{digits}f}"
-        return str(v)
-
-    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
-    lines = [
-        "| " + " | ".join(str(c) for c in frame.columns) + " |",
-        "|" + "|".join("---:" if n else ":---" for n in numeric) + "|",
-    ]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join(lines) + "\n"
-
-
-def interval_text(row: dict[str, Any] | pd.Series, name: str, digits: int = 2) -> str:
-    """``point [lo, hi]`` of one headline cell (an en dash when missing)."""
-    point = row.get(name)
-    if point is None or point != point:
-        return "–"
-    fmt = f"{{:+.{digits}f}}" if "ppl" in name or "diff" in name else f"{{:.{digits}f}}"
-    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
-    return f"{fmt.format(point)} [{fmt.format(lo)}, {fmt.format(hi)}]"
-
-
-def compact_headline(result: ErasureResult) -> pd.DataFrame:
-    """The headline as text cells: per state target drop, complement drop, flip rate and ppl
-    change, each ``point [lo, hi]``."""
-    out = []
-    for row in result.headline.to_dict(orient="records"):
-        cells = {"concept": row["concept"], "base acc": interval_text(row, "base_target_acc")}
-        for s in result.info["conditions"]:
-            for m in HEADLINE:
-                cells[f"{s} {m.replace('_', ' ')}"] = interval_text(
-                    row, f"{s}_{m}", 1 if "ppl" in m else 2
-                )
-        if "diff_range_neuron_target_drop" in row:
-            for m in HEADLINE:
-                digits = 1 if "ppl" in m else 2
-                cells[f"range−neuron {m.replace('_', ' ')}"] = interval_text(
-                    row, f"diff_range_neuron_{m}", digits
-                )
-        out.append(cells)
-    return pd.DataFrame(out)
-
-
-def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
-def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-able rows with NaN as null (strict JSON)."""
-    records: list[dict[str, Any]] = json.loads(frame.to_json(orient="records"))
-    return records
-
-
-def write_erasure(out_dir: Path, result: ErasureResult, config: ErasureConfig) -> None:
-    """Write ``erasure.csv`` / ``.parquet`` (the table), ``headline.csv``, ``headline.md``,
-    ``erasure.json`` (format ``rangelens.erasure/2``: config, info, headline), ``erasure_bars.png``
-    and ``tau_tradeoff.png``; each file atomically, all after the computation succeeded."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    info = result.info
-    write_table(out_dir / "erasure.csv", result.table)
-    _write_parquet(out_dir / "erasure.parquet", result.table)
-    write_table(out_dir / "headline.csv", result.headline)
-    site = info["headline_site"]
-    warn = "".join(f"> **Warning:** {w}\n>\n" for w in info["warnings"])
-    protocol = info["protocol"]
-    text = (
-        f"# NeuronLens erasure: {info['model']} on {info['dataset']} (task {config.task})\n\n"
-        f"Masks at {site}, tau = {info['tau']:g}, p = {info['p']:g}, replacement "
-        f"{config.replacement}, positions {config.positions}, mode {config.mode}. "
-        f"{protocol['folds']}-fold stratified cross-validation x {protocol['repeats']}: "
-        f"{info['n_test_texts']} test texts, base accuracy {info['base_acc']:.3f} "
-        f"(chance {info['chance']:.2f}). Ranges: {protocol['ranges'].get('fold0', '')} of each "
-        f"fold; perplexity conditions use the {protocol['perplexity_ranges']} ranges. Drops are "
-        f"base - masked; flip is the share of other-concept texts whose prediction changed; "
-        f"ppl change is masked - base. Brackets: 95% bootstrap intervals over texts.\n\n"
-        + (warn + "\n" if warn else "")
-        + f"**Verdict.** {info['verdict']}\n\n"
-        + _markdown(compact_headline(result))
-        + f"\n## tau sweep (average over concepts, p = {info['p']:g})\n\n"
-        + _markdown(pd.DataFrame(info["sweep"]))
-        + (
-            "\n## likelihood-ratio sweep of the density bands (average over concepts)\n\n"
-            + _markdown(pd.DataFrame(info["ratio_sweep"]))
-            if info.get("ratio_sweep")
-            else ""
-        )
-    )
-    write_text(out_dir / "headline.md", text)
-    write_json(
-        out_dir / "erasure.json",
-        {
-            "format": FORMAT_VERSION,
-            "config": config.model_dump(),
-            "info": info,
-            "headline": records(result.headline),
-        },
-    )
-    title = f"{info['model']} / {info['dataset']}: {site}, tau = {info['tau']:g}, p = {info['p']:g}"
-    save_figure(
-        erasure_bars(result.headline, info["conditions"], title=title), out_dir / "erasure_bars.png"
-    )
-    save_figure(
-        tau_tradeoff(
-            pd.DataFrame(info["sweep"]), info["conditions"], title=f"{site}, p = {info['p']:g}"
-        ),
-        out_dir / "tau_tradeoff.png",
-    )
-    save_figure(
-        pareto(
-            pd.DataFrame(info["sweep"]),
-            pd.DataFrame(info.get("ratio_sweep", [])),
-            info["conditions"],
-            title=f"{site}, p = {info['p']:g}: erasure vs collateral",
-        ),
-        out_dir / "pareto.png",
-    )
-
-
-def load_erasure(directory: str | Path) -> ErasureResult:
-    """Read back what :func:`write_erasure` wrote into ``directory``."""
-    path = Path(directory) / "erasure.json"
-    saved = read_json(path)
-    if saved.get("format") != FORMAT_VERSION:
-        raise RangelensError(
-            f"{str(path)!r} has format {saved.get('format')!r}; valid: {FORMAT_VERSION!r}"
-        )
-    headline = pd.DataFrame(saved["headline"])
-    numeric = [c for c in headline.columns if c not in ("concept", "n_target")]
-    headline[numeric] = headline[numeric].astype(float)  # null -> NaN
-    table = pd.read_parquet(Path(directory) / "erasure.parquet")
-    return ErasureResult(table, headline, saved["info"], saved.get("config", {}))
-
-
-def methods_for(row: dict[str, Any], conditions: list[str]) -> dict[str, Any]:
-    """Which method erased one concept best, from its ``headline`` row: ``rows`` (per condition
-    its target drop, flip rate and perplexity change as ``point [lo, hi]`` text), ``best`` (the
-    largest target drop among the masking methods, the random control excluded) and ``ties``
-    (methods whose paired difference with the best includes 0)."""
-    rows = [
-        {
-            "state": s,
-            **{m: interval_text(row, f"{s}_{m}", 1 if "ppl" in m else 2) for m in HEADLINE},
-        }
-        for s in conditions
-    ]
-    methods = [s for s in conditions if s != "random" and row.get(f"{s}_target_drop") is not None]
-    if not methods:
-        return {"rows": rows, "best": None, "ties": []}
-    best = max(methods, key=lambda s: float(row[f"{s}_target_drop"]))
-    ties = []
-    for s in methods:
-        for a, b in ((s, best), (best, s)):
-            lo, hi = (
-                row.get(f"diff_{a}_{b}_target_drop_lo"),
-                row.get(f"diff_{a}_{b}_target_drop_hi"),
-            )
-            if s != best and lo is not None and hi is not None and lo <= 0 <= hi:
-                ties.append(s)
-                break
-    return {"rows": rows, "best": best, "ties": ties}

@@ -19,10 +19,31 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.text import Text
+from matplotlib.ticker import FuncFormatter
 
 from rangelens.artifacts import atomic_path
 
-COLORS = {"range": "#1f77b4", "neuron": "#ff7f0e", "random": "#7f7f7f"}
+COLORS = {
+    "range": "#1f77b4",
+    "neuron": "#ff7f0e",
+    "random": "#7f7f7f",
+    "density": "#2ca02c",
+    "leace": "#d62728",
+}
+
+
+def _ppl_axis(ax: Axes, axis: str, values: list[float]) -> str:
+    """A perplexity-change axis on which small and huge changes stay apart: symmetric log
+    (linear within ±1) when the changes span more than two orders of magnitude."""
+    finite = np.abs(np.asarray([v for v in values if np.isfinite(v)]))
+    if finite.size and finite.max() > 100 * max(np.median(finite), 1.0):
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("symlog", linthresh=1.0)
+        plain = FuncFormatter(lambda v, _pos: f"{v:+,.0f}" if v else "0")  # no mathtext
+        (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(plain)
+        return " (symmetric log scale)"
+    return ""
+
+
 OTHER_COLORS = ("#2ca02c", "#9467bd", "#8c564b")
 
 
@@ -97,7 +118,11 @@ def tau_tradeoff(sweep: pd.DataFrame, states: list[str], *, title: str = "") -> 
             ax.plot(taus, sweep[name], "-", marker="o", color=color, label=state)
             ax.fill_between(taus, sweep[f"{name}_lo"], sweep[f"{name}_hi"], color=color, alpha=0.2)
         ax.set_xlabel("tau (range half-width in standard deviations)")
-        ax.set_ylabel("vs base, average over concepts (95% band)")
+        ylabel = "vs base, average over concepts (95% band)"
+        if metric == "ppl_change":
+            values = [v for s in states for v in sweep[f"{s}_{metric}_hi"].tolist()]
+            ylabel = "vs base (95% band)" + _ppl_axis(ax, "y", values)
+        ax.set_ylabel(ylabel)
         ax.set_title(label)
         ax.legend(fontsize="small")
     fig.suptitle(title or "tau trade-off")
@@ -149,6 +174,15 @@ def pareto(
                         textcoords="offset points",
                         color=color,
                     )
+        if metric == "ppl_change":
+            values = [
+                v
+                for frame in (sweep, ratio_sweep)
+                for s in states
+                if f"{s}_{metric}_hi" in frame
+                for v in frame[f"{s}_{metric}_hi"].tolist()
+            ]
+            label += _ppl_axis(ax, "x", values)
         ax.set_xlabel(label)
         ax.set_ylabel("target accuracy drop (average over concepts)")
         ax.legend(fontsize="small")

@@ -35,11 +35,21 @@ from rangelens.config.analysis import AnalysisConfig
 from rangelens.config.erasure import ErasureConfig
 from rangelens.data import LabeledTexts
 from rangelens.errors import RangelensError, choices
-from rangelens.intervene import RangeMask, apply_ranges
+from rangelens.intervene import Edit
 from rangelens.ranges.captured import CaptureResult
 
 TASKS = ("head", "prompt", "finetuned")
 Readout = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and the scales to divide by: the standard deviation, or 1 for a column that is
+    constant up to rounding (std below 1e-6 of the largest). Dividing such a column by its
+    rounding noise (1e-33 on MiniLM's CLS) would turn float error into a feature, e.g. let a
+    probe read back a direction LEACE removed."""
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    floor = 1e-6 * float(std.max()) if std.size else 0.0
+    return mean, np.where(std > floor, std, 1.0)
 
 
 @dataclass
@@ -69,8 +79,7 @@ def fit_head(
     missing = sorted(set(range(n_classes)) - set(np.unique(y).tolist()))
     if missing:
         raise RangelensError(f"classes {missing} have no training rows; every class needs some")
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
+    mean, std = standardiser(x)
     clf = LogisticRegression(C=C, max_iter=2000)
     with warnings.catch_warnings():  # a not fully converged head still classifies; keep going
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -81,6 +90,15 @@ def fit_head(
         coef = np.vstack([np.zeros_like(coef[0]), coef[0]])
         intercept = np.array([0.0, intercept[0]])
     return LinearHead(coef, intercept)
+
+
+def covers(site: NeuronSite, position: str, mask: Edit | None) -> bool:
+    """Whether an edit's effect on rows pooled at ``site`` / ``position`` is its effect on that
+    one row (so it applies to cached pooled features instead of a forward)."""
+    if mask is None:
+        return True
+    one_row = position not in ("mean", "tokens") and (mask.positions == "all" or position == "last")
+    return mask.site.name == site.name and one_row
 
 
 @dataclass
@@ -97,20 +115,18 @@ class PooledHead:
     features: np.ndarray  # (n, d)
     head: LinearHead
 
-    def covers(self, mask: RangeMask | None) -> bool:
+    def covers(self, mask: Edit | None) -> bool:
         """Whether :meth:`log_proba` gives the same result as a forward with ``mask``."""
-        if mask is None:
-            return True
-        one_row = self.position != "mean" and (mask.positions == "all" or self.position == "last")
-        return mask.site.name == self.site.name and one_row
+        return covers(self.site, self.position, mask)
 
-    def log_proba(self, rows: np.ndarray, mask: RangeMask | None = None) -> np.ndarray:
-        x = torch.from_numpy(self.features[rows])
-        if mask is not None:
-            x = apply_ranges(
-                x, mask.neurons, mask.lo, mask.hi, mask.replacement, mask.mode, mask.scale
-            )
-        return self.head.log_proba(x).numpy()
+    def log_proba(self, rows: np.ndarray, mask: Edit | None = None) -> np.ndarray:
+        return self.head.log_proba(edited(self.features[rows], mask)).numpy()
+
+
+def edited(features: np.ndarray, mask: Edit | None) -> torch.Tensor:
+    """Pooled rows ``(n, d)`` as a masked forward leaves them (see :meth:`PooledHead.covers`)."""
+    x = torch.from_numpy(np.ascontiguousarray(features))
+    return x if mask is None else mask.edit_rows(x)
 
 
 @dataclass

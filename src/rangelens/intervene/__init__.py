@@ -17,6 +17,9 @@ over several concepts::
 """
 
 from rangelens.intervene.apply import apply_ranges
+from rangelens.intervene.leace import LeaceEdit
 from rangelens.intervene.masks import NeuronMask, RangeMask
 
-__all__ = ["NeuronMask", "RangeMask", "apply_ranges"]
+Edit = RangeMask | LeaceEdit  # an edit of a forward at one site (erasure conditions build these)
+
+__all__ = ["Edit", "LeaceEdit", "NeuronMask", "RangeMask", "apply_ranges"]

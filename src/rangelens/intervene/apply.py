@@ -6,7 +6,7 @@ the mask hooks run; use it on cached activations too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,32 +184,42 @@ class _Ranges:
     ) -> torch.Tensor:
         if positions == "all":
             return _replace(x, self.on(x), mode, scale)
-        if x.ndim != 3:
+        passes = self.on(x)
+        return at_last(x, attention_mask, lambda old: _replace(old, passes, mode, scale))
+
+
+def at_last(
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    edit: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``x`` ``(batch, seq, d)`` with ``edit`` applied to the last real token of each row (read
+    from ``attention_mask`` ``(batch, >= seq)``, its last ``seq`` columns; None: no padding)."""
+    if x.ndim != 3:
+        raise RangelensError(
+            f"positions 'last' needs (batch, seq, d) activations; got shape {tuple(x.shape)}"
+        )
+    batch, seq = x.shape[0], x.shape[1]
+    rows = torch.arange(batch, device=x.device)
+    if attention_mask is None:  # no padding: the last column
+        last = torch.full((batch,), seq - 1, device=x.device)
+        real = None
+    else:
+        wrong = attention_mask.ndim != 2 or attention_mask.shape[1] < seq
+        if wrong or attention_mask.shape[0] != batch:
             raise RangelensError(
-                f"positions 'last' needs (batch, seq, d) activations; got shape {tuple(x.shape)}"
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                f"({batch}, >= {seq}) for activations of shape {tuple(x.shape)}"
             )
-        batch, seq = x.shape[0], x.shape[1]
-        rows = torch.arange(batch, device=x.device)
-        if attention_mask is None:  # no padding: the last column
-            last = torch.full((batch,), seq - 1, device=x.device)
-            real = None
-        else:
-            wrong = attention_mask.ndim != 2 or attention_mask.shape[1] < seq
-            if wrong or attention_mask.shape[0] != batch:
-                raise RangelensError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
-                    f"({batch}, >= {seq}) for activations of shape {tuple(x.shape)}"
-                )
-            # With a KV cache the mask also covers past tokens; the current ones are its last
-            # columns.
-            mask = attention_mask[:, -seq:].to(x.device) != 0
-            last = (mask * torch.arange(mask.shape[1], device=x.device)).argmax(1)
-            real = mask[rows, last]  # False for a row without any real token here
-        old = x[rows, last]
-        new = _replace(old, self.on(x), mode, scale)
-        if real is not None:
-            new = torch.where(real[:, None], new, old)
-        return x.index_put((rows, last), new)
+        # With a KV cache the mask also covers past tokens; the current ones are its last columns.
+        mask = attention_mask[:, -seq:].to(x.device) != 0
+        last = (mask * torch.arange(mask.shape[1], device=x.device)).argmax(1)
+        real = mask[rows, last]  # False for a row without any real token here
+    old = x[rows, last]
+    new = edit(old)
+    if real is not None:
+        new = torch.where(real[:, None], new, old)
+    return x.index_put((rows, last), new)
 
 
 def _replace(x: torch.Tensor, passes: list[_Pass], mode: str, scale: float) -> torch.Tensor:

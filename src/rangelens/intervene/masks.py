@@ -85,6 +85,16 @@ class RangeMask:
         """The resolved replacement value of every listed neuron, ``(k,)``."""
         return self._ranges.value
 
+    @property
+    def dimensions(self) -> int:
+        """How many neurons the mask may change (dimensions it touches)."""
+        return int(np.unique(self.neurons).size)
+
+    def edit_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask on pooled rows ``(n, d)``: what a forward does to the row a pooled head reads
+        (every position, or the last one, is edited elementwise)."""
+        return self._ranges.apply(x, self.mode, self.scale, "all", None)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(site={self.site.name!r}, neurons={self.neurons.size}, "
