@@ -324,5 +324,5 @@ def test_cli_selects_the_llm_simulator(
     bad = explain_cli(tiny_model_dir, topics_csv, server.url, tmp_path / "o", "--simulator", "x")
     assert (
         bad.exit_code == 2
-        and "unknown simulator 'x'; valid: 'lexical', 'llm', 'llm-list'" in bad.output
+        and "unknown simulator 'x'; valid: 'auto', 'lexical', 'llm', 'llm-list'" in bad.output
     )

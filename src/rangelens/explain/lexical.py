@@ -2,7 +2,9 @@
 
 It reads what a person would read in an explanation and nothing else (no activations, no mode
 components): quoted phrases and the items of a ``label: a, b, c`` list (``after "x"`` meaning the
-token that follows ``x``), the content words of free text, and a small vocabulary of named patterns
+token that follows ``x``; the label predicts nothing itself, so a list labelled ``numbers`` or
+``mixed`` simulates the same), the content words of free text, and, in free text, a small
+vocabulary of named patterns
 ("numbers", "punctuation", "line breaks", "superlatives", "words ending in -ing", ...). Tokens are
 matched as words: subword pieces (byte-BPE, WordPiece ``##`` and SentencePiece ``▁``) are merged
 first, so "biggest" lights both " big" and "gest"; a phrase of several words lights its last word
@@ -75,6 +77,13 @@ class Words:
     text: list[str]
     shown: list[str]
     wordpiece: bool = False
+    partial_first: bool = False
+
+    def is_word(self, w: int) -> bool:
+        """Whether word ``w`` is a whole word: the first word of a text whose first token does not
+        start a word (no leading space or marker in byte-BPE, a ``##`` piece in WordPiece) is the
+        tail of a word cut off before the text, a subword fragment."""
+        return not (w == 0 and self.partial_first)
 
 
 def _clean(token: str) -> str:
@@ -114,7 +123,13 @@ def segment(tokens: Sequence[str]) -> Words:
         index[t] = len(pieces) - 1
         prev = clean or prev
     shown = ["".join(p).strip() or "".join(p) for p in pieces]
-    return Words(index, [s.lower() for s in shown], shown, wordpiece)
+    first = tokens[0] if len(tokens) else ""
+    partial = (
+        first.startswith("##")
+        if wordpiece
+        else first[:1].isalnum() and first[:1] not in MARKERS and not SPECIAL.match(first)
+    )
+    return Words(index, [s.lower() for s in shown], shown, wordpiece, partial)
 
 
 def render(tokens: Sequence[str]) -> list[str]:
@@ -250,9 +265,8 @@ def parse(explanation: str) -> list[Item]:
         if not line:
             continue
         label, sep, body = line.partition(":")
-        listed = _list_items(body) if sep and len(label.split()) <= 6 else None
-        if listed is not None:
-            items += _patterns(label, 1.0)
+        listed = _list_items(body) if sep and len(label.split()) <= 10 else None
+        if listed is not None:  # the label names the items; it adds no prediction of its own
             for rank, entry in enumerate(listed):
                 w = 1.0 / (1.0 + 0.1 * rank)
                 after = entry.lower().startswith("after ")
@@ -329,6 +343,8 @@ class LexicalSimulator:
     """The lexical baseline :class:`~rangelens.explain.roles.Simulator`: reads the explanation text
     (parsed once per explanation) and matches it against each text's tokens; never fails."""
 
+    name = "lexical"
+
     def __init__(self) -> None:
         self._parsed: dict[str, list[Item]] = {}
 
@@ -346,37 +362,13 @@ class LexicalSimulator:
         return [predict(items, tokens) for tokens in texts]
 
 
-def name_pattern(words: Sequence[str], contexts: Sequence[str] = ()) -> str:
-    """A short label naming what ``words`` (and the ``contexts`` they follow) share: a named pattern
-    of :data:`CATEGORIES` or a common ending when at least 60% of them (and two) fit it; the word
-    itself for a mode of one word; else ``mixed`` (no shared pattern, said plainly rather than
-    implied by ``words like ...``); a mode of contexts only is ``words after "first"``."""
-    low = [w.strip().lower() or w for w in words]
-    if len(low) >= 2:
-        need = max(2, int(np.ceil(0.6 * len(low))))
-        for name, _, pred in CATEGORIES:
-            if sum(pred(w, s, False) for w, s in zip(low, words, strict=True)) >= need:
-                return name
-        for n in (4, 3, 2):
-            ends = [w[-n:] for w in low if len(w) > n + 2 and w.isalpha()]
-            if ends:
-                end, count = max(((e, ends.count(e)) for e in set(ends)), key=lambda x: x[1])
-                if count >= need:
-                    return f"words ending in -{end}"
-    if len(set(low)) == 1:
-        shown = readable(words[0])
-        return f'the {"phrase" if " " in shown else "word"} "{shown}"'
-    if words:
-        return "mixed"
-    if contexts:
-        return f'words after "{readable(contexts[0])}"'
-    return "no pattern"
-
-
 class LexicalJudge:
     """The lexical baseline :class:`~rangelens.explain.roles.Judge` (delphi-style detection and
     fuzzing without an LLM): detection scores a text by the strongest item of the explanation found
-    in it; fuzzing by the share of highlighted tokens the explanation's items cover."""
+    in it; fuzzing by the share of highlighted tokens the explanation's items cover. It is the
+    lexical simulator's parser again, so it is not a second opinion on the lexical explanations."""
+
+    name = "lexical (the lexical simulator's parser)"
 
     def __init__(self) -> None:
         self.simulator = LexicalSimulator()
