@@ -15,6 +15,7 @@ calibration pool (:mod:`rangelens.explain.scoring`), as in Bills et al. (2023).
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -93,6 +94,12 @@ def _clean(token: str) -> str:
 
 
 def segment(tokens: Sequence[str]) -> Words:
+    """Merge subword tokens into words (memoised; see :func:`_segment`)."""
+    return _segment(tuple(tokens))
+
+
+@functools.lru_cache(maxsize=4096)
+def _segment(tokens: tuple[str, ...]) -> Words:
     """Merge subword tokens into words (byte-BPE: a word starts at a leading space; WordPiece: every
     token not starting with ``##`` starts one; SentencePiece: at ``▁``). Punctuation and whitespace
     runs are words of their own; special tokens ([CLS], <s>) too."""
@@ -129,6 +136,7 @@ def segment(tokens: Sequence[str]) -> Words:
         if wordpiece
         else first[:1].isalnum() and first[:1] not in MARKERS and not SPECIAL.match(first)
     )
+    index.setflags(write=False)  # shared by every caller of the memoised segmentation
     return Words(index, [s.lower() for s in shown], shown, wordpiece, partial)
 
 
@@ -289,11 +297,19 @@ def parse(explanation: str) -> list[Item]:
     return items
 
 
-def _phrase_hits(words: Words, phrase: tuple[str, ...]) -> list[tuple[int, int]]:
+def _phrase_hits(
+    words: Words, phrase: tuple[str, ...], where: dict[str, list[int]] | None = None
+) -> list[tuple[int, int]]:
     """(first word, last word) of every occurrence of ``phrase`` in the word sequence; a phrase
-    written without spaces (``"'s"``, ``"."``) may also match a single token's text."""
+    written without spaces (``"'s"``, ``"."``) may also match a single token's text. ``where``
+    (word -> positions) answers one-word phrases without a scan."""
     text = [w.strip() or w for w in words.text]
     n = len(phrase)
+    if n == 1 and where is not None:
+        p = phrase[0]
+        forms = {p, p + "s"} | ({p[:-1]} if p.endswith("s") else set())
+        hits = sorted(i for f in forms for i in where.get(f, []) if _same(text[i], p))
+        return [(i, i) for i in hits]
     return [
         (i, i + n - 1)
         for i in range(len(text) - n + 1)
@@ -308,6 +324,9 @@ def predict(items: Sequence[Item], tokens: Sequence[str]) -> np.ndarray:
         return out
     words = segment(tokens)
     norm_tokens = [(_clean(t).strip() or _clean(t)).lower() for t in tokens]
+    where: dict[str, list[int]] = {}
+    for i, w in enumerate(words.text):
+        where.setdefault(w.strip() or w, []).append(i)
     for item in items:
         hit = np.zeros(len(tokens), dtype=bool)
         if item.kind == "pattern" and item.predicate is not None:
@@ -317,7 +336,7 @@ def predict(items: Sequence[Item], tokens: Sequence[str]) -> np.ndarray:
             ]
             hit = np.array(ok, dtype=bool)[words.index]
         else:
-            spans = _phrase_hits(words, item.words)
+            spans = _phrase_hits(words, item.words, where)
             if item.kind == "after":
                 for _, last in spans:
                     following = np.flatnonzero(words.index > last)

@@ -7,8 +7,8 @@ A mode's label says what its words share, from data the run already has, in this
    the words that fit it sit at an activation peak (so ``numbers`` is not said of a neuron that
    ignores most numbers). The label never changes what the lexical simulator predicts: it reads
    only the listed items of a ``label: items`` line;
-2. the **topic**: the nearest topic words (:data:`TOPICS`) to the list by MiniLM sentence embedding
-   (cosine at least :data:`TOPIC_MIN`; a second topic within 0.05 is named too);
+2. the **topic**: the nearest topic words (:data:`TOPICS`) to the mean MiniLM embedding of the
+   listed words (cosine at least :data:`TOPIC_MIN`; a second topic within 0.05 is named too);
 3. the **concept**: the labelled dataset's class shared by the texts the mode's words peak in
    ("politics (82% of exemplars)": at least half of them, at least 3 texts, and 1.5 times the
    class's share of the record's texts);
@@ -89,7 +89,7 @@ TOPICS = tuple(
         "time",
     ]  # no category names (numbers, names, ...): those must be precise (above)
 )
-TOPIC_MIN = 0.45  # set on the MiniLM L5 / SmolLM2 L15 lists, never on benchmark layers
+TOPIC_MIN = 0.65  # set on the MiniLM L5 / SmolLM2 L15 lists, never on benchmark layers
 CATEGORY_SHARE, CATEGORY_PRECISION = 0.8, 0.5
 CONCEPT_SHARE, CONCEPT_LIFT, CONCEPT_MIN = 0.5, 1.5, 3
 MIXED = "mixed (no category/concept/topic shared)"
@@ -139,7 +139,8 @@ def topic(words: Sequence[str], embedder: Embedder | None) -> str | None:
     content = [w for w in words if any(c.isalpha() for c in w)]
     if embedder is None or len(content) < 2:
         return None
-    query = embedder([", ".join(content)])[0]
+    vecs = embedder([w.strip().lower() for w in content])  # memoised per word: cheap to re-ask
+    query = vecs.mean(0) / max(float(np.linalg.norm(vecs.mean(0))), 1e-12)
     sims = embedder(list(TOPICS)) @ query
     order = np.argsort(-sims)
     if sims[order[0]] < TOPIC_MIN:
