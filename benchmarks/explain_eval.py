@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rangelens.activations.capture import capture
 from rangelens.activations.models import load_model
@@ -303,6 +304,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write EXPLAIN_RESULTS.md")
     args = parser.parse_args()
     if not args.report:
+        torch.set_num_threads(1)  # a shared 2-core machine: more threads only contend
         run()
     report()
 

@@ -127,29 +127,28 @@ class NeuronExplanation:
 
 
 def attach_ranges(modes: list[Mode], record: NeuronRecord, ev: Evaluator) -> list[Mode]:
-    """Assign each activating explain-set exemplar to the mode whose own explanation predicts its
-    peak highest (above that mode's median prediction); a mode's range is the span of its
-    exemplars' peak activations, None when it owns none (it then has no range, and the report says
-    so); its score is the held-out correlation of its own explanation, calibrated on the
-    calibration pool."""
+    """Give each mode the activating explain-set exemplars whose peak its own explanation predicts
+    (above that mode's median prediction; an exemplar may belong to several modes), else the
+    activating texts its components were found in, strongest first; a mode's range is the span of
+    its exemplars' peak activations (None only when it has no activating exemplar at all); its
+    score is the held-out correlation of its own explanation, calibrated on the calibration pool."""
     if not modes:
         return modes
     explain = [r for r in record.explain_set if r.max_activation >= record.threshold]
-    shares = np.full((len(modes), len(explain)), -np.inf)
-    for m, mode in enumerate(modes):
+    out = []
+    for mode in modes:
         preds = ev.raw(mode.explanation, explain)
         flat = [p for p in preds if p is not None]
         base = float(np.median(np.concatenate(flat))) if flat else 0.0
-        for r, (pred, rec) in enumerate(zip(preds, explain, strict=True)):
-            if pred is not None:
-                shares[m, r] = float(pred[rec.peak]) - base
-    out = []
-    for m, mode in enumerate(modes):
         owned = [
             rec
-            for r, rec in enumerate(explain)
-            if shares[m, r] > 0 and int(np.argmax(shares[:, r])) == m
+            for pred, rec in zip(preds, explain, strict=True)
+            if pred is not None and float(pred[rec.peak]) > base
         ]
+        if not owned:
+            found = {t for c in mode.components for t in c.sources}
+            owned = [rec for rec in explain if rec.text_index in found]
+        owned.sort(key=lambda rec: -rec.max_activation)
         peaks = [rec.max_activation for rec in owned]
         held = ev.held_out(partial(ev.raw, mode.explanation))
         out.append(

@@ -15,6 +15,7 @@ from rangelens.errors import RangelensError
 from rangelens.explain.evaluation import MethodScores
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import NeuronRecord, write_json
+from rangelens.explain.roles import Mode
 
 if TYPE_CHECKING:
     from rangelens.explain.clients import LLM
@@ -121,3 +122,32 @@ def summary(e: NeuronExplanation) -> dict[str, object]:
         "modes": [{"label": m.label, "lo": m.lo, "hi": m.hi, "score": m.score} for m in e.modes],
         "failures": len(e.failures),
     }
+
+
+@dataclass
+class Context:
+    """A window of an exemplar around its peak: readable token pieces, their activations and the
+    peak's position in the window."""
+
+    pieces: list[str]
+    activations: list[float]
+    peak: int
+
+    def text(self) -> str:
+        """One line with the peak token in brackets (whitespace collapsed)."""
+        shown = [f"[{p.strip() or p}]" if k == self.peak else p for k, p in enumerate(self.pieces)]
+        return " ".join("".join(shown).split())
+
+
+def mode_contexts(mode: Mode, record: NeuronRecord, n: int = 2, width: int = 6) -> list[Context]:
+    """The mode's ``n`` strongest exemplars (its evidence), ``width`` tokens each side of the peak."""
+    from rangelens.explain.lexical import render
+
+    by_index = {r.text_index: r for r in record.explain_set}
+    owned = [by_index[i] for i in mode.exemplars if i in by_index]
+    owned.sort(key=lambda r: -r.max_activation)
+    out = []
+    for r in owned[:n]:
+        a, b = max(0, r.peak - width), min(len(r.tokens), r.peak + width + 1)
+        out.append(Context(render(r.tokens)[a:b], r.activations[a:b], r.peak - a))
+    return out
