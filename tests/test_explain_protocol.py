@@ -12,7 +12,8 @@ from test_explain_core import synthetic
 from rangelens.errors import RangelensError
 from rangelens.explain import ActivationRecord, explain_record
 from rangelens.explain.evaluation import Evaluator, LookupTable, fuzz_set
-from rangelens.explain.lexical import LexicalJudge, LexicalSimulator, segment
+from rangelens.explain.lexical import LexicalSimulator, segment
+from rangelens.explain.lexical_judge import LexicalJudge
 from rangelens.explain.naming import MIXED, mode_label
 from rangelens.explain.offline import OfflineRefiner, offline_roles, render
 from rangelens.explain.records import POOLS

@@ -26,12 +26,12 @@ from sklearn.cluster import AgglomerativeClustering
 
 from rangelens.activations.models import LoadedModel, load_model
 from rangelens.explain.lexical import (
-    LexicalJudge,
     LexicalSimulator,
     Words,
     readable,
     segment,
 )
+from rangelens.explain.lexical_judge import LexicalJudge
 from rangelens.explain.naming import mode_label
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Component, ComponentKind, FailureLog, Mode, Roles, normalize
