@@ -58,7 +58,7 @@ METRICS = [
     ("semantic_auc", "semantic AUC own"),
     ("semantic_mismatched", "semantic AUC mismatched"),
 ]
-EXTRA = ("cpu_seconds", "wall_seconds")
+EXTRA = ("cpu_seconds", "wall_seconds", "semantic_cpu_seconds")
 
 
 def neurons_and_records(model: str, layer: int) -> list:
@@ -93,6 +93,7 @@ def neurons_and_records(model: str, layer: int) -> list:
 
 def load(folder: Path) -> tuple[list[NeuronExplanation], list[dict]]:
     data = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    data = [d for d in data if "format" in d]
     res = [NeuronExplanation.from_dict({k: d[k] for k in d if k not in EXTRA}) for d in data]
     return res, data
 
@@ -129,7 +130,7 @@ def run() -> None:
         judge_semantics(res, [by_neuron[e.neuron] for e in res], judge)
         per = (time.process_time() - start) / len(res)
         for e, d in zip(res, data, strict=True):
-            extra = {k: d[k] for k in EXTRA}
+            extra = {k: d[k] for k in EXTRA if k in d}
             (folder / f"{e.neuron}.json").write_text(
                 json.dumps({**e.to_dict(), **extra, "semantic_cpu_seconds": per})
             )
@@ -239,6 +240,9 @@ def report() -> None:
         ]:
             cells = []
             for metric in ("held_out", "auc", "semantic_auc"):
+                if metric not in table[a] or metric not in table[b]:
+                    cells.append("–")
+                    continue
                 d = table[a][metric] - table[b][metric]
                 d = d[np.isfinite(d)]
                 cells.append(fmt(ci(d, rng)) if len(d) else "–")
@@ -263,6 +267,15 @@ def report() -> None:
             d = table[key]["semantic_auc"] - table[key]["semantic_mismatched"]
             d = d[np.isfinite(d)]
             lines.append(f"| {name} | {fmt(ci(d, rng))} | {int((d > 0).sum())} / {len(d)} |")
+        starts = [[h for h in e.history if h.round == 0 and h.accepted][-1:] for e in res]
+        from_sp = sum(bool(s_) and s_[0].action == "single-pass start" for s_ in starts)
+        refined = sum(any(h.accepted and h.round > 0 for h in e.history) for e in res)
+        lines += [
+            "",
+            f"Where the loop's explanation comes from: best start = the single-pass candidate on "
+            f"{from_sp} of {len(res)} neurons (a clustering on the others); a revision was "
+            f"accepted on {refined} of {len(res)}.",
+        ]
         modes = [m for e in res for m in e.modes]
         old_modes = [m for e in before for m in e.modes]
         mixed_now = sum(is_mixed(m.label) for m in modes)

@@ -163,7 +163,15 @@ def print_explanations(explained: Any, where: Any) -> None:
         title=f"explanations of {meta.get('site')} ({meta.get('backend')}; simulator "
         f"{meta.get('simulator', '?')}; judges {judges}) -> {where}"
     )
-    cols = ("neuron", "mode", "range", "label", "top context", "r it/sp/lookup", "semantic AUC")
+    cols = (
+        "neuron",
+        "mode",
+        "range",
+        "label",
+        "top context",
+        "r: iterative / single-pass / lookup",
+        "semantic AUC vs mismatched",
+    )
     for col in cols:
         table.add_column(col, overflow="fold")
     for e in results:

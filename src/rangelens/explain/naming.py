@@ -3,12 +3,14 @@
 A mode's label says what its words share, from data the run already has, in this order:
 
 1. a **category** (``numbers``, ``capitalised words``, ...; :data:`~.lexical.CATEGORIES`) only when
-   it is PRECISE: at least 80% of the listed words fit it and, on the explain set, at least half of
+   it is PRECISE: at least 75% of the listed words fit it and, on the explain set, at least half of
    the words that fit it sit at an activation peak (so ``numbers`` is not said of a neuron that
    ignores most numbers). The label never changes what the lexical simulator predicts: it reads
    only the listed items of a ``label: items`` line;
 2. the **topic**: the nearest topic words (:data:`TOPICS`) to the mean MiniLM embedding of the
-   listed words (cosine at least :data:`TOPIC_MIN`; a second topic within 0.05 is named too);
+   listed words (cosine at least :data:`TOPIC_MIN`, and at least half of the words themselves at
+   cosine :data:`WORD_MIN` or more to it: a centroid of unrelated words names nothing; a second
+   topic within 0.05 is named too);
 3. the **concept**: the labelled dataset's class shared by the texts the mode's words peak in
    ("politics (82% of exemplars)": at least half of them, at least 3 texts, and 1.5 times the
    class's share of the record's texts);
@@ -90,7 +92,8 @@ TOPICS = tuple(
     ]  # no category names (numbers, names, ...): those must be precise (above)
 )
 TOPIC_MIN = 0.65  # set on the MiniLM L5 / SmolLM2 L15 lists, never on benchmark layers
-CATEGORY_SHARE, CATEGORY_PRECISION = 0.8, 0.5
+WORD_MIN = 0.45  # a word supports a topic at this cosine; half the listed words must
+CATEGORY_SHARE, CATEGORY_PRECISION = 0.75, 0.5
 CONCEPT_SHARE, CONCEPT_LIFT, CONCEPT_MIN = 0.5, 1.5, 3
 MIXED = "mixed (no category/concept/topic shared)"
 
@@ -143,7 +146,8 @@ def topic(words: Sequence[str], embedder: Embedder | None) -> str | None:
     query = vecs.mean(0) / max(float(np.linalg.norm(vecs.mean(0))), 1e-12)
     sims = embedder(list(TOPICS)) @ query
     order = np.argsort(-sims)
-    if sims[order[0]] < TOPIC_MIN:
+    support = float((vecs @ embedder([TOPICS[order[0]]])[0] >= WORD_MIN).mean())
+    if sims[order[0]] < TOPIC_MIN or support < 0.5:
         return None
     close = [TOPICS[i] for i in order[:2] if sims[i] >= max(TOPIC_MIN, sims[order[0]] - 0.05)]
     return "/".join(close)

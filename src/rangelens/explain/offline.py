@@ -266,11 +266,11 @@ def render(
             and c.text.lower().split()[-1] in single
         )
     ]
-    items = list(
-        dict.fromkeys(
-            f"after {_quote(c.text)}" if c.kind == "after" else _quote(c.text) for c in shown
-        )
-    )[:MAX_ITEMS]
+    def item(c: Component) -> str:
+        return f"after {_quote(c.text)}" if c.kind == "after" else _quote(c.text)
+
+    items = list(dict.fromkeys(item(c) for c in shown))[:MAX_ITEMS]
+    shown = [c for c in shown if item(c) in items]  # the label speaks of what is listed
     words = [c.text for c in shown if c.kind != "after"]
     contexts = [c.text for c in shown if c.kind == "after"]
     texts = sorted({t for c in shown for t in c.sources})
