@@ -253,6 +253,7 @@ def report() -> None:
                 f"/ {losses} |"
             )
         val = np.array([e.iterative.validation - e.single_pass.validation for e in res])
+        val_before = np.array([e.iterative.validation - e.single_pass.validation for e in before])
         lines += [
             "",
             "Semantic judge, own − mismatched explanation (paired over neurons; > 0 means the judge "
@@ -285,7 +286,8 @@ def report() -> None:
         lines += [
             "",
             f"Acceptance pool (validation r), iterative − best single-pass candidate: "
-            f"{fmt(ci(val, rng))} (before #18: the loop's candidates were weaker here).",
+            f"{fmt(ci(val, rng))}"
+            + (f"; before #18: {fmt(ci(val_before, rng))}." if len(val_before) else "."),
             "",
             f"Modes labelled `mixed`: {mixed_now} of {len(modes)} now"
             + (f", {mixed_before} of {len(old_modes)} before #18" if old_modes else "")
