@@ -145,6 +145,10 @@ def print_erasure(result: Any) -> None:
     console.print(f"[bold]Verdict.[/] {info.get('verdict', '')}", highlight=False)
 
 
+def _short(text: str, limit: int = 110) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _auc(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -167,7 +171,7 @@ def print_explanations(explained: Any, where: Any) -> None:
         "neuron",
         "mode",
         "range",
-        "label",
+        "label: words",
         "top context",
         "r: iterative / single-pass / lookup",
         "semantic AUC vs mismatched",
@@ -195,7 +199,7 @@ def print_explanations(explained: Any, where: Any) -> None:
                 str(e.neuron) if first else "",
                 str(k + 1),
                 rng,
-                terminal_text(m.label),
+                terminal_text(_short(m.explanation or m.label)),
                 terminal_text(ctx[0].text()) if ctx else "",
                 scores if first else "",
                 semantic if first else "",

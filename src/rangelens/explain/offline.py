@@ -266,6 +266,7 @@ def render(
             and c.text.lower().split()[-1] in single
         )
     ]
+
     def item(c: Component) -> str:
         return f"after {_quote(c.text)}" if c.kind == "after" else _quote(c.text)
 
