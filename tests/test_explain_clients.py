@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from rangelens.explain import (
     save_results,
 )
 from rangelens.explain.clients import Completion
+from rangelens.explain.lexical import LexicalSimulator
 from rangelens.explain.llm import LLMExplainer
 from rangelens.explain.roles import FailureLog
 
@@ -208,7 +209,13 @@ def scripted_llm(prompt: str) -> str:
 def test_llm_loop_end_to_end_cached_and_key_free(serve, tmp_path: Path):
     rec = synthetic()
     server = serve(scripted_llm)
-    roles = make_roles("openai", server.client(max_concurrency=3), cache_dir=tmp_path / "cache")
+    # this test is about the LLM roles' loop and cache: the lexical simulator scores (offline), as
+    # the scripted server answers no simulation prompt
+    offline = {"simulator": LexicalSimulator(), "judge": None}
+    roles = replace(
+        make_roles("openai", server.client(max_concurrency=3), cache_dir=tmp_path / "cache"),
+        **offline,
+    )
     first = explain_record(rec, roles, rounds=2)
     assert first.modes and first.iterative.held_out > 0.3
     assert any(f.role == "refiner" for f in first.failures)
@@ -216,7 +223,7 @@ def test_llm_loop_end_to_end_cached_and_key_free(serve, tmp_path: Path):
     calls = server.calls
     assert calls > 0
 
-    again = make_roles("openai", server.client(), cache_dir=tmp_path / "cache")
+    again = replace(make_roles("openai", server.client(), cache_dir=tmp_path / "cache"), **offline)
     second = explain_record(rec, again, rounds=2)
     assert second.to_dict() == first.to_dict()
     # validated replies come from the cache; the failed refiner steps are asked again

@@ -78,4 +78,5 @@ def test_explain_command_writes_directory(tmp_path):
     result = CliRunner().invoke(app, ["explain", *args, "--rounds", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "explanations").iterdir()) == ["5.json", "9.json"]
-    assert "single-pass" in result.output
+    assert "single-pass" in result.output and "semantic AUC vs mismatched" in result.output
+    assert " vs " in result.output  # each neuron's semantic AUC beside its mismatched floor

@@ -3,6 +3,7 @@ LLM I/O against a real scripted OpenAI-compatible server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -321,8 +322,21 @@ def test_cli_selects_the_llm_simulator(
     prompts = [b["messages"][-1]["content"] for b in server.bodies]
     assert any(asked in p and "'goal'" in p for p in prompts)
     assert "LLM steps:" in result.output
+    meta = json.loads((tmp_path / "out" / "results.json").read_text())["metadata"]
+    assert meta["simulator"] == simulator  # each number says what produced it
+    assert meta["judges"][0] == "llm" and meta["judges"][1].startswith("embedding")
+    auto = explain_cli(tiny_model_dir, topics_csv, server.url, tmp_path / "auto")
+    assert auto.exit_code == 0, auto.output  # an LLM backend simulates with the LLM by default
+    assert (
+        json.loads((tmp_path / "auto" / "results.json").read_text())["metadata"]["simulator"]
+        == "llm"
+    )
+    lexical = explain_cli(
+        tiny_model_dir, topics_csv, server.url, tmp_path / "lex", "--simulator", "lexical"
+    )
+    assert lexical.exit_code == 2 and "never scored by word matching" in lexical.output
     bad = explain_cli(tiny_model_dir, topics_csv, server.url, tmp_path / "o", "--simulator", "x")
     assert (
         bad.exit_code == 2
-        and "unknown simulator 'x'; valid: 'lexical', 'llm', 'llm-list'" in bad.output
+        and "unknown simulator 'x'; valid: 'auto', 'lexical', 'llm', 'llm-list'" in bad.output
     )

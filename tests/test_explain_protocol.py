@@ -12,7 +12,9 @@ from test_explain_core import synthetic
 from rangelens.errors import RangelensError
 from rangelens.explain import ActivationRecord, explain_record
 from rangelens.explain.evaluation import Evaluator, LookupTable, fuzz_set
-from rangelens.explain.lexical import LexicalJudge, LexicalSimulator, name_pattern, segment
+from rangelens.explain.lexical import LexicalSimulator, segment
+from rangelens.explain.lexical_judge import LexicalJudge
+from rangelens.explain.naming import MIXED, mode_label
 from rangelens.explain.offline import OfflineRefiner, offline_roles, render
 from rangelens.explain.records import POOLS
 from rangelens.explain.roles import Component, FailureLog, Mode
@@ -114,11 +116,12 @@ def test_subwords_merge_into_readable_words():
     comps = [Component(w, "token", [w], 1.0 - i / 10) for i, w in enumerate(["most", "biggest"])]
     comps.append(Component("highest", "token", ["est"], 0.5))
     assert render(Mode("", "", comps)).explanation == "superlatives: most, biggest, highest"
-    assert name_pattern(["2005", "19", "three"]) == "numbers"
-    assert name_pattern(["running", "making", "taking"]) == "words ending in -ing"
-    assert name_pattern(["Open", " open"], ["Australian"]) == 'the word "Open"'
-    assert name_pattern(["one", "More", ", the", "."]) == "mixed"  # no pattern is said, not implied
-    assert name_pattern([], ["Niro"]) == 'words after "Niro"'
+    assert mode_label(["2005", "19", "three"], [], [])[0] == "numbers"
+    assert mode_label(["running", "making", "taking"], [], [])[0] == "words ending in -ing"
+    assert mode_label(["Open", " open"], ["Australian"], []) == ('the word "Open"', True)
+    # nothing shared is said, with what was tried
+    assert mode_label(["one", "More", ", the", "."], [], [])[0] == MIXED
+    assert mode_label([], ["Niro"], [])[0] == 'words after "Niro"'
 
 
 def test_lexical_simulator_reads_free_text_and_lists():

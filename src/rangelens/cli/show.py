@@ -163,31 +163,75 @@ def print_erasure(result: Any) -> None:
     console.print(f"[bold]Verdict.[/] {info.get('verdict', '')}", highlight=False)
 
 
+def _short(text: str, limit: int = 110) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _auc(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def print_explanations(explained: Any, where: Any) -> None:
-    """One row per neuron: held-out scores of the methods and the modes with their ranges."""
+    """One row per mode: the neuron, the mode's range, its label (what its words share, with the
+    concept share of its exemplars), its strongest context (peak token in brackets) and, on each
+    neuron's first row, the held-out scores: r (iterative / single pass / lookup reference) from
+    the simulator and the semantic judge's AUC for its own explanation vs another neuron's."""
+    from rangelens.explain.results import mode_contexts
+
     results = list(explained.explanations.values())
     meta = explained.metadata
-    table = Table(title=f"explanations of {meta.get('site')} ({meta.get('backend')}) -> {where}")
-    cols = ("neuron", "target", "iterative r", "single-pass r", "lookup r", "AUC", "modes [range]")
+    judges = ", ".join(meta.get("judges", [])) or "–"
+    table = Table(
+        title=f"explanations of {meta.get('site')} ({meta.get('backend')}; simulator "
+        f"{meta.get('simulator', '?')}; judges {judges}) -> {where}"
+    )
+    cols = (
+        "neuron",
+        "mode",
+        "range",
+        "label: words",
+        "top context",
+        "r: iterative / single-pass / lookup",
+        "semantic AUC vs mismatched",
+    )
     for col in cols:
         table.add_column(col, overflow="fold")
     for e in results:
-        modes = "\n".join(
-            f"{terminal_text(m.label)} [{m.lo:.2f}, {m.hi:.2f}]"
-            if m.lo is not None and m.hi is not None
-            else f"{terminal_text(m.label)} [no exemplar: no range]"
-            for m in e.modes
-        )
-        table.add_row(
-            str(e.neuron),
-            terminal_text(e.target),
-            f"{e.iterative.held_out:.3f}",
-            f"{e.single_pass.held_out:.3f}",
-            f"{e.lookup.held_out:.3f}" if e.lookup is not None else "-",
-            f"{e.iterative.auc:.2f}",
-            modes,
-        )
+        record = explained.records.get(e.neuron)
+        for k, m in enumerate(e.modes or [None]):
+            first = k == 0
+            scores = f"{e.iterative.held_out:.2f} / {e.single_pass.held_out:.2f} / " + (
+                f"{e.lookup.held_out:.2f}" if e.lookup is not None else "–"
+            )
+            semantic = (
+                f"{_auc(e.iterative.semantic_auc)} vs {_auc(e.iterative.semantic_mismatched)}"
+                if e.iterative.semantic_failure is None
+                else terminal_text(e.iterative.semantic_failure)
+            )
+            if m is None:
+                table.add_row(str(e.neuron), "–", "–", "no explanation", "", scores, semantic)
+                continue
+            rng = f"[{m.lo:.2f}, {m.hi:.2f}]" if m.lo is not None and m.hi is not None else "none"
+            ctx = mode_contexts(m, record, n=1) if record is not None else []
+            table.add_row(
+                str(e.neuron) if first else "",
+                str(k + 1),
+                rng,
+                terminal_text(_short(m.explanation or m.label)),
+                terminal_text(ctx[0].text()) if ctx else "",
+                scores if first else "",
+                semantic if first else "",
+            )
     console.print(table)
+    modes = [m for e in results for m in e.modes]
+    mixed = sum(m.label.startswith("mixed") for m in modes)
+    console.print(
+        f"[dim]{len(modes)} modes, {mixed} labelled mixed (nothing shared). r: held-out "
+        "correlation of the simulation (the lookup table is a per-token reference ceiling, not a "
+        "competitor); semantic AUC: the embedding judge on held-out texts, own explanation vs "
+        "another neuron's (the floor, ~0.5 or below).[/]",
+        highlight=False,
+    )
 
 
 def report_llm(llm: Any, max_failed: float = 0.5) -> None:

@@ -12,9 +12,10 @@ from rangelens.config.analysis import Runtime, SiteOptions
 from rangelens.config.sources import DataSource, ModelSource, Options
 
 Backend = Literal["offline", "openai", "local"]
-# lexical: the offline word-list simulator; llm: the LLM echoes tokens with 0-10 values; llm-list:
-# the LLM lists the words the explanation describes (small models)
-SimulatorName = Literal["lexical", "llm", "llm-list"]
+# auto: lexical for the offline backend, llm for an LLM backend; lexical: the offline word-list
+# simulator (only for the offline word lists: prose is never scored by word matching); llm: the LLM
+# echoes tokens with 0-10 values; llm-list: the LLM lists the words the explanation describes
+SimulatorName = Literal["auto", "lexical", "llm", "llm-list"]
 
 
 class LLMOptions(Options):
@@ -46,20 +47,34 @@ class LLMOptions(Options):
         3, ge=1, description="tries per LLM step (failed tries are counted, never cached)"
     )
     simulator: SimulatorName = Field(
-        "lexical",
-        description="what scores explanations with an LLM backend: lexical (offline), llm (the LLM "
-        "echoes each token with a 0-10 activation predicted from the explanation text) or "
-        "llm-list (the LLM lists the words the explanation describes; for small models)",
+        "auto",
+        description="what simulates explanations from their text: auto (lexical offline, llm with "
+        "an LLM backend), lexical (word matching; only for the offline word lists), llm (the LLM "
+        "echoes each token with a 0-10 activation) or llm-list (the LLM lists the words the "
+        "explanation describes; for small models). Every method is also scored by the embedding "
+        "judge",
     )
 
     @model_validator(mode="after")
     def _needs_llm(self) -> LLMOptions:
-        if self.simulator != "lexical" and self.backend == "offline":
+        if self.simulator in ("llm", "llm-list") and self.backend == "offline":
             raise ValueError(
                 f"invalid simulator {self.simulator!r} with backend 'offline': it needs an LLM; "
                 f"use backend 'openai' or 'local'"
             )
+        if self.simulator == "lexical" and self.backend != "offline":
+            raise ValueError(
+                f"invalid simulator 'lexical' with backend {self.backend!r}: an LLM's prose is "
+                f"never scored by word matching; use 'llm' or 'llm-list'"
+            )
         return self
+
+    @property
+    def simulator_name(self) -> str:
+        """The simulator actually used (``auto`` resolved)."""
+        if self.simulator != "auto":
+            return self.simulator
+        return "lexical" if self.backend == "offline" else "llm"
 
 
 class ExplainOptions(Options):

@@ -14,11 +14,12 @@ from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import LLM, LLMClient, ResponseCache
 from rangelens.explain.exemplars import ExemplarConfig, build_records, scaled_config
 from rangelens.explain.llm import llm_roles
-from rangelens.explain.loop import NeuronExplanation, explain_record
+from rangelens.explain.loop import NeuronExplanation, explain_record, judge_semantics
 from rangelens.explain.offline import offline_roles
 from rangelens.explain.records import NeuronRecord
 from rangelens.explain.results import Explained
 from rangelens.explain.roles import Roles
+from rangelens.explain.semantic import JUDGE_NAME, SemanticJudge
 from rangelens.ranges.maps import ConceptRange
 
 BACKENDS = get_args(Backend)
@@ -69,7 +70,7 @@ def roles_for(options: LLMOptions, lm: LoadedModel, cache_dir: Path) -> tuple[Ro
         same = options.llm_model == lm.name
         client = TransformersClient(lm if same else load_chat_model(options.llm_model))
     llm = LLM(client, ResponseCache(cache_dir), options.max_attempts)
-    return llm_roles(llm, name=options.backend, simulator=options.simulator), llm
+    return llm_roles(llm, name=options.backend, simulator=options.simulator_name), llm
 
 
 def explain_site(
@@ -85,10 +86,12 @@ def explain_site(
     batch_size: int = 16,
     cache_dir: Path,
     metadata: dict[str, Any] | None = None,
+    concepts: Sequence[str] | None = None,
 ) -> Explained:
     """Explain ``neurons`` of ``site`` (or, with ``ranges``, each concept range: in-range tokens
     are the positive set) on ``texts``, with the exemplar pools sized to the texts, the loop run
-    ``config.rounds`` times, and the roles ``config`` asks for."""
+    ``config.rounds`` times, and the roles ``config`` asks for; ``concepts[i]`` (text i's class)
+    lets the offline labels name a mode by the concept its exemplars share."""
     exemplars = scaled_config(len(texts), seed)
     roles, llm = roles_for(config, lm, cache_dir)
     records: list[NeuronRecord] = []
@@ -107,11 +110,16 @@ def explain_site(
             target_range=target_range,
             max_length=max_length,
             batch_size=batch_size,
+            concepts=concepts,
         )
     results = explain_records(records, roles, rounds=config.rounds)
     shown = "offline (lexical baseline)" if config.backend == "offline" else config.backend
+    scored_by = {
+        "simulator": getattr(roles.simulator, "name", config.simulator_name),
+        "judges": [j for j in (getattr(roles.judge, "name", None), JUDGE_NAME) if j],
+    }
     return Explained(
-        {**(metadata or {}), "backend": shown},
+        {**(metadata or {}), "backend": shown, **scored_by},
         {e.neuron: e for e in results},
         {r.neuron: r for r in records},
         llm,
@@ -125,15 +133,19 @@ def explain_records(
     rounds: int = 4,
     single_pass_k: int | None = None,
     on_result: Callable[[NeuronExplanation], None] | None = None,
+    semantic: bool = True,
 ) -> list[NeuronExplanation]:
     """Run NeuronScope + the single-pass baseline (from the top ``single_pass_k`` exemplars; all
-    top exemplars by default) on each record."""
+    top exemplars by default) on each record; then (``semantic``) every method is scored by the
+    embedding judge with its mismatched control (:mod:`rangelens.explain.semantic`)."""
     out = []
     for record in records:
         result = explain_record(record, roles, rounds=rounds, single_pass_k=single_pass_k)
         if on_result is not None:
             on_result(result)
         out.append(result)
+    if semantic and out:
+        judge_semantics(out, records, SemanticJudge(getattr(roles.clusterer, "embedder", None)))
     return out
 
 

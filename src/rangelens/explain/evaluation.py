@@ -38,7 +38,10 @@ Predictor = Callable[[Sequence[ActivationRecord]], list[np.ndarray | None]]
 class MethodScores:
     """Validation (acceptance) and held-out correlation; held-out detection from the simulation
     (AUC, balanced accuracy); judge detection and fuzzing (None without a judge); held-out texts
-    whose simulation or judging failed (left out of the scores); ``empty``: no explanation."""
+    whose simulation or judging failed (left out of the scores); ``empty``: no explanation;
+    ``semantic_*``: the embedding judge's AUC on the held-out texts (:mod:`.semantic`), the same
+    judge's AUC for another neuron's explanation (the mismatched control, the floor) and why it
+    could not score this explanation (None when it could)."""
 
     validation: float
     held_out: float
@@ -52,6 +55,9 @@ class MethodScores:
     fuzz_auc: float | None = None
     fuzz_accuracy: float | None = None
     judge_failed: int = 0
+    semantic_auc: float | None = None
+    semantic_mismatched: float | None = None
+    semantic_failure: str | None = None
 
 
 @dataclass(frozen=True)

@@ -89,13 +89,17 @@ def records_from_activations(
     layer: int | None,
     config: ExemplarConfig = ExemplarConfig(),
     target_range: tuple[float, float] | None = None,
+    concepts: Sequence[str] | None = None,
 ) -> list[NeuronRecord]:
     """Split texts into disjoint explain / feedback / validation / held-out pools and pick
     exemplars per neuron.
 
     ``values`` is ``(n_tokens, len(neurons))`` with text i at rows ``offsets[i]:offsets[i + 1]``.
     With ``target_range``, each neuron's signal becomes the 0/1 indicator of ``lo <= a <= hi``.
+    ``concepts[i]`` is text i's class (kept on its records to name modes by concept).
     """
+    if concepts is not None and len(concepts) != len(offsets) - 1:
+        raise RangelensError(f"{len(concepts)} concepts for {len(offsets) - 1} texts")
     n_texts = len(offsets) - 1
     start = 1 if config.skip_first else 0
     bounds = [(int(offsets[i]) + start, int(offsets[i + 1])) for i in range(n_texts)]
@@ -136,6 +140,7 @@ def records_from_activations(
                 token_ids=[int(t) for t in token_ids[a:b]],
                 activations=[float(x) for x in signal[a:b]],
                 text_index=int(i),
+                concept=None if concepts is None else str(concepts[i]),
             )
 
         ranked = explain_pool[np.argsort(-scores[explain_pool], kind="stable")]
@@ -183,8 +188,10 @@ def build_records(
     max_length: int = 64,
     batch_size: int = 16,
     progress: bool = False,
+    concepts: Sequence[str] | None = None,
 ) -> list[NeuronRecord]:
-    """Capture ``site`` once at every token and build one :class:`NeuronRecord` per neuron."""
+    """Capture ``site`` once at every token and build one :class:`NeuronRecord` per neuron
+    (``concepts``: each text's class, see :func:`records_from_activations`)."""
     bad = [n for n in neurons if not 0 <= n < site.width]
     if bad:
         raise RangelensError(
@@ -212,4 +219,5 @@ def build_records(
         layer=site.layer,
         config=config,
         target_range=target_range,
+        concepts=concepts,
     )

@@ -2,7 +2,9 @@
 
 It reads what a person would read in an explanation and nothing else (no activations, no mode
 components): quoted phrases and the items of a ``label: a, b, c`` list (``after "x"`` meaning the
-token that follows ``x``), the content words of free text, and a small vocabulary of named patterns
+token that follows ``x``; the label predicts nothing itself, so a list labelled ``numbers`` or
+``mixed`` simulates the same), the content words of free text, and, in free text, a small
+vocabulary of named patterns
 ("numbers", "punctuation", "line breaks", "superlatives", "words ending in -ing", ...). Tokens are
 matched as words: subword pieces (byte-BPE, WordPiece ``##`` and SentencePiece ``▁``) are merged
 first, so "biggest" lights both " big" and "gest"; a phrase of several words lights its last word
@@ -13,6 +15,7 @@ calibration pool (:mod:`rangelens.explain.scoring`), as in Bills et al. (2023).
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -75,6 +78,13 @@ class Words:
     text: list[str]
     shown: list[str]
     wordpiece: bool = False
+    partial_first: bool = False
+
+    def is_word(self, w: int) -> bool:
+        """Whether word ``w`` is a whole word: the first word of a text whose first token does not
+        start a word (no leading space or marker in byte-BPE, a ``##`` piece in WordPiece) is the
+        tail of a word cut off before the text, a subword fragment."""
+        return not (w == 0 and self.partial_first)
 
 
 def _clean(token: str) -> str:
@@ -84,6 +94,12 @@ def _clean(token: str) -> str:
 
 
 def segment(tokens: Sequence[str]) -> Words:
+    """Merge subword tokens into words (memoised; see :func:`_segment`)."""
+    return _segment(tuple(tokens))
+
+
+@functools.lru_cache(maxsize=4096)
+def _segment(tokens: tuple[str, ...]) -> Words:
     """Merge subword tokens into words (byte-BPE: a word starts at a leading space; WordPiece: every
     token not starting with ``##`` starts one; SentencePiece: at ``▁``). Punctuation and whitespace
     runs are words of their own; special tokens ([CLS], <s>) too."""
@@ -114,7 +130,14 @@ def segment(tokens: Sequence[str]) -> Words:
         index[t] = len(pieces) - 1
         prev = clean or prev
     shown = ["".join(p).strip() or "".join(p) for p in pieces]
-    return Words(index, [s.lower() for s in shown], shown, wordpiece)
+    first = tokens[0] if len(tokens) else ""
+    partial = (
+        first.startswith("##")
+        if wordpiece
+        else first[:1].isalnum() and first[:1] not in MARKERS and not SPECIAL.match(first)
+    )
+    index.setflags(write=False)  # shared by every caller of the memoised segmentation
+    return Words(index, [s.lower() for s in shown], shown, wordpiece, partial)
 
 
 def render(tokens: Sequence[str]) -> list[str]:
@@ -250,9 +273,8 @@ def parse(explanation: str) -> list[Item]:
         if not line:
             continue
         label, sep, body = line.partition(":")
-        listed = _list_items(body) if sep and len(label.split()) <= 6 else None
-        if listed is not None:
-            items += _patterns(label, 1.0)
+        listed = _list_items(body) if sep and len(label.split()) <= 10 else None
+        if listed is not None:  # the label names the items; it adds no prediction of its own
             for rank, entry in enumerate(listed):
                 w = 1.0 / (1.0 + 0.1 * rank)
                 after = entry.lower().startswith("after ")
@@ -275,11 +297,19 @@ def parse(explanation: str) -> list[Item]:
     return items
 
 
-def _phrase_hits(words: Words, phrase: tuple[str, ...]) -> list[tuple[int, int]]:
+def _phrase_hits(
+    words: Words, phrase: tuple[str, ...], where: dict[str, list[int]] | None = None
+) -> list[tuple[int, int]]:
     """(first word, last word) of every occurrence of ``phrase`` in the word sequence; a phrase
-    written without spaces (``"'s"``, ``"."``) may also match a single token's text."""
+    written without spaces (``"'s"``, ``"."``) may also match a single token's text. ``where``
+    (word -> positions) answers one-word phrases without a scan."""
     text = [w.strip() or w for w in words.text]
     n = len(phrase)
+    if n == 1 and where is not None:
+        p = phrase[0]
+        forms = {p, p + "s"} | ({p[:-1]} if p.endswith("s") else set())
+        hits = sorted(i for f in forms for i in where.get(f, []) if _same(text[i], p))
+        return [(i, i) for i in hits]
     return [
         (i, i + n - 1)
         for i in range(len(text) - n + 1)
@@ -294,6 +324,9 @@ def predict(items: Sequence[Item], tokens: Sequence[str]) -> np.ndarray:
         return out
     words = segment(tokens)
     norm_tokens = [(_clean(t).strip() or _clean(t)).lower() for t in tokens]
+    where: dict[str, list[int]] = {}
+    for i, w in enumerate(words.text):
+        where.setdefault(w.strip() or w, []).append(i)
     for item in items:
         hit = np.zeros(len(tokens), dtype=bool)
         if item.kind == "pattern" and item.predicate is not None:
@@ -303,7 +336,7 @@ def predict(items: Sequence[Item], tokens: Sequence[str]) -> np.ndarray:
             ]
             hit = np.array(ok, dtype=bool)[words.index]
         else:
-            spans = _phrase_hits(words, item.words)
+            spans = _phrase_hits(words, item.words, where)
             if item.kind == "after":
                 for _, last in spans:
                     following = np.flatnonzero(words.index > last)
@@ -329,6 +362,8 @@ class LexicalSimulator:
     """The lexical baseline :class:`~rangelens.explain.roles.Simulator`: reads the explanation text
     (parsed once per explanation) and matches it against each text's tokens; never fails."""
 
+    name = "lexical"
+
     def __init__(self) -> None:
         self._parsed: dict[str, list[Item]] = {}
 
@@ -344,57 +379,3 @@ class LexicalSimulator:
     ) -> list[np.ndarray | None]:
         items = self.items(explanation)
         return [predict(items, tokens) for tokens in texts]
-
-
-def name_pattern(words: Sequence[str], contexts: Sequence[str] = ()) -> str:
-    """A short label naming what ``words`` (and the ``contexts`` they follow) share: a named pattern
-    of :data:`CATEGORIES` or a common ending when at least 60% of them (and two) fit it; the word
-    itself for a mode of one word; else ``mixed`` (no shared pattern, said plainly rather than
-    implied by ``words like ...``); a mode of contexts only is ``words after "first"``."""
-    low = [w.strip().lower() or w for w in words]
-    if len(low) >= 2:
-        need = max(2, int(np.ceil(0.6 * len(low))))
-        for name, _, pred in CATEGORIES:
-            if sum(pred(w, s, False) for w, s in zip(low, words, strict=True)) >= need:
-                return name
-        for n in (4, 3, 2):
-            ends = [w[-n:] for w in low if len(w) > n + 2 and w.isalpha()]
-            if ends:
-                end, count = max(((e, ends.count(e)) for e in set(ends)), key=lambda x: x[1])
-                if count >= need:
-                    return f"words ending in -{end}"
-    if len(set(low)) == 1:
-        shown = readable(words[0])
-        return f'the {"phrase" if " " in shown else "word"} "{shown}"'
-    if words:
-        return "mixed"
-    if contexts:
-        return f'words after "{readable(contexts[0])}"'
-    return "no pattern"
-
-
-class LexicalJudge:
-    """The lexical baseline :class:`~rangelens.explain.roles.Judge` (delphi-style detection and
-    fuzzing without an LLM): detection scores a text by the strongest item of the explanation found
-    in it; fuzzing by the share of highlighted tokens the explanation's items cover."""
-
-    def __init__(self) -> None:
-        self.simulator = LexicalSimulator()
-
-    def judge(
-        self,
-        explanation: str,
-        texts: Sequence[Sequence[str]],
-        highlights: Sequence[Sequence[bool]] | None,
-        trace: FailureLog,
-    ) -> list[float | None]:
-        items = self.simulator.items(explanation)
-        out: list[float | None] = []
-        for i, tokens in enumerate(texts):
-            pred = predict(items, tokens)
-            if highlights is None:
-                out.append(float(np.clip(pred.max(initial=0.0), 0.0, 1.0)))
-            else:
-                marked = np.asarray(highlights[i], dtype=bool)
-                out.append(float((pred[marked] > 0).mean()) if marked.any() else None)
-        return out

@@ -21,7 +21,7 @@ from typing import Any, get_args
 from rangelens.config.explain import SimulatorName
 from rangelens.errors import RangelensError, choices
 from rangelens.explain.clients import LLM, Message, ReplyError, parallel_map
-from rangelens.explain.lexical import LexicalSimulator, plain_text
+from rangelens.explain.lexical import plain_text
 from rangelens.explain.llm_scoring import LLMJudge, LLMSimulator
 from rangelens.explain.prompts import (
     SYSTEM,
@@ -323,13 +323,20 @@ class LLMRefiner:
 
 
 def llm_roles(
-    llm: LLM, *, name: str = "llm", n_exemplars: int = 6, simulator: str = "lexical"
+    llm: LLM, *, name: str = "llm", n_exemplars: int = 6, simulator: str = "llm"
 ) -> Roles:
     """LLM decomposer, clusterer, explainer and refiner over one :class:`LLM` (its cache, attempts
-    and failure counts are shared). The simulator that scores explanations is the offline lexical
-    one (cheap), or the LLM itself (one call per scored text; ``"llm"``: echo format, ``"llm-list"``:
-    the list format for small models), which then also judges the held-out texts (delphi detection
-    and fuzzing)."""
+    and failure counts are shared). The simulator that scores explanations is the LLM itself (one
+    call per scored text; ``"llm"``: echo format, ``"llm-list"``: the list format for small models),
+    which also judges the held-out texts (delphi detection and fuzzing); the embedding judge scores
+    every method beside it (:mod:`rangelens.explain.semantic`). The lexical simulator is refused:
+    an LLM's prose is never scored by word matching."""
+    simulator = "llm" if simulator == "auto" else simulator
+    if simulator == "lexical":
+        raise RangelensError(
+            "the lexical simulator scores only the offline word lists: an LLM's prose is never "
+            "scored by word matching; use simulator 'llm' or 'llm-list'"
+        )
     if simulator not in get_args(SimulatorName):
         raise RangelensError(
             f"unknown simulator {simulator!r}; valid: {choices(get_args(SimulatorName))}"
@@ -339,9 +346,7 @@ def llm_roles(
         decomposer=LLMDecomposer(llm, n_exemplars),
         clusterer=LLMClusterer(llm),
         explainer=LLMExplainer(llm),
-        simulator=LexicalSimulator()
-        if simulator == "lexical"
-        else LLMSimulator(llm, format="list" if simulator == "llm-list" else "echo"),
+        simulator=LLMSimulator(llm, format="list" if simulator == "llm-list" else "echo"),
         refiner=LLMRefiner(llm),
-        judge=None if simulator == "lexical" else LLMJudge(llm),
+        judge=LLMJudge(llm),
     )

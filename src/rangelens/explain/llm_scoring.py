@@ -206,6 +206,7 @@ class LLMSimulator:
         self.llm = llm
         self.logprobs = logprobs
         self.format = format
+        self.name = "llm-list" if format == "list" else "llm"
         self._lock = threading.Lock()
         self.from_logprobs = 0
         self.from_digits = 0
@@ -315,6 +316,8 @@ class LLMJudge:
     None, does each text activate the neuron; with ``highlights[i][t]`` marking tokens (shown
     ``[[like this]]``), are the marked tokens the ones the explanation describes. P(yes) per text,
     None where the answer failed."""
+
+    name = "llm"
 
     def __init__(self, llm: LLM, *, logprobs: bool = True) -> None:
         self.llm = llm

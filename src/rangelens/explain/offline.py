@@ -26,13 +26,13 @@ from sklearn.cluster import AgglomerativeClustering
 
 from rangelens.activations.models import LoadedModel, load_model
 from rangelens.explain.lexical import (
-    LexicalJudge,
     LexicalSimulator,
     Words,
-    name_pattern,
     readable,
     segment,
 )
+from rangelens.explain.lexical_judge import LexicalJudge
+from rangelens.explain.naming import mode_label
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import Component, ComponentKind, FailureLog, Mode, Roles, normalize
 
@@ -79,10 +79,12 @@ def _features(
     as its whole word), the bigram ending here (the words it spans) and, at a word start, the
     previous word as context (``after``)."""
     w = int(words.index[t])
+    if not words.is_word(w):
+        return []  # the tail of a word cut off before the text: a subword fragment, not a word
     feats: list[tuple[ComponentKind, list[str], str]] = [
         ("token", [normalize(tokens[t])], readable(words.shown[w]))
     ]
-    if t >= 1:
+    if t >= 1 and words.is_word(int(words.index[t - 1])):
         p = int(words.index[t - 1])
         inside = np.flatnonzero((words.index >= p) & (words.index <= w))
         span = (
@@ -198,28 +200,43 @@ def group(components: list[Component], k: int, embedder: MiniLMEmbedder) -> list
 
 
 class OfflineExplainer:
-    """Render each mode as one readable line (see :func:`render`)."""
+    """Render each mode as one readable line (see :func:`render`), labelled by what its words share
+    (:mod:`rangelens.explain.naming`; topics by ``embedder``)."""
+
+    def __init__(self, embedder: MiniLMEmbedder | None = None) -> None:
+        self.embedder = embedder
 
     def explain(self, modes: list[Mode], record: NeuronRecord, trace: FailureLog) -> list[Mode]:
-        return [render(m) for m in modes if m.components]
+        return [render(m, record, self.embedder) for m in modes if m.components]
 
     def explain_top(self, record: NeuronRecord, k: int, trace: FailureLog) -> Mode:
         """The words at the peaks of the top ``k`` exemplars (up to 3 peaks per text)."""
         peaks: dict[str, list[float]] = defaultdict(list)
         texts: dict[str, Counter[str]] = defaultdict(Counter)
+        sources: dict[str, set[int]] = defaultdict(set)
         for rec in record.top[:k]:
             acts = np.asarray(rec.activations)
             words = segment(rec.tokens)
             for t in [int(i) for i in np.argsort(-acts)[:3]]:
+                w = int(words.index[t])
+                if not words.is_word(w):
+                    continue  # a subword fragment (the text starts inside a word)
                 if acts[t] >= 0.5 * acts.max() and acts.max() > 0:
                     key = normalize(rec.tokens[t])
                     peaks[key].append(float(acts[t]))
-                    texts[key][readable(words.shown[int(words.index[t])])] += 1
+                    texts[key][readable(words.shown[w])] += 1
+                    sources[key].add(rec.text_index)
         comps = [
-            Component(texts[key].most_common(1)[0][0], "token", [key], float(np.mean(v)))
+            Component(
+                texts[key].most_common(1)[0][0],
+                "token",
+                [key],
+                float(np.mean(v)),
+                sorted(sources[key]),
+            )
             for key, v in peaks.items()
         ]
-        return render(Mode("", "", comps))
+        return render(Mode("", "", comps), record, self.embedder)
 
 
 MAX_ITEMS = 12  # words shown per mode
@@ -230,11 +247,14 @@ def _quote(text: str) -> str:
     return text if plain else '"' + text.replace('"', "'") + '"'
 
 
-def render(mode: Mode) -> Mode:
+def render(
+    mode: Mode, record: NeuronRecord | None = None, embedder: MiniLMEmbedder | None = None
+) -> Mode:
     """``label: item, item, after "word"``: the components' readable words, strongest first and
     without repeats (subword components that share a word collapse into it; a two-word phrase whose
-    last word is already listed is left out), at most :data:`MAX_ITEMS`; the label names their
-    shared pattern (:func:`name_pattern`)."""
+    last word is already listed is left out), at most :data:`MAX_ITEMS`; the label names what they
+    share (:func:`rangelens.explain.naming.mode_label`: a precise category, the nearest topic, the
+    concept of the texts they peak in)."""
     comps = sorted(mode.components, key=lambda c: -c.weight)
     single = {c.text.lower() for c in comps if c.kind == "token"}
     shown = [
@@ -246,15 +266,17 @@ def render(mode: Mode) -> Mode:
             and c.text.lower().split()[-1] in single
         )
     ]
-    items = list(
-        dict.fromkeys(
-            f"after {_quote(c.text)}" if c.kind == "after" else _quote(c.text) for c in shown
-        )
-    )[:MAX_ITEMS]
+
+    def item(c: Component) -> str:
+        return f"after {_quote(c.text)}" if c.kind == "after" else _quote(c.text)
+
+    items = list(dict.fromkeys(item(c) for c in shown))[:MAX_ITEMS]
+    shown = [c for c in shown if item(c) in items]  # the label speaks of what is listed
     words = [c.text for c in shown if c.kind != "after"]
     contexts = [c.text for c in shown if c.kind == "after"]
-    label = name_pattern(words, contexts)
-    if len(items) == 1 and label.startswith(("the word ", "the phrase ")):
+    texts = sorted({t for c in shown for t in c.sources})
+    label, bare = mode_label(words, contexts, texts, record, embedder)
+    if len(items) == 1 and bare:
         return Mode(label, label, comps)  # not 'the word "X": X'
     return Mode(label, f"{label}: {', '.join(items)}" if items else "", comps)
 
@@ -304,7 +326,7 @@ class OfflineRefiner:
             i, j = np.unravel_index(int(np.argmax(sims)), sims.shape)
             merged = Mode("", "", modes[i].components + modes[j].components)
             proposals.append([m for k, m in enumerate(modes) if k not in (i, j)] + [merged])
-        return [[render(m) for m in p if m.components] for p in proposals]
+        return [[render(m, record, self.embedder) for m in p if m.components] for p in proposals]
 
     def _peak_components(
         self, recs: list[ActivationRecord], record: NeuronRecord, known: set[str]
@@ -360,7 +382,7 @@ def offline_roles(embedder: MiniLMEmbedder | None = None) -> Roles:
         name="offline",
         decomposer=OfflineDecomposer(),
         clusterer=OfflineClusterer(embedder),
-        explainer=OfflineExplainer(),
+        explainer=OfflineExplainer(embedder),
         simulator=LexicalSimulator(),
         refiner=OfflineRefiner(embedder),
         judge=LexicalJudge(),

@@ -28,12 +28,14 @@ OLD_FORMATS = ("rangelens.explain.record/1",)  # no feedback pool: readable, not
 
 @dataclass
 class ActivationRecord:
-    """One text: its tokens (as strings), their ids and the neuron's activation on each."""
+    """One text: its tokens (as strings), their ids, the neuron's activation on each and the
+    text's concept (its class in the labelled dataset; None when unknown)."""
 
     tokens: list[str]
     token_ids: list[int]
     activations: list[float]
     text_index: int
+    concept: str | None = None
 
     @property
     def max_activation(self) -> float:

@@ -15,6 +15,7 @@ from rangelens.errors import RangelensError
 from rangelens.explain.evaluation import MethodScores
 from rangelens.explain.loop import NeuronExplanation
 from rangelens.explain.records import NeuronRecord, write_json
+from rangelens.explain.roles import Mode
 
 if TYPE_CHECKING:
     from rangelens.explain.clients import LLM
@@ -113,11 +114,45 @@ def summary(e: NeuronExplanation) -> dict[str, object]:
         "single_pass_held_out": e.single_pass.held_out,
         "single_pass_first_held_out": _held(e.single_pass_first),
         "control_held_out": _held(e.control),
+        "nofeedback_held_out": _held(e.nofeedback),
         "lookup_held_out": _held(e.lookup),
         "iterative_auc": e.iterative.auc,
         "single_pass_auc": e.single_pass.auc,
+        "simulator": e.simulator,
+        "iterative_semantic_auc": e.iterative.semantic_auc,
+        "iterative_semantic_mismatched": e.iterative.semantic_mismatched,
+        "iterative_semantic_failure": e.iterative.semantic_failure,
         "n_candidates": e.n_candidates,
         "n_modes": len(e.modes),
         "modes": [{"label": m.label, "lo": m.lo, "hi": m.hi, "score": m.score} for m in e.modes],
         "failures": len(e.failures),
     }
+
+
+@dataclass
+class Context:
+    """A window of an exemplar around its peak: readable token pieces, their activations and the
+    peak's position in the window."""
+
+    pieces: list[str]
+    activations: list[float]
+    peak: int
+
+    def text(self) -> str:
+        """One line with the peak token in brackets (whitespace collapsed)."""
+        shown = [f"[{p.strip() or p}]" if k == self.peak else p for k, p in enumerate(self.pieces)]
+        return " ".join("".join(shown).split())
+
+
+def mode_contexts(mode: Mode, record: NeuronRecord, n: int = 2, width: int = 6) -> list[Context]:
+    """The mode's ``n`` strongest exemplars (its evidence), ``width`` tokens each side of the peak."""
+    from rangelens.explain.lexical import render
+
+    by_index = {r.text_index: r for r in record.explain_set}
+    owned = [by_index[i] for i in mode.exemplars if i in by_index]
+    owned.sort(key=lambda r: -r.max_activation)
+    out = []
+    for r in owned[:n]:
+        a, b = max(0, r.peak - width), min(len(r.tokens), r.peak + width + 1)
+        out.append(Context(render(r.tokens)[a:b], r.activations[a:b], r.peak - a))
+    return out

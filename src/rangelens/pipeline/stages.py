@@ -182,7 +182,7 @@ def explain_with(
     """Explain ``config.neurons``, else a concept's ranges or the ``top_k`` most salient neurons of
     ``headline`` (a run's map), at ``read``'s site on ``config.texts_per_class`` texts per class."""
     site = resolve_site(lm.model, read.site, read.layer)
-    texts = read.load_data(max_per_class=config.texts_per_class, balance=False).texts
+    data = read.load_data(max_per_class=config.texts_per_class, balance=False)
     ranges = []
     if config.concept is not None and headline is not None:
         ranges = headline.ranges(config.concept)[: config.top_k]
@@ -192,7 +192,7 @@ def explain_with(
     meta = {"model": read.model, "dataset": read.dataset, "site": site.name, "seed": read.seed}
     return explain_site(
         lm,
-        texts,
+        data.texts,
         site,
         config,
         neurons=neurons,
@@ -202,6 +202,7 @@ def explain_with(
         batch_size=read.batch_size,
         cache_dir=cache_dir,
         metadata={**meta, **({"concept": config.concept} if config.concept else {})},
+        concepts=[data.label_names[int(i)] for i in data.labels],
     )
 
 

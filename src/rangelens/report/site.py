@@ -27,6 +27,7 @@ from rangelens.report.views import (
     MOMENTS,
     concept_moments,
     erasure_context,
+    mode_views,
     palette_css,
     token_views,
 )
@@ -309,7 +310,22 @@ class Site:
             for p in pages
             if p.explanation is not None
         )
-        return {"explained": found, "pages": pages, "figs": figs, "n_better": n_better}
+        modes = {
+            p.neuron: mode_views(p.explanation, p.record)
+            for p in pages
+            if p.explanation is not None
+        }
+        n_modes = sum(len(v) for v in modes.values())
+        n_mixed = sum(v["mode"].label.startswith("mixed") for vs in modes.values() for v in vs)
+        return {
+            "explained": found,
+            "pages": pages,
+            "figs": figs,
+            "n_better": n_better,
+            "modes": modes,
+            "n_modes": n_modes,
+            "n_mixed": n_mixed,
+        }
 
     # --------------------------------------------------------------------------- neuron pages
 

@@ -122,6 +122,35 @@ def token_views(record: NeuronRecord) -> dict[str, list[list[dict[str, Any]]]]:
     return {"top": [view(r) for r in top], "quantiles": [view(r) for r in quantiles]}
 
 
+def mode_views(e: Any, record: NeuronRecord | None) -> list[dict[str, Any]]:
+    """Each mode of an explanation with its label, range and its two strongest contexts as token
+    lists with a heat level (the peak token marked), for the Explanations tab."""
+    from rangelens.explain.results import mode_contexts
+
+    out = []
+    for m in e.modes:
+        contexts = mode_contexts(m, record) if record is not None else []
+        scale = max((abs(a) for c in contexts for a in c.activations), default=0.0) or 1.0
+        out.append(
+            {
+                "mode": m,
+                "contexts": [
+                    [
+                        {
+                            "text": piece,
+                            "value": a,
+                            "heat": f"{'p' if a >= 0 else 'n'}{round(HEAT_LEVELS * abs(a) / scale)}",
+                            "peak": k == c.peak,
+                        }
+                        for k, (piece, a) in enumerate(zip(c.pieces, c.activations, strict=True))
+                    ]
+                    for c in contexts
+                ],
+            }
+        )
+    return out
+
+
 def table_context(frame: pd.DataFrame, *, grouped: bool = True) -> dict[str, Any] | None:
     """A table for the ``data_table`` macro; ``grouped``: columns ``base_*``, ``range_*`` and
     ``neuron_*`` go under a header row naming their state."""
