@@ -59,6 +59,7 @@ def test_next_token_shift_of_a_mask_matches_two_forwards(tiny_llama, texts):
     site = resolve_site(model, "resid", 1)
     mask = NeuronMask(site, [0, 1, 2, 3])
     frame = next_token_shift(tiny_llama, mask, texts, k=3, max_length=16)
+
     # By hand, unpadded: the average next-token distribution over every position of every text.
     def mean_probs(masked: bool) -> torch.Tensor:
         total, n = torch.zeros(model.config.vocab_size), 0

@@ -23,7 +23,11 @@ def test_steer_sets_exactly_the_chosen_neurons(tiny_llama, texts, kind):
         model(**ids)
     steer = RangeSteer(site, [2, 7, 11], [5.0, -3.5, 0.25])
     # A trace registered after the steer sees the value the steer left at the site.
-    with torch.no_grad(), steer.attach(model), Trace(model, site.module_path, input=is_input) as seen:
+    with (
+        torch.no_grad(),
+        steer.attach(model),
+        Trace(model, site.module_path, input=is_input) as seen,
+    ):
         model(**ids)
     before, after = base.value[0], seen.value[0]
     assert torch.equal(after[:, [2, 7, 11]], torch.tensor([5.0, -3.5, 0.25]).expand(len(after), 3))

@@ -69,7 +69,43 @@ _MEMBERS = {
     "load_export": "rangelens.pipeline.export",
 }
 
-__all__ = ["RangelensError", "__version__", *_MEMBERS]
+__all__ = [
+    "RangelensError",
+    "__version__",
+    "load_model",
+    "LoadedModel",
+    "resolve_site",
+    "tokenize",
+    "model_inputs",
+    "capture",
+    "Trace",
+    "load_texts",
+    "AnalysisConfig",
+    "ErasureConfig",
+    "ExplainConfig",
+    "RunConfig",
+    "load_config",
+    "RangeMap",
+    "ConceptStats",
+    "RangeMask",
+    "NeuronMask",
+    "density_mask",
+    "neuron_logits",
+    "next_token_shift",
+    "RangeSteer",
+    "DirectionSteer",
+    "generate",
+    "explain_neurons",
+    "build_atlas",
+    "analyze",
+    "run",
+    "load_analysis",
+    "explain_run",
+    "effects",
+    "steer_run",
+    "export_run",
+    "load_export",
+]
 
 __getattr__ = lazy_members(__name__, _MEMBERS)
 
