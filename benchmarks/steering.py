@@ -101,7 +101,11 @@ def main() -> None:
     parser.add_argument("--ppl-texts", type=int, default=40)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--out", default=str(HERE / "STEERING_RESULTS.md"))
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: fastest on a busy machine)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
