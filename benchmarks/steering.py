@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--ppl-texts", type=int, default=40)
     parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument(
+        "--top", type=int, default=0, help="steer only the top K salient neurons (0: all)"
+    )
     parser.add_argument("--out", default=str(HERE / "STEERING_RESULTS.md"))
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: fastest on a busy machine)"
@@ -148,6 +151,8 @@ def main() -> None:
     salient_all = set(int(j) for j in ranges.neurons.ravel())
     for c, name in enumerate(concepts):
         _, steer, direction = run_steers(args.run_dir, name, lm=lm, alpha=args.alpha)
+        if args.top:  # the most salient first: RangeMap rows are in rank order
+            steer = rl.RangeSteer(site, steer.neurons[: args.top], steer.values[: args.top])
         others = np.array(sorted(set(range(site.width)) - salient_all))
         if len(others) < steer.neurons.size:
             others = np.setdiff1d(np.arange(site.width), steer.neurons)
@@ -189,9 +194,10 @@ def main() -> None:
         "",
         f"Run `{args.run_dir}` ({config['model']}, {config['dataset']}, site `{config['site']}` "
         f"layer {config['layer']}, position `{config['position']}`, ranking `{config['ranking']}`, "
-        f"tau {config['tau']}, p {config['p']}: {ranges.neurons.shape[1]} salient neurons per concept). "
+        f"tau {config['tau']}, p {config['p']}: {ranges.neurons.shape[1]} salient neurons per concept, "
+        f"{'all' if not args.top else f'the top {args.top}'} steered). "
         f"Produced by `python benchmarks/steering.py --run-dir {args.run_dir} --prompts {args.prompts} "
-        f"--tokens {args.tokens} --ppl-texts {args.ppl_texts} --alpha {args.alpha}` in "
+        f"--tokens {args.tokens} --ppl-texts {args.ppl_texts} --alpha {args.alpha} --top {args.top}` in "
         f"{time.perf_counter() - start:.0f} s on {platform.machine()} CPU "
         f"(torch {library_versions().get('torch')}).",
         "",

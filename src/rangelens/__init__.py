@@ -12,7 +12,7 @@ on first use, so ``import rangelens`` does not load torch::
     lm = rl.load_model("smollm2-135m")
     result = rl.analyze(rl.AnalysisConfig(dataset="bbc-news", max_per_class=50), "runs/bbc")
     site = rl.resolve_site(lm.model, "resid", -1)
-    mask = rl.RangeMask.from_range_map(site, result.range_map, "sport")
+    mask = rl.RangeMask.from_range_map(site, result.range_map, "sports")
 
 Everything else (``rangelens.<package>.<module>``) is internal and may change.
 """
