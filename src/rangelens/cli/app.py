@@ -166,7 +166,7 @@ def report(given: dict[str, Any], *, run_dir: Path, force: bool = False) -> None
         options.out,
         explanations=options.explanations,
         force=force,
-        output_side=options.output_side,
+        output_side=options.logit_lens,
     )
     index = atlas / "index.html"
     size = sum(f.stat().st_size for f in atlas.rglob("*") if f.is_file()) / 1e6
@@ -196,7 +196,7 @@ def export(given: dict[str, Any], *, run_dir: Path, out: Path, force: bool = Fal
 
     options = ExportOptions(**given)
     where = export_run(
-        run_dir, out, output_side=options.output_side, features=options.features, force=force
+        run_dir, out, output_side=options.logit_lens, features=options.features, force=force
     )
     console.print(f"[bold green]exported:[/] {where}", highlight=False, soft_wrap=True)
 

@@ -24,7 +24,7 @@ class Output(Options):
 class OutputSideOption(Options):
     """Whether the output side of each neuron is computed (it loads the model's weights)."""
 
-    output_side: Literal["auto", "on", "off"] = Field(
+    logit_lens: Literal["auto", "on", "off"] = Field(
         "auto",
         description="show the tokens each neuron promotes/suppresses (loads the model's weights; "
         "auto: only a built-in or local model of at most 2 GB)",

@@ -198,7 +198,8 @@ def generate(
             chunk = list(prompts[start : start + batch_size])
             enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left")
             enc = {k: v.to(lm.device) for k, v in enc.items()}
-            ids = lm.model.generate(
+            run: Any = lm.model.generate  # typed loosely by transformers
+            ids = run(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
