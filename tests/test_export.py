@@ -123,3 +123,54 @@ def test_load_export_of_an_unreachable_hub_id_is_one_line(monkeypatch: pytest.Mo
     with pytest.raises(RangelensError, match="hub cannot be reached") as err:
         rangelens.load_export("someone/no-such-export")
     assert "\n" not in str(err.value)
+
+
+def test_steer_command_prints_base_and_steered(small_run: Path) -> None:
+    res = CliRunner().invoke(
+        app,
+        [
+            "steer",
+            "--run-dir",
+            str(small_run),
+            "--concept",
+            "sport",
+            "--prompt",
+            "The match",
+            "--max-new-tokens",
+            "3",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    for label in ("base (unsteered)", "range steering", "mean-difference steering"):
+        assert label in res.output
+    frame = rangelens.steer_run(
+        small_run,
+        "sport",
+        ["The match", "Shares"],
+        value="quantile",
+        q=0.9,
+        baseline=False,
+        max_new_tokens=2,
+    )
+    assert frame.method.tolist() == ["base", "base", "range", "range"]
+    res = CliRunner().invoke(
+        app, ["steer", "--run-dir", str(small_run), "--concept", "nope", "--prompt", "x"]
+    )
+    assert res.exit_code == 2 and "nope" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_density_mask_masks_exactly_the_density_bands(small_run: Path) -> None:
+    from rangelens.ranges.bands import density_bands
+
+    analysis = rangelens.load_analysis(small_run)
+    stats, ranges = analysis.capture.stats, analysis.range_map
+    lm = load_model(str(json.loads((small_run / "run.json").read_text())["config"]["model"]))
+    site = rangelens.resolve_site(lm.model, "resid", -1)
+    mask = rangelens.density_mask(site, ranges, stats, "sport", ratio=1.0)
+    band_lo, band_hi = density_bands(stats, ranges.neurons, 1.0)
+    c = ranges.concept_index("sport")
+    np.testing.assert_array_equal(mask.neurons, ranges.neurons[c])
+    lo = np.asarray(mask.lo).reshape(len(mask.neurons), -1)
+    width = lo.shape[1]
+    np.testing.assert_array_equal(lo, band_lo[c][:, :width])
+    assert np.isnan(band_lo[c][:, width:]).all()
