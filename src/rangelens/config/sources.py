@@ -58,7 +58,10 @@ class DataSource(Options):
     def loader_options(self) -> dict[str, Any]:
         """How the dataset is read and filtered (everything :func:`rangelens.data.load_texts`
         takes)."""
-        return {k: getattr(self, k) for k in LOADER_KEYS if hasattr(self, k)}
+        options = {k: getattr(self, k) for k in LOADER_KEYS if hasattr(self, k)}
+        if not options.get("streaming"):  # the default: runs made before the option stay current
+            options.pop("streaming", None)
+        return options
 
     def load_data(self, **override: Any) -> LabeledTexts:
         """The labelled texts this source selects (capped and balanced with its seed)."""
