@@ -242,7 +242,14 @@ RUN = Kind("run", "run.json", "rangelens.run/")
 STAGE = Kind("stage", "stage.json", "rangelens.stage/")
 ATLAS = Kind("atlas", "atlas.json", "rangelens.atlas/")
 EXPLANATIONS = Kind("explanations", "results.json", "rangelens.explain.results/")
-KINDS = (RUN, ATLAS, EXPLANATIONS, STAGE)  # a stage that writes explanations is explanations
+EXPORT = Kind("export", "export.json", "rangelens.export/")  # a shareable folder (rangelens export)
+KINDS = (
+    RUN,
+    ATLAS,
+    EXPLANATIONS,
+    STAGE,
+    EXPORT,
+)  # a stage that writes explanations is explanations
 
 
 def made_by_rangelens(directory: Path) -> Kind | None:

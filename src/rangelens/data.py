@@ -21,6 +21,7 @@ import pandas as pd
 
 from rangelens.assets import BUILTIN_DATASETS
 from rangelens.errors import RangelensError, choices
+from rangelens.hub import hub_frame, is_saved_dataset, iter_chunks, load_saved, parse_hub_id
 
 GENERAL_TEXT = (
     "presidential-debates"  # held-out general English for perplexity (not classification data)
@@ -153,6 +154,8 @@ def _frame(source: Any, header: bool = True, sep: str | None = None) -> tuple[pd
     if name in BUILTIN_DATASETS:
         return _builtin_frame(name), name
     path = Path(name)
+    if is_saved_dataset(path):  # written by datasets' save_to_disk
+        return load_saved(path).to_pandas(), path.name
     if path.is_dir():
         frame = _read_label_folders(path)
         if frame.empty:
@@ -163,6 +166,8 @@ def _frame(source: Any, header: bool = True, sep: str | None = None) -> tuple[pd
         return frame, path.name
     if path.is_file():
         return _read_file(path, header, sep), path.name
+    if parse_hub_id(name) is not None:
+        return hub_frame(name), name
     raise RangelensError(
         f"dataset {name!r} is not a built-in ({choices(BUILTIN_DATASETS)}) or an existing file/folder"
     )
@@ -204,6 +209,7 @@ def load_texts(
     sep: str | None = None,
     missing_labels: str = "drop",
     min_per_class: int | None = None,
+    streaming: bool = False,
 ) -> LabeledTexts:
     """Load labelled texts; optionally keep only ``concepts``, cap each class and balance classes.
 
@@ -211,10 +217,25 @@ def load_texts(
     missing label are dropped with a notice (``missing_labels='error'`` refuses them); classes with
     fewer than ``min_per_class`` examples are dropped with a notice. Capping/balancing samples without
     replacement with ``seed``; label ids follow sorted label names so they are stable across runs.
+
+    ``source`` may also be a Hugging Face hub id ``name[:config][@split]`` or a folder written by
+    ``datasets``' ``save_to_disk``. With ``streaming`` (needs ``max_per_class``), a file, saved
+    folder or hub id is read in chunks and only a seeded uniform sample of ``max_per_class`` rows
+    per class is kept, so the dataset is never in memory whole.
     """
-    frame, name = _frame(source, header, sep)
     builtin = isinstance(source, str) and source in BUILTIN_DATASETS
     tcol, lcol = ("text", "label") if builtin else (text_column, label_column)
+    if streaming and isinstance(source, str | Path) and not builtin:
+        if max_per_class is None:
+            raise RangelensError(
+                "streaming keeps max_per_class rows per class; give max_per_class (e.g. 200)"
+            )
+        frame = _stream_sample(
+            str(source), tcol, lcol, header, sep, max_per_class, concepts, seed, missing_labels
+        )
+        name = Path(str(source)).name or str(source)
+    else:
+        frame, name = _frame(source, header, sep)
     for col, role in ((tcol, "text"), (lcol, "label")):
         if col not in frame.columns:
             raise RangelensError(
@@ -268,6 +289,59 @@ def load_texts(
     )
     validate_classes(data)
     return data
+
+
+def _label_text(labels: pd.Series) -> pd.Series:
+    if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
+        labels = labels.astype(np.int64)
+    return labels.astype(str)
+
+
+def _stream_sample(
+    source: str,
+    tcol: str,
+    lcol: str,
+    header: bool,
+    sep: str | None,
+    cap: int,
+    concepts: Sequence[str] | None,
+    seed: int,
+    missing_labels: str,
+) -> pd.DataFrame:
+    """Read ``source`` in chunks, keeping per class the ``cap`` rows with the smallest seeded
+    random keys (a uniform sample without replacement; every row of a class with at most ``cap``
+    rows), in file order. Memory: one chunk plus ``cap`` rows per class."""
+    rng = np.random.default_rng(seed)
+    kept: dict[str, pd.DataFrame] = {}
+    offset, missing = 0, 0
+    wanted = set(concepts) if concepts is not None else None
+    for chunk in iter_chunks(source, [tcol, lcol], header=header, sep=sep):
+        chunk = chunk.reset_index(drop=True)
+        chunk["_row"] = np.arange(offset, offset + len(chunk))
+        chunk["_key"] = rng.random(len(chunk))
+        offset += len(chunk)
+        labels = chunk[lcol]
+        absent = labels.isna() | (labels.astype(str).str.strip() == "")
+        if absent.any():
+            if missing_labels == "error":
+                raise RangelensError(
+                    f"dataset {source!r} has rows with a missing label (row "
+                    f"{int(chunk['_row'][absent].iloc[0])}); remove them or use missing_labels 'drop'"
+                )
+            missing += int(absent.sum())
+            chunk = chunk[~absent]
+        chunk[lcol] = _label_text(chunk[lcol])
+        if wanted is not None:
+            chunk = chunk[chunk[lcol].isin(wanted)]
+        for label, rows in chunk.groupby(lcol, sort=False):
+            both = pd.concat([kept[label], rows]) if label in kept else rows
+            kept[str(label)] = both.nsmallest(cap, "_key")
+    if missing:
+        notice(f"dropped {missing} rows of {source!r} with a missing label")
+    if not kept:
+        return pd.DataFrame({tcol: pd.Series(dtype=str), lcol: pd.Series(dtype=str)})
+    frame = pd.concat(kept.values()).sort_values("_row")
+    return frame[[tcol, lcol]].reset_index(drop=True)
 
 
 def validate_classes(data: LabeledTexts) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rangelens.artifacts import (
+    EXPORT,
     LOCK_FILE,
     RUN_FORMAT,
     STAGE_FORMAT,
@@ -43,6 +44,13 @@ from rangelens.errors import RangelensError
 from rangelens.provenance import library_versions
 
 STAGES = ("capture", "splits", "ranges", "erasure", "explanations")
+EXPORTED_RUN = "run"  # the run inside an export folder (``rangelens export``)
+
+
+def run_root(path: str | Path) -> Path:
+    """``path``, or the run an export folder holds (``EXPORT/run``) when ``path`` is one."""
+    path = Path(path)
+    return path / EXPORTED_RUN if EXPORT.marks(path) else path
 
 
 class RunDir:

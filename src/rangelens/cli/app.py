@@ -22,8 +22,9 @@ from rangelens.cli.options import argument, command
 from rangelens.config.analysis import AnalysisConfig
 from rangelens.config.erasure import ErasureConfig
 from rangelens.config.explain import FROM_RUN, ExplainConfig, ExplainInputs, RunSource
-from rangelens.config.report import Output, ReportOptions, ServeOptions
+from rangelens.config.report import ExportOptions, Output, ReportOptions, ServeOptions
 from rangelens.config.run import RunConfig
+from rangelens.config.steer import SteerOptions
 from rangelens.errors import RangelensError, one_line
 
 app = typer.Typer(
@@ -160,7 +161,13 @@ def report(given: dict[str, Any], *, run_dir: Path, force: bool = False) -> None
 
     options = ReportOptions(**given)
     start = time.perf_counter()
-    atlas = build_atlas(run_dir, options.out, explanations=options.explanations, force=force)
+    atlas = build_atlas(
+        run_dir,
+        options.out,
+        explanations=options.explanations,
+        force=force,
+        output_side=options.logit_lens,
+    )
     index = atlas / "index.html"
     size = sum(f.stat().st_size for f in atlas.rglob("*") if f.is_file()) / 1e6
     console.print(
@@ -178,6 +185,40 @@ def serve(given: dict[str, Any], *, run_dir: Path) -> None:
 
     options = ServeOptions(**given)
     serve_atlas(run_dir, host=options.host, port=options.port)
+
+
+def export(given: dict[str, Any], *, run_dir: Path, out: Path, force: bool = False) -> None:
+    """Write a shareable, self-describing folder of a run (Parquet tables, a dataset card,
+    per-neuron JSON and the run itself) that huggingface_hub.upload_folder can push and
+    `rangelens report` / rangelens.load_export read back."""
+    from rangelens.cli.show import console
+    from rangelens.pipeline.export import export_run
+
+    options = ExportOptions(**given)
+    where = export_run(
+        run_dir, out, output_side=options.logit_lens, features=options.features, force=force
+    )
+    console.print(f"[bold green]exported:[/] {where}", highlight=False, soft_wrap=True)
+
+
+def steer(given: dict[str, Any]) -> None:
+    """Steer generation toward a concept of a run: its salient neurons set inside the concept's
+    ranges, beside the unsteered model and the mean-difference baseline."""
+    options = SteerOptions(**given)
+    from rangelens.cli.show import print_steering
+    from rangelens.pipeline.steering import steer_run
+
+    frame = steer_run(
+        options.run_dir,
+        options.concept,
+        [options.prompt],
+        value=options.value,
+        q=options.q,
+        alpha=options.alpha,
+        baseline=options.baseline,
+        max_new_tokens=options.max_new_tokens,
+    )
+    print_steering(frame, options.concept)
 
 
 RUN_OPTIONS: list[type[BaseModel]] = [Output, AnalysisConfig, ErasureConfig, ExplainConfig]
@@ -207,6 +248,18 @@ COMMANDS: dict[str, tuple[Callable[..., None], dict[str, Any]]] = {
             "models": [RunSource, ExplainInputs, ExplainConfig, Output],
             "switches": ["force", "quiet"],
             "origins": dict.fromkeys(FROM_RUN, "the run's"),
+        },
+    ),
+    "steer": (steer, {"models": [SteerOptions]}),
+    "export": (
+        export,
+        {
+            "models": [ExportOptions],
+            "arguments": [
+                argument("run_dir", Path, "a rangelens run directory"),
+                argument("out", Path, "the folder to write (new, empty or an earlier export)"),
+            ],
+            "switches": ["force"],
         },
     ),
     "report": (

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 NONE = "none"
 SWITCHES = {
@@ -61,6 +62,8 @@ def default_text(value: Any) -> str:
     """A default as the command line spells it (what the help shows)."""
     if value is None:
         return NONE
+    if value is PydanticUndefined:
+        return "required"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):

@@ -247,3 +247,22 @@ def report_llm(llm: Any, max_failed: float = 0.5) -> None:
             soft_wrap=True,
         )
         raise typer.Exit(1)
+
+
+STEER_LABELS = {
+    "base": "base (unsteered)",
+    "range": "range steering (salient neurons set inside the concept's ranges)",
+    "direction": "mean-difference steering (baseline)",
+}
+
+
+def print_steering(frame: Any, concept: str) -> None:
+    """Base vs steered continuations, one block per prompt."""
+    for prompt, rows in frame.groupby("prompt", sort=False):
+        console.print(f"[bold]prompt:[/] {terminal_text(prompt)}", highlight=False, soft_wrap=True)
+        for row in rows.itertuples():
+            label = STEER_LABELS.get(str(row.method), str(row.method))
+            if row.method != "base":
+                label += f", toward {terminal_text(concept)}"
+            console.print(f"[cyan]{label}:[/]", highlight=False)
+            console.print(f"  {terminal_text(row.text)}", highlight=False, soft_wrap=True)

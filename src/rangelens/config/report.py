@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -20,13 +21,29 @@ class Output(Options):
     )
 
 
-class ReportOptions(Output):
+class OutputSideOption(Options):
+    """Whether the output side of each neuron is computed (it loads the model's weights)."""
+
+    logit_lens: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="show the tokens each neuron promotes/suppresses (loads the model's weights; "
+        "auto: only a built-in or local model of at most 2 GB)",
+    )
+
+
+class ReportOptions(Output, OutputSideOption):
     """The atlas of a run."""
 
     explanations: Path | None = Field(
         None, description="explanations directory (default: RUN_DIR/explanations)"
     )
     open: bool = Field(False, description="open the atlas in a web browser")
+
+
+class ExportOptions(OutputSideOption):
+    """A shareable folder of a run (``rangelens export``)."""
+
+    features: bool = Field(False, description="include the pooled per-text activations")
 
 
 class ServeOptions(Options):

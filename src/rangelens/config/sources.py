@@ -34,7 +34,8 @@ class DataSource(Options):
 
     dataset: str = Field(
         "bbc-news",
-        description="built-in name or CSV/TSV/JSONL (also .gz/.bz2/.xz/.zst)/Parquet/folder path",
+        description="built-in name, CSV/TSV/JSONL (also .gz/.bz2/.xz/.zst)/Parquet/folder path, "
+        "a datasets save_to_disk folder, or a Hugging Face hub id name[:config][@split]",
     )
     text_column: str = Field("text", description="text column of a user file")
     label_column: str = Field("label", description="label column of a user file")
@@ -48,11 +49,19 @@ class DataSource(Options):
         None, ge=1, description="drop classes with fewer examples (with a notice)"
     )
     seed: int = Field(0, description="seed for capping, splits, probes and sampling")
+    streaming: bool = Field(
+        False,
+        description="read the dataset in chunks, keeping max_per_class rows per class (never "
+        "loads it whole; files, saved datasets folders and hub ids)",
+    )
 
     def loader_options(self) -> dict[str, Any]:
         """How the dataset is read and filtered (everything :func:`rangelens.data.load_texts`
         takes)."""
-        return {k: getattr(self, k) for k in LOADER_KEYS if hasattr(self, k)}
+        options = {k: getattr(self, k) for k in LOADER_KEYS if hasattr(self, k)}
+        if not options.get("streaming"):  # the default: runs made before the option stay current
+            options.pop("streaming", None)
+        return options
 
     def load_data(self, **override: Any) -> LabeledTexts:
         """The labelled texts this source selects (capped and balanced with its seed)."""
@@ -76,8 +85,14 @@ LOADER_KEYS = (
 
 
 def resolve_dataset(source: str) -> str:
-    """A built-in name as is; a file or folder as its absolute resolved path (what a run records)."""
-    return source if source in BUILTIN_DATASETS else str(Path(source).expanduser().resolve())
+    """A built-in name or a hub id as is; a file or folder as its absolute resolved path (what a
+    run records)."""
+    from rangelens.hub import parse_hub_id
+
+    path = Path(source).expanduser()
+    if source in BUILTIN_DATASETS or (not path.exists() and parse_hub_id(source) is not None):
+        return source
+    return str(path.resolve())
 
 
 def resolve_model(source: str) -> str:

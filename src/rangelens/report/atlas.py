@@ -20,10 +20,12 @@ from rangelens.artifacts import ATLAS, atomic_dir, check_output_dir, read_json, 
 from rangelens.report.contents import (
     default_explanations,
     load_run,
+    page_neurons,
     source_fingerprint,
 )
+from rangelens.report.output_side import compute_output_side
 from rangelens.report.site import Site
-from rangelens.rundir import RunDir
+from rangelens.rundir import RunDir, run_root
 
 ATLAS_FORMAT = "rangelens.atlas/1"
 
@@ -43,21 +45,29 @@ def build_atlas(
     *,
     explanations: str | Path | None = None,
     force: bool = False,
+    output_side: str = "auto",
 ) -> Path:
     """Write the atlas of ``run_dir`` to ``out_dir`` (default ``RUN_DIR/atlas``); return it.
 
     Renders whatever stages exist and lists the missing ones on the overview page. Explanations are
     read from ``explanations`` (default ``RUN_DIR/explanations``). An existing ``out_dir`` is
     replaced only if it is an atlas or empty (``force``: also explanations, but never a stage or
-    anything inside a run; see :func:`rangelens.artifacts.check_output_dir`).
+    anything inside a run; see :func:`rangelens.artifacts.check_output_dir`). ``output_side``
+    (``auto`` / ``on`` / ``off``): whether each neuron page shows the tokens the neuron promotes
+    and suppresses, which loads the model's weights (``auto``: only when cheap; see
+    :mod:`rangelens.report.output_side`). An export folder (``rangelens export``) is read as the
+    run it holds::
+
+        build_atlas("runs/demo")            # runs/demo/atlas/index.html
     """
     start = time.perf_counter()
-    run_path = Path(run_dir)
+    run_path = run_root(Path(run_dir))
     RunDir(run_path).require()
     out = Path(out_dir) if out_dir is not None else RunDir(run_path).atlas
     explained = Path(explanations) if explanations is not None else default_explanations(run_path)
     check_output_dir(out, ATLAS, force=force, keep=[run_path])
     run = load_run(run_path, explained)
+    run.output_side = compute_output_side(run.config, page_neurons(run), mode=output_side)
     with atomic_dir(out, ATLAS, force=force, keep=[run_path]) as tmp:
         pages = Site(run, tmp).render()
         write_json(

@@ -22,6 +22,7 @@ from rangelens.ranges.captured import CaptureResult, load_capture
 from rangelens.ranges.distribution import bhattacharyya
 from rangelens.ranges.fit import FittedRanges, load_ranges
 from rangelens.ranges.maps import RangeMap
+from rangelens.report.output_side import OutputSide
 from rangelens.rundir import RunDir
 
 ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png", "pareto.png")
@@ -83,6 +84,7 @@ class RunContents:
     explanations: Explained | None = None
     texts: TextExemplars | None = None
     missing: list[str] = field(default_factory=list)
+    output_side: OutputSide | None = None  # set by the atlas builder (it may load the model)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -216,6 +218,14 @@ def distribution_overlap(capture: CaptureResult, range_map: RangeMap) -> np.ndar
         bc = bhattacharyya(mean[r, neurons], std[r, neurons], mean[:, neurons], std[:, neurons])
         out[r] = np.median(bc, axis=1)
     return out
+
+
+def page_neurons(run: RunContents) -> list[int]:
+    """The neurons of the analysed site that get a page: salient ones and explained ones."""
+    found = set(concepts_per_neuron(run.ranges.range_map)) if run.ranges is not None else set()
+    if run.explanations is not None and run.explained_here():
+        found |= set(run.explanations.explanations) | set(run.explanations.records)
+    return sorted(found)
 
 
 def concepts_per_neuron(range_map: RangeMap) -> dict[int, list[int]]:

@@ -391,4 +391,7 @@ class Site:
             detail["stats"] = table
         if page.record is not None:
             detail["records"] = token_views(page.record)
+        side = self.run.output_side
+        detail["output"] = side.of(page.neuron) if side is not None and page.at_site else None
+        detail["output_note"] = side.note if side is not None else None
         return detail
