@@ -6,6 +6,7 @@ never hold a whole dataset in memory (:func:`iter_chunks`, used by
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,12 @@ def load_saved(path: Path, split: str | None = None) -> Any:
     return _pick_split(found, split, str(path))
 
 
+def _offline(ds: Any) -> bool:
+    """Offline mode, as set now (the libraries read HF_HUB_OFFLINE once, when first imported)."""
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or bool(getattr(ds.config, "HF_HUB_OFFLINE", False))
+
+
 def load_hub(source: str, *, streaming: bool = False) -> Any:
     """A hub dataset id as a ``datasets.Dataset`` (``IterableDataset`` when ``streaming``);
     a one-line error when the hub cannot be reached or has no such dataset."""
@@ -85,6 +92,11 @@ def load_hub(source: str, *, streaming: bool = False) -> Any:
         raise RangelensError(f"{source!r} is not a hub dataset id (name[:config][@split])")
     name, config, split = parsed
     ds = _datasets()
+    if _offline(ds):
+        raise RangelensError(
+            f"dataset {source!r} is not a built-in or an existing file/folder, and the Hugging "
+            f"Face hub cannot be reached (offline mode: HF_HUB_OFFLINE is set)"
+        )
     try:
         found = ds.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as err:  # offline, unknown id, gated: many exception types

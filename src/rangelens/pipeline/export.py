@@ -19,6 +19,7 @@ Layout of ``OUT`` (``rangelens export RUN_DIR OUT``)::
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -320,6 +321,11 @@ def _download(repo_id: str) -> Path:
             f"{repo_id!r} is not a local export folder, and loading from the hub needs "
             f"huggingface_hub (pip install huggingface-hub)"
         ) from err
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise RangelensError(
+            f"{repo_id!r} is not a local export folder and the Hugging Face hub cannot be "
+            f"reached (offline mode: HF_HUB_OFFLINE is set)"
+        )
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset"))
     except Exception as err:  # offline, unknown repo, no permission: many exception types
