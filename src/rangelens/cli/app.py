@@ -56,7 +56,7 @@ def user_errors(func: F) -> F:
 
         try:
             with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+                warnings.simplefilter("always", UserWarning)  # data notices among them
                 result = func(*args, **kwargs)
         except (RangelensError, ValidationError, FileNotFoundError) as err:
             err_console.print(
