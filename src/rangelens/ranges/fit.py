@@ -47,18 +47,15 @@ class FittedRanges:
 
     @property
     def range_map(self) -> RangeMap:
-        """The headline map (see :meth:`headline`)."""
-        return self.headline()
-
-    def headline(self) -> RangeMap:
-        """The map the atlas shows: analysis site, split ``full``, the run's tau and p."""
+        """The headline map, the one the atlas shows: analysis site, split ``full``, the run's tau
+        and p."""
         meta = self.rangeset.metadata
         return self.rangeset.map(str(meta["main_site"]), FULL, float(meta["tau"]), float(meta["p"]))
 
     def save(self, directory: Path, label_names: list[str]) -> None:
         """Write every file of the stage into ``directory``."""
         self.rangeset.save(directory)
-        headline = self.headline()
+        headline = self.range_map
         headline.save(directory)
         save_file({"scores": self.scores}, str(directory / "scores.safetensors"))
         write_table(

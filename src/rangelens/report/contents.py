@@ -125,13 +125,10 @@ def _display_name(source: object) -> str:
 def source_fingerprint(run_dir: Path, explanations: Path) -> str:
     """Hash of what the atlas is built from (stage markers, run.json, explanation results); paths
     are resolved, so every spelling of the same run gives the same hash."""
-    digest = hashlib.sha256()
+    digest, where = hashlib.sha256(), RunDir(run_dir)
     for path in (
-        RunDir(run_dir).meta,
-        *(
-            RunDir(run_dir).stage(s) / "stage.json"
-            for s in ("capture", "splits", "ranges", "erasure")
-        ),
+        where.meta,
+        *(where.stage(s) / "stage.json" for s in ("capture", "splits", "ranges", "erasure")),
         explanations / "results.json",
     ):
         digest.update(str(path.resolve()).encode())
