@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -23,14 +23,19 @@ def shown(value: object) -> str:
     return repr(value)
 
 
+def location(error: Mapping[str, Any]) -> str:
+    """Where a pydantic error is, as a user spells it: ``erasure.conditions[1]`` ("" at the top)."""
+    where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in error["loc"])
+    return where.lstrip(".")
+
+
 def one_line(err: Exception, fields: Iterable[str] = ()) -> str:
     """An error as one line naming the option, the value and the problem. For a pydantic
     ``ValidationError`` the first error's location and input; an unknown key lists ``fields``."""
     errors = getattr(err, "errors", None)
     if callable(errors) and type(err).__name__ == "ValidationError":
         first: dict[str, Any] = errors()[0]
-        where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"])
-        where = where.lstrip(".") or "config"
+        where = location(first) or "config"
         cause = first.get("ctx", {}).get("error")
         if isinstance(cause, RangelensError):  # a nested model already said it in one line
             return str(cause)

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rangelens.config.sources import Options
-from rangelens.errors import RangelensError, choices, one_line, shown
+from rangelens.errors import RangelensError, choices, location, one_line, shown
 
 DEFAULT_PROMPT = "Classify the text as one of: {labels}.\n\nText: {text}\nLabel:"
 MOVED = ("tau", "p", "taus", "ps", "layers", "batch_size")  # analysis options: one per run
@@ -119,7 +119,7 @@ class ErasureConfig(Options):
 def erasure_error(err: ValidationError) -> str:
     """An erasure option error as one line; keys that moved or were renamed say where they went."""
     first = err.errors()[0]
-    where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".")
+    where = location(first)
     if first["type"] == "extra_forbidden" and where in MOVED:
         return (
             f"invalid erasure option {where} = {shown(first.get('input'))}: {where} is an "
