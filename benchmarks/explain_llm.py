@@ -42,13 +42,14 @@ from rangelens.explain.offline import OfflineExplainer
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.roles import FailureLog
 from rangelens.explain.scoring import correlation
+from rangelens.explain.semantic import SemanticJudge
 
 LAYER, MAX_LENGTH = 8, 24
 CONFIG = ExemplarConfig(
     n_top=12, n_quantile_bins=2, n_per_bin=4, n_feedback=8, n_validation=8, n_held_out=8, seed=0
 )
 SIM_FORMAT = "list"  # Qwen2.5-0.5B cannot echo a token list (see docs/LLM.md)
-METRICS = ("corr", "det_bacc", "det_auc", "fuzz_bacc", "fuzz_auc")
+METRICS = ("corr", "det_bacc", "det_auc", "fuzz_bacc", "fuzz_auc", "sem_auc")
 
 
 def pick_records(n: int) -> list[NeuronRecord]:
@@ -127,6 +128,10 @@ def score(
     return out
 
 
+def _auc(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def score_lexical(explanation: str, held: list[ActivationRecord]) -> float:
     """Correlation of the offline lexical simulator reading ``explanation`` on ``held``."""
     preds = LexicalSimulator().simulate(explanation, [r.tokens for r in held], FailureLog())
@@ -160,6 +165,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/explain_llm.json"))
     parser.add_argument("--report", action="store_true", help="only rewrite the report from --out")
     parser.add_argument(
+        "--no-lexical-llm-scores",
+        action="store_true",
+        help="score the lexical explanation by the embedding judge and the offline simulator "
+        "only (saves a third of the LLM calls on a slow server)",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path(__file__).parent / "EXPLAIN_LLM_RESULTS.md",
+        help="the report file written",
+    )
+    parser.add_argument(
         "--model-name",
         default="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)",
         help="the served model, as the report names it",
@@ -188,7 +205,9 @@ def main() -> None:
             print(f"  {f.role} failure: {f.error}", flush=True)
             failures[f.role] = failures.get(f.role, 0) + 1
 
+    seconds: list[float] = []
     for rec in records:
+        clock = time.time()
         trace = FailureLog()
         mode = LLMExplainer(llm, n_shown=3, n_negative=1).explain_top(rec, 3, trace)
         count(trace)
@@ -196,6 +215,7 @@ def main() -> None:
         lexical = OfflineExplainer().explain_top(rec, len(rec.top), trace)
         explanations["lexical"].append(lexical.explanation)
         print(f"neuron {rec.neuron}: {mode.explanation!r} | {lexical.explanation!r}", flush=True)
+        seconds.append(time.time() - clock)
     n = len(records)
     explanations["mismatched"] = [explanations["llm"][(i + 1) % n] for i in range(n)]
     rows: dict[str, list[dict[str, float]]] = {
@@ -207,17 +227,17 @@ def main() -> None:
         "sim_texts": args.sim_texts,
         "judge_texts": args.judge_texts,
     }
+    judge = SemanticJudge()
+    llm_scored = ("llm", "mismatched") if args.no_lexical_llm_scores else tuple(explanations)
     for i, rec in enumerate(records):
-        for method, n_sim in (
-            ("llm", args.sim_texts),
-            ("lexical", args.sim_texts),
-            ("mismatched", args.sim_texts),
-        ):
+        clock = time.time()
+        for method in ("llm", "lexical", "mismatched"):
             trace = FailureLog()
             text = explanations[method][i]
-            rows[method].append(
-                score(llm, text, rec, trace, n_sim, args.judge_texts) if text else {}
-            )
+            scored = method in llm_scored and text
+            row = score(llm, text, rec, trace, args.sim_texts, args.judge_texts) if scored else {}
+            row["sem_auc"] = _auc(judge.judge(text, rec.held_out, rec.threshold).auc)
+            rows[method].append(row)
             count(trace)
             print(method, rec.neuron, rows[method][-1], flush=True)
         held = subset(rec, args.sim_texts)
@@ -226,7 +246,9 @@ def main() -> None:
         lookup = LookupTable.fit(explain_pool).predict(held)
         truth = np.concatenate([r.activations for r in held])
         rows["lookup"].append({"corr": correlation(np.concatenate(lookup), truth)})  # type: ignore[arg-type]
+        seconds[i] += time.time() - clock
         result.update(
+            seconds_per_neuron=seconds,
             scores=rows,
             failed_steps_by_role=failures,
             llm=llm.stats.to_dict(),
@@ -264,7 +286,7 @@ def write_report(result: dict, args: argparse.Namespace) -> None:
             "",
         ]
     )
-    (Path(__file__).parent / "EXPLAIN_LLM_RESULTS.md").write_text(text)
+    args.results.write_text(text)
     print(text)
 
 
@@ -285,6 +307,7 @@ NAMES = {
     "det_auc": "detection AUC",
     "fuzz_bacc": "fuzzing bal. acc.",
     "fuzz_auc": "fuzzing AUC",
+    "sem_auc": "embedding-judge AUC (all-MiniLM-L6-v2, no LLM)",
 }
 
 
@@ -333,7 +356,13 @@ def table(result: dict) -> str:
         + ", ".join(
             f"{k} {total(k, 'sim_absent')} of {total(k, 'sim_listed')}" for k in ("llm", "lexical")
         )
-        + f". Wall time {result['seconds'] / 60:.0f} min.",
+        + f". Wall time {result['seconds'] / 60:.0f} min"
+        + (
+            f"; seconds per neuron (explanation + its LLM scoring): "
+            f"{interval(result['seconds_per_neuron'])}."
+            if "seconds_per_neuron" in result
+            else "."
+        ),
         "",
         "Explanations (LLM | lexical baseline):",
         "",
