@@ -1,0 +1,337 @@
+"""What masking a neuron's range does to the next-token distribution, for the atlas and exports.
+
+For a decoder run each salient neuron's page shows the shift caused by masking *that neuron's
+range*: the headline range map's range of the concept the neuron is most salient for (lowest
+salience rank; ties: higher ranking score), masked as the run's erasure masks (its replacement,
+positions, mode and scale; ``zero`` / ``all`` / ``hard`` without an erasure stage), on up to
+``N_TEXTS`` texts of the run's test split, which the headline ranges were not fitted on
+(interleaved across concepts, the first ``MAX_LENGTH`` tokens of each). Shown: the tokens whose
+average probability rises and falls most, the total variation between the base and edited average
+distributions and the mean per-position KL(base ‖ edited), the share of held-out tokens on which the
+neuron lies in the range, and as a reference the same neuron's whole-neuron mask
+(:class:`~rangelens.intervene.NeuronMask`), so range against neuron is visible.
+
+Computed when the atlas is built (or a run exported), together with the output side and under its
+switch (:mod:`rangelens.report.output_side`: it needs the same model load), not stored by a stage:
+it reads only the capture and ranges stages, only the pages show it, and its size is bounded by
+``N_TEXTS`` x ``MAX_LENGTH`` tokens; a stage would add a fingerprinted directory and reruns for a view.
+
+Cost: batches outer, masks inner. Per batch the blocks before the site run once and each mask
+re-runs only the blocks after it (:func:`rangelens.erasure.engine.run_conditions`); edited forwards
+stop at the LM head's input, and the head (the costliest layer of a small model with a large
+vocabulary) runs only at the positions whose final hidden state the mask changed, so a range that
+rarely fires costs little. If the head's output is not the model's logits (e.g. Gemma's soft-capping;
+checked on the first batch), every edited forward runs to the model's logits instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rangelens.activations.capture import model_inputs, tokenize
+from rangelens.activations.hooks import Trace, stop_forward
+from rangelens.activations.models import LoadedModel
+from rangelens.activations.sites import NeuronSite
+from rangelens.erasure.engine import run_conditions, suffix_start
+from rangelens.errors import RangelensError
+from rangelens.intervene import NeuronMask, RangeMask
+from rangelens.ranges.maps import RangeMap
+from rangelens.ranges.stats import ConceptStats
+
+N_TEXTS, MAX_LENGTH, BATCH_SIZE = 16, 32, 8
+CHUNK = 32  # neurons per pass over the texts: bounds the (2 * CHUNK, vocab) accumulators
+MASK_OPTIONS = ("replacement", "positions", "mode", "scale")
+DEFAULT_MASK: dict[str, Any] = {"replacement": "zero", "positions": "all", "mode": "hard", "scale": 0.0}
+
+
+@dataclass(frozen=True)
+class ShiftTarget:
+    """A neuron's range to mask: concept row ``concept`` and salience rank ``rank`` (its column)."""
+
+    neuron: int
+    concept: int
+    rank: int
+
+
+@dataclass
+class ShiftPlan:
+    """What the shifts are computed from: the headline map, the neurons' targets, the held-out texts
+    (``source`` says which) and the mask options (``mask``; ``stats`` for mean replacements)."""
+
+    range_map: RangeMap
+    targets: dict[int, ShiftTarget]
+    texts: list[str]
+    source: str
+    mask: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MASK))
+    stats: ConceptStats | None = None
+
+    @property
+    def tau(self) -> float | None:
+        tau = self.range_map.metadata.get("tau")
+        return None if tau is None else float(tau)
+
+
+@dataclass(frozen=True)
+class TokenChange:
+    """One token's average next-token probability without and with the mask."""
+
+    token: str
+    base: float
+    edited: float
+
+    @property
+    def delta(self) -> float:
+        return self.edited - self.base
+
+
+@dataclass
+class Shift:
+    """The change one mask causes: the ``k`` tokens up and down most, the total variation of the
+    average distributions and the mean per-position KL(base ‖ edited) in nats."""
+
+    up: list[TokenChange]
+    down: list[TokenChange]
+    total_variation: float
+    kl: float
+
+
+@dataclass
+class NeuronShift:
+    """A neuron page's next-token shift: its range mask (``range``), the whole-neuron mask
+    (``neuron``), the range masked (``concept``, salience ``rank``, ``band`` intervals), the share
+    of the held-out tokens (``positions`` of them) on which the neuron lies in the range
+    (``in_range``)."""
+
+    concept: str
+    rank: int
+    band: list[tuple[float, float]]
+    in_range: float
+    positions: int
+    range: Shift
+    neuron: Shift
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able: the fields, each shift's tokens as ``{token, base, edited}``."""
+        return asdict(self)
+
+
+def choose_targets(
+    range_map: RangeMap, scores: np.ndarray | None, neurons: Sequence[int]
+) -> dict[int, ShiftTarget]:
+    """For each salient one of ``neurons``, the concept it is most salient for (lowest rank, ties:
+    higher score in ``scores`` ``(C, d)``) and its rank there."""
+    found: dict[int, list[tuple[int, float, int]]] = {}
+    for c, row in enumerate(range_map.neurons):
+        for r, j in enumerate(row.tolist()):
+            score = float(scores[c, j]) if scores is not None else 0.0
+            found.setdefault(int(j), []).append((r, -score, c))
+    return {
+        int(j): ShiftTarget(int(j), best[2], best[0])
+        for j in neurons
+        if int(j) in found
+        for best in [min(found[int(j)])]
+    }
+
+
+def held_out_rows(test: np.ndarray, labels: np.ndarray, n: int = N_TEXTS) -> list[int]:
+    """Up to ``n`` test rows, taken in turn from each concept (each concept's rows in order)."""
+    per = [test[labels[test] == c].tolist() for c in np.unique(labels[test])]
+    rows: list[int] = []
+    for i in range(max((len(p) for p in per), default=0)):
+        rows += [p[i] for p in per if i < len(p)]
+    return sorted(rows[:n])
+
+
+def _masks(plan: ShiftPlan, site: NeuronSite) -> dict[int, tuple[RangeMask, NeuronMask]]:
+    """Per target neuron: its one-neuron range mask and whole-neuron mask, sliced from the concept's
+    mask so both use the run's replacement values."""
+    by_concept: dict[int, RangeMask] = {}
+    out = {}
+    for j, t in plan.targets.items():
+        full = by_concept.get(t.concept)
+        if full is None:
+            full = RangeMask.from_range_map(
+                site, plan.range_map, t.concept, stats=plan.stats, **plan.mask
+            )
+            by_concept[t.concept] = full
+        r = slice(t.rank, t.rank + 1)
+        options = {k: plan.mask[k] for k in ("positions", "mode", "scale")}
+        out[j] = (
+            RangeMask(site, [j], full.lo[r], full.hi[r], replacement=full.replacement[r], **options),
+            NeuronMask(site, [j], replacement=full.replacement[r], **options),
+        )
+    return out
+
+
+def _head_path(model: nn.Module) -> tuple[str, nn.Module]:
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if module is head and name:
+            return name, module
+    raise RangelensError(f"{type(model).__name__} has no LM head module: no next-token shift")
+
+
+class _Accumulator:
+    """Sums over the real positions of every batch: the base distribution, and per mask the change
+    of the distribution and the KL."""
+
+    def __init__(self, vocab: int, n_masks: int) -> None:
+        self.base = torch.zeros(vocab, dtype=torch.float64)
+        self.delta = torch.zeros(n_masks, vocab, dtype=torch.float64)
+        self.kl = torch.zeros(n_masks, dtype=torch.float64)
+        self.positions = 0
+
+
+class _Forwards:
+    """The forward run by :func:`run_conditions` for the base (first call per batch) and then each
+    mask: the base keeps its log-probabilities and final hidden states, a mask adds its change at
+    the positions whose hidden state differs from the base's."""
+
+    def __init__(self, lm: LoadedModel, site: NeuronSite, acc: _Accumulator) -> None:
+        self.model = lm.model
+        self.site = site
+        self.acc = acc
+        self.head_path, self.head = _head_path(lm.model)
+        self.direct: bool | None = None  # whether head(hidden) is the model's logits
+        self.index = -1
+        self.real = torch.zeros(0, dtype=torch.bool)
+        self.hidden = torch.zeros(0)
+        self.logp = torch.zeros(0)
+        self.site_values = torch.zeros(0)
+
+    def start(self, real: torch.Tensor) -> None:
+        self.real, self.index = real, -1
+
+    def _logp(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.index += 1
+        if self.index == 0:
+            self._base(inputs)
+            return
+        if self.direct:
+            with (
+                Trace(self.model, self.head_path, input=True, stop=True) as trace,
+                stop_forward(),
+            ):
+                self.model(**inputs)
+            assert trace.value is not None
+            changed = (trace.value != self.hidden).any(-1) & self.real
+            logp = self._logp(self.head(trace.value[changed]))
+        else:
+            logits = self.model(**inputs).logits
+            changed = self.real
+            logp = self._logp(logits[changed])
+        base = self.logp[changed]
+        m = self.index - 1
+        self.acc.delta[m] += (logp.exp() - base.exp()).sum(0).double().cpu()
+        self.acc.kl[m] += float((base.exp() * (base - logp)).sum())
+
+    def _base(self, inputs: dict[str, torch.Tensor]) -> None:
+        is_input = self.site.hook == "input"
+        with (
+            Trace(self.model, self.head_path, input=True) as head,
+            Trace(self.model, self.site.module_path, input=is_input) as site,
+        ):
+            logits = self.model(**inputs).logits
+        assert head.value is not None and site.value is not None
+        if self.direct is None:
+            mine = self.head(head.value).float()
+            self.direct = bool(torch.allclose(mine, logits.float(), rtol=1e-4, atol=1e-4))
+        self.hidden, self.logp = head.value, self._logp(logits)
+        self.site_values = site.value.reshape(*self.real.shape, site.value.shape[-1])
+        self.acc.base += self.logp[self.real].exp().sum(0).double().cpu()
+        self.acc.positions += int(self.real.sum())
+
+
+def _shift(
+    base: torch.Tensor, delta: torch.Tensor, kl: float, k: int, decode: Any, n: int
+) -> Shift:
+    base, delta = base / n, delta / n
+    edited = base + delta
+
+    def changes(order: torch.Tensor) -> list[TokenChange]:
+        return [
+            TokenChange(str(decode([t])), float(base[t]), float(edited[t]))
+            for t in order.tolist()
+        ]
+
+    return Shift(
+        changes(torch.topk(delta, k).indices),
+        changes(torch.topk(-delta, k).indices),
+        float(delta.abs().sum() / 2),
+        kl / n,
+    )
+
+
+def range_shifts(
+    lm: LoadedModel,
+    site: NeuronSite,
+    plan: ShiftPlan,
+    *,
+    k: int = 10,
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
+) -> dict[int, NeuronShift]:
+    """The next-token shift of each target's range mask and whole-neuron mask on ``plan.texts``
+    (see the module docstring), ``CHUNK`` neurons per pass over the texts."""
+    if plan.targets and not plan.texts:
+        raise RangelensError("no held-out texts: the next-token shift needs some")
+    masks = _masks(plan, site)
+    batches = tokenize(lm, plan.texts, batch_size=batch_size, max_length=max_length)
+    order = list(masks)
+    out: dict[int, NeuronShift] = {}
+    for first in range(0, len(order), CHUNK):
+        chunk = {j: masks[j] for j in order[first : first + CHUNK]}
+        out.update(_chunk_shifts(lm, site, plan, chunk, batches, k))
+    return out
+
+
+def _chunk_shifts(
+    lm: LoadedModel,
+    site: NeuronSite,
+    plan: ShiftPlan,
+    masks: dict[int, tuple[RangeMask, NeuronMask]],
+    batches: list[Any],
+    k: int,
+) -> dict[int, NeuronShift]:
+    order = list(masks)
+    edits = [m for j in order for m in masks[j]]  # range, neuron, range, neuron, ...
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    acc = _Accumulator(vocab, len(edits))
+    forwards = _Forwards(lm, site, acc)
+    inside = torch.zeros(len(order), dtype=torch.float64)
+    start = suffix_start(lm.model, [site])
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = model_inputs(lm.model, batch)
+            forwards.start(inputs["attention_mask"].bool())
+            run_conditions(lm.model, inputs, [None, *edits], forwards, start=start)
+            values = forwards.site_values[forwards.real].double().cpu()
+            for i, j in enumerate(order):
+                x, fired = values[:, j], torch.zeros(values.shape[0], dtype=torch.bool)
+                lo, hi = masks[j][0].lo.reshape(-1), masks[j][0].hi.reshape(-1)
+                for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
+                    fired |= (x >= a) & (x <= b)  # the NaN slots of a band match nothing
+                inside[i] += int(fired.sum())
+    n, decode = acc.positions, lm.tokenizer.decode
+    out = {}
+    for i, j in enumerate(order):
+        t = plan.targets[j]
+        out[j] = NeuronShift(
+            concept=plan.range_map.concepts[t.concept],
+            rank=t.rank,
+            band=list(plan.range_map.ranges(t.concept)[t.rank].intervals),
+            in_range=float(inside[i] / n),
+            positions=n,
+            range=_shift(acc.base, acc.delta[2 * i], float(acc.kl[2 * i]), k, decode, n),
+            neuron=_shift(acc.base, acc.delta[2 * i + 1], float(acc.kl[2 * i + 1]), k, decode, n),
+        )
+    return out
