@@ -83,7 +83,9 @@ def test_shift_equals_a_hand_computation(tiny_llama, texts, kind, layer):
         edited, _ = _hand(lm, site, texts, edit)
         p, q = base.mean(0), edited.mean(0)
         delta = q - p
-        assert [c.base for c in shift.up] == pytest.approx(p[torch.topk(delta, 5).indices], abs=1e-6)
+        assert [c.base for c in shift.up] == pytest.approx(
+            p[torch.topk(delta, 5).indices], abs=1e-6
+        )
         assert [c.delta for c in shift.up] == pytest.approx(torch.topk(delta, 5).values, abs=1e-6)
         assert [c.delta for c in shift.down] == pytest.approx(
             -torch.topk(-delta, 5).values, abs=1e-6

@@ -47,7 +47,12 @@ from rangelens.ranges.stats import ConceptStats
 N_TEXTS, MAX_LENGTH, BATCH_SIZE = 16, 32, 8
 CHUNK = 32  # neurons per pass over the texts: bounds the (2 * CHUNK, vocab) accumulators
 MASK_OPTIONS = ("replacement", "positions", "mode", "scale")
-DEFAULT_MASK: dict[str, Any] = {"replacement": "zero", "positions": "all", "mode": "hard", "scale": 0.0}
+DEFAULT_MASK: dict[str, Any] = {
+    "replacement": "zero",
+    "positions": "all",
+    "mode": "hard",
+    "scale": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,9 @@ def _masks(plan: ShiftPlan, site: NeuronSite) -> dict[int, tuple[RangeMask, Neur
         r = slice(t.rank, t.rank + 1)
         options = {k: plan.mask[k] for k in ("positions", "mode", "scale")}
         out[j] = (
-            RangeMask(site, [j], full.lo[r], full.hi[r], replacement=full.replacement[r], **options),
+            RangeMask(
+                site, [j], full.lo[r], full.hi[r], replacement=full.replacement[r], **options
+            ),
             NeuronMask(site, [j], replacement=full.replacement[r], **options),
         )
     return out
@@ -259,8 +266,7 @@ def _shift(
 
     def changes(order: torch.Tensor) -> list[TokenChange]:
         return [
-            TokenChange(str(decode([t])), float(base[t]), float(edited[t]))
-            for t in order.tolist()
+            TokenChange(str(decode([t])), float(base[t]), float(edited[t])) for t in order.tolist()
         ]
 
     return Shift(
