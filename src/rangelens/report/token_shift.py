@@ -41,6 +41,7 @@ from rangelens.activations.sites import NeuronSite
 from rangelens.erasure.engine import run_conditions, suffix_start
 from rangelens.errors import RangelensError
 from rangelens.intervene import NeuronMask, RangeMask
+from rangelens.intervene.logits import unembedding
 from rangelens.ranges.maps import RangeMap
 from rangelens.ranges.stats import ConceptStats
 
@@ -177,10 +178,12 @@ def _masks(plan: ShiftPlan, site: NeuronSite) -> dict[int, tuple[RangeMask, Neur
 
 
 def _head_path(model: nn.Module) -> tuple[str, nn.Module]:
-    head = model.get_output_embeddings()
+    """The LM head's module path and module (the output embedding of a decoder)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
     for name, module in model.named_modules():
-        if module is head and name:
-            return name, module
+        if name and isinstance(head, nn.Module) and module is head:
+            return name, head
     raise RangelensError(f"{type(model).__name__} has no LM head module: no next-token shift")
 
 
@@ -310,7 +313,7 @@ def _chunk_shifts(
 ) -> dict[int, NeuronShift]:
     order = list(masks)
     edits = [m for j in order for m in masks[j]]  # range, neuron, range, neuron, ...
-    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    vocab = int(unembedding(lm.model).shape[0])
     acc = _Accumulator(vocab, len(edits))
     forwards = _Forwards(lm, site, acc)
     inside = torch.zeros(len(order), dtype=torch.float64)
