@@ -10,7 +10,13 @@ import torch
 
 from rangelens.activations.sites import resolve_site
 from rangelens.ranges.maps import RangeMap
-from rangelens.report.token_shift import ShiftPlan, choose_targets, held_out_rows, range_shifts
+from rangelens.report.token_shift import (
+    ShiftPlan,
+    choose_targets,
+    first_targets,
+    held_out_rows,
+    range_shifts,
+)
 
 
 def _hand(lm, site, texts, edit=None):
@@ -118,3 +124,18 @@ def test_held_out_rows_take_each_concept_in_turn():
     test = np.array([1, 2, 3, 5, 7, 8])
     assert held_out_rows(test, labels, 4) == [1, 2, 5, 7]
     assert held_out_rows(test, labels, 100) == test.tolist()
+
+
+def test_first_targets_take_the_given_neurons_then_the_most_salient():
+    ranges = RangeMap(
+        ["a", "b"],
+        [[4, 5, 6], [7, 4, 8]],
+        np.zeros((2, 3)),
+        np.ones((2, 3)),
+        np.zeros((2, 3)),
+        np.ones((2, 3)),
+    )
+    targets = choose_targets(ranges, None, [4, 5, 6, 7, 8])
+    assert (targets[4].concept, targets[4].rank) == (0, 0)  # rank 0 for a beats rank 1 for b
+    assert list(first_targets(ranges, targets, [8], 3)) == [8, 4, 7]
+    assert list(first_targets(ranges, targets, [], 10)) == [4, 7, 5, 6, 8]

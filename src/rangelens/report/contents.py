@@ -26,9 +26,11 @@ from rangelens.report.output_side import OutputSide
 from rangelens.report.token_shift import (
     DEFAULT_MASK,
     MASK_OPTIONS,
+    N_NEURONS,
     N_TEXTS,
     ShiftPlan,
     choose_targets,
+    first_targets,
     held_out_rows,
 )
 from rangelens.rundir import RunDir
@@ -229,13 +231,22 @@ def shift_plan(run: RunContents, n_texts: int = N_TEXTS) -> ShiftPlan | str:
     erased = run.erasure.result.config if run.erasure is not None else {}
     mask = {k: erased.get(k, DEFAULT_MASK[k]) for k in MASK_OPTIONS}
     range_map = run.ranges.range_map
+    targets = choose_targets(range_map, run.ranges.scores, page_neurons(run))
+    found = run.explanations
+    explained = sorted(found.explanations) if found is not None and run.explained_here() else []
+    picked = first_targets(range_map, targets, explained, N_NEURONS)
     return ShiftPlan(
         range_map,
-        choose_targets(range_map, run.ranges.scores, page_neurons(run)),
+        picked,
         [texts.texts[i] for i in rows],
         f"{len(rows)} texts of the run's test split (not used to fit the ranges)",
         mask,
         run.capture.stats,
+        f"not computed for this neuron: the atlas computes it for {N_NEURONS} neurons (the "
+        f"explained ones, then the most salient, round-robin over concepts) to stay quick; "
+        f"rangelens.next_token_shift gives it for any mask"
+        if len(picked) < len(targets)
+        else None,
     )
 
 

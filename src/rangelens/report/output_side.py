@@ -38,13 +38,15 @@ class OutputSide:
     """Top promoted / suppressed tokens per neuron (``(token, logit)`` pairs), or why there are
     none (``note``); the next-token shift of each neuron's range mask (``shifts``), what it was
     computed on (``shift_about``: ``texts``, ``tau``, ``mask``) or why there is none
-    (``shift_note``; ``note`` covers both when the model was not loaded)."""
+    (``shift_note``; ``note`` covers both when the model was not loaded; ``shift_skipped``: why a
+    salient neuron left out of the plan has none)."""
 
     tokens: dict[int, dict[str, list[tuple[str, float]]]] = field(default_factory=dict)
     note: str | None = None
     shifts: dict[int, NeuronShift] = field(default_factory=dict)
     shift_note: str | None = None
     shift_about: dict[str, Any] = field(default_factory=dict)
+    shift_skipped: str | None = None
 
     def of(self, neuron: int) -> dict[str, list[tuple[str, float]]] | None:
         return self.tokens.get(int(neuron))
@@ -122,6 +124,7 @@ def compute_output_side(
     try:
         side.shifts = range_shifts(lm, site, shifts, k=k)
         side.shift_about = {"texts": shifts.source, "tau": shifts.tau, "mask": dict(shifts.mask)}
+        side.shift_skipped = shifts.skipped
     except (RangelensError, OSError, ValueError) as err:
         side.shift_note = f"not computed: {_first_line(err)}"
     return side

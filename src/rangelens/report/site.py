@@ -402,8 +402,8 @@ class Site:
         detail["shift_note"] = None
         if side is not None and detail["shift"] is None and side.note is None:
             detail["shift_note"] = side.shift_note or (
-                "the neuron is not salient for any concept: no range to mask"
-                if not page.concepts
-                else None
+                side.shift_skipped
+                if page.concepts
+                else "the neuron is not salient for any concept: no range to mask"
             )
         return detail

@@ -20,7 +20,10 @@ Cost: batches outer, masks inner. Per batch the blocks before the site run once 
 re-runs only the blocks after it (:func:`rangelens.erasure.engine.run_conditions`); edited forwards
 stop at the LM head's input, and the head (the costliest layer of a small model with a large
 vocabulary) runs only at the positions whose final hidden state the mask changed, so a range that
-rarely fires costs little. If the head's output is not the model's logits (e.g. Gemma's soft-capping;
+rarely fires costs little. Each neuron still costs two suffix forwards over the texts, so only
+``N_NEURONS`` pages get a shift (the explained neurons, then the most salient, round-robin over
+concepts); the others say so, and :func:`rangelens.intervene.logits.next_token_shift` gives it for
+any mask. If the head's output is not the model's logits (e.g. Gemma's soft-capping;
 checked on the first batch), every edited forward runs to the model's logits instead.
 """
 
@@ -46,6 +49,7 @@ from rangelens.ranges.maps import RangeMap
 from rangelens.ranges.stats import ConceptStats
 
 N_TEXTS, MAX_LENGTH, BATCH_SIZE = 16, 32, 8
+N_NEURONS = 16  # pages with a shift: the explained neurons, then the most salient (round-robin)
 CHUNK = 32  # neurons per pass over the texts: bounds the (2 * CHUNK, vocab) accumulators
 MASK_OPTIONS = ("replacement", "positions", "mode", "scale")
 DEFAULT_MASK: dict[str, Any] = {
@@ -68,7 +72,8 @@ class ShiftTarget:
 @dataclass
 class ShiftPlan:
     """What the shifts are computed from: the headline map, the neurons' targets, the held-out texts
-    (``source`` says which) and the mask options (``mask``; ``stats`` for mean replacements)."""
+    (``source`` says which) and the mask options (``mask``; ``stats`` for mean replacements);
+    ``skipped`` says why other salient neurons have none."""
 
     range_map: RangeMap
     targets: dict[int, ShiftTarget]
@@ -76,6 +81,7 @@ class ShiftPlan:
     source: str
     mask: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MASK))
     stats: ConceptStats | None = None
+    skipped: str | None = None
 
     @property
     def tau(self) -> float | None:
@@ -145,6 +151,19 @@ def choose_targets(
     }
 
 
+def first_targets(
+    range_map: RangeMap, targets: dict[int, ShiftTarget], first: Sequence[int], n: int = N_NEURONS
+) -> dict[int, ShiftTarget]:
+    """At most ``n`` of ``targets``: those of ``first`` (e.g. the explained neurons), then the
+    most salient ones, rank by rank, round-robin over concepts."""
+    order = [*first, *range_map.top_neurons(range_map.neurons.size)]
+    picked: dict[int, ShiftTarget] = {}
+    for j in order:
+        if int(j) in targets and len(picked) < n:
+            picked.setdefault(int(j), targets[int(j)])
+    return picked
+
+
 def held_out_rows(test: np.ndarray, labels: np.ndarray, n: int = N_TEXTS) -> list[int]:
     """Up to ``n`` test rows, taken in turn from each concept (each concept's rows in order)."""
     per = [test[labels[test] == c].tolist() for c in np.unique(labels[test])]
@@ -200,8 +219,8 @@ class _Accumulator:
 
 class _Forwards:
     """The forward run by :func:`run_conditions` for the base (first call per batch) and then each
-    mask: the base keeps its log-probabilities and final hidden states, a mask adds its change at
-    the positions whose hidden state differs from the base's."""
+    mask: the base keeps its (log-)probabilities and final hidden states;
+    a mask adds its change at the positions whose hidden state differs from the base's."""
 
     def __init__(self, lm: LoadedModel, site: NeuronSite, acc: _Accumulator) -> None:
         self.model = lm.model
@@ -212,14 +231,12 @@ class _Forwards:
         self.index = -1
         self.real = torch.zeros(0, dtype=torch.bool)
         self.hidden = torch.zeros(0)
-        self.logp = torch.zeros(0)
+        self.logp = torch.zeros(0)  # (batch, seq, vocab) base log-probabilities
+        self.prob = torch.zeros(0)  # and their exp
         self.site_values = torch.zeros(0)
 
     def start(self, real: torch.Tensor) -> None:
         self.real, self.index = real, -1
-
-    def _logp(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(logits.float(), dim=-1)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> None:
         self.index += 1
@@ -234,15 +251,15 @@ class _Forwards:
                 self.model(**inputs)
             assert trace.value is not None
             changed = (trace.value != self.hidden).any(-1) & self.real
-            logp = self._logp(self.head(trace.value[changed]))
+            logits = self.head(trace.value[changed])
         else:
-            logits = self.model(**inputs).logits
             changed = self.real
-            logp = self._logp(logits[changed])
-        base = self.logp[changed]
+            logits = self.model(**inputs).logits[changed]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        base = self.prob[changed]
         m = self.index - 1
-        self.acc.delta[m] += (logp.exp() - base.exp()).sum(0).double().cpu()
-        self.acc.kl[m] += float((base.exp() * (base - logp)).sum())
+        self.acc.delta[m] += (logp.exp().sum(0) - base.sum(0)).double().cpu()
+        self.acc.kl[m] += float((base * (self.logp[changed] - logp)).sum())
 
     def _base(self, inputs: dict[str, torch.Tensor]) -> None:
         is_input = self.site.hook == "input"
@@ -250,14 +267,15 @@ class _Forwards:
             Trace(self.model, self.head_path, input=True) as head,
             Trace(self.model, self.site.module_path, input=is_input) as site,
         ):
-            logits = self.model(**inputs).logits
+            logits = self.model(**inputs).logits.float()
         assert head.value is not None and site.value is not None
-        if self.direct is None:
-            mine = self.head(head.value).float()
-            self.direct = bool(torch.allclose(mine, logits.float(), rtol=1e-4, atol=1e-4))
-        self.hidden, self.logp = head.value, self._logp(logits)
+        if self.direct is None:  # compare at the last column: cheap, and any transform shows
+            mine = self.head(head.value[:, -1:]).float()
+            self.direct = bool(torch.allclose(mine, logits[:, -1:], rtol=1e-4, atol=1e-4))
+        self.logp = torch.log_softmax(logits, dim=-1)
+        self.hidden, self.prob = head.value, self.logp.exp()
         self.site_values = site.value.reshape(*self.real.shape, site.value.shape[-1])
-        self.acc.base += self.logp[self.real].exp().sum(0).double().cpu()
+        self.acc.base += self.prob[self.real].sum(0).double().cpu()
         self.acc.positions += int(self.real.sum())
 
 
