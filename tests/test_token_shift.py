@@ -71,18 +71,20 @@ def test_shift_equals_a_hand_computation(tiny_llama, texts, kind, layer):
     )
     targets = choose_targets(ranges, None, [j])
     assert (targets[j].concept, targets[j].rank) == (1, 0)
-    plan = ShiftPlan(ranges, targets, texts, "the fixture's texts")
+    # A replacement far from the values, so a random tiny model's shift stands above float noise.
+    mask = {"replacement": 8.0, "positions": "all", "mode": "hard", "scale": 0.0}
+    plan = ShiftPlan(ranges, targets, texts, "the fixture's texts", mask)
     got = range_shifts(lm, site, plan, k=5, batch_size=3, max_length=16)[j]
 
     def in_range(x):
         y = x.clone()
         inside = (x[..., j] >= lo) & (x[..., j] <= hi)
-        y[..., j] = torch.where(inside, torch.zeros_like(x[..., j]), x[..., j])
+        y[..., j] = torch.where(inside, torch.full_like(x[..., j], 8.0), x[..., j])
         return y
 
     def whole(x):
         y = x.clone()
-        y[..., j] = 0.0
+        y[..., j] = 8.0
         return y
 
     for edit, shift in ((in_range, got.range), (whole, got.neuron)):
@@ -90,18 +92,17 @@ def test_shift_equals_a_hand_computation(tiny_llama, texts, kind, layer):
         p, q = base.mean(0), edited.mean(0)
         delta = q - p
         assert [c.base for c in shift.up] == pytest.approx(
-            p[torch.topk(delta, 5).indices], abs=1e-6
+            p[torch.topk(delta, 5).indices], rel=1e-4
         )
-        assert [c.delta for c in shift.up] == pytest.approx(torch.topk(delta, 5).values, abs=1e-6)
+        assert [c.delta for c in shift.up] == pytest.approx(torch.topk(delta, 5).values, rel=1e-3)
         assert [c.delta for c in shift.down] == pytest.approx(
-            -torch.topk(-delta, 5).values, abs=1e-6
+            -torch.topk(-delta, 5).values, rel=1e-3
         )
         assert [c.token for c in shift.up] == [
             lm.tokenizer.decode([t]) for t in torch.topk(delta, 5).indices.tolist()
         ]
-        assert shift.total_variation == pytest.approx(float(delta.abs().sum() / 2), abs=1e-6)
-        kl = (base * (base.log() - edited.log())).sum(-1).mean()
-        assert shift.kl == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
+        assert shift.total_variation == pytest.approx(float(delta.abs().sum() / 2), rel=1e-3)
+        assert shift.kl == pytest.approx(float((p * (p.log() - q.log())).sum()), rel=1e-3)
     assert got.range.total_variation > 0  # the range fires, so the shift is not trivially zero
     share = float(((values[:, j] >= lo) & (values[:, j] <= hi)).double().mean())
     assert got.in_range == pytest.approx(share) and got.positions == len(values)
@@ -139,3 +140,17 @@ def test_first_targets_take_the_given_neurons_then_the_most_salient():
     assert (targets[4].concept, targets[4].rank) == (0, 0)  # rank 0 for a beats rank 1 for b
     assert list(first_targets(ranges, targets, [8], 3)) == [8, 4, 7]
     assert list(first_targets(ranges, targets, [], 10)) == [4, 7, 5, 6, 8]
+
+
+def test_shifts_do_not_depend_on_how_neurons_are_chunked(tiny_llama, texts):
+    site = resolve_site(tiny_llama.model, "mlp", 1)
+    ranges = RangeMap(["a"], [[2, 9]], [[-0.1, 0.0]], [[0.1, 0.2]], [[0.0, 0.0]], [[1.0, 1.0]])
+    plan = ShiftPlan(ranges, choose_targets(ranges, None, [2, 9]), texts, "the fixture's texts")
+    together = range_shifts(tiny_llama, site, plan, k=4, max_length=16, chunk=2)
+    apart = range_shifts(tiny_llama, site, plan, k=4, max_length=16, chunk=1)
+    assert together.keys() == apart.keys() == {2, 9}
+    for j in together:
+        assert together[j].range.total_variation > 0
+        assert together[j].range.total_variation == pytest.approx(apart[j].range.total_variation)
+        assert together[j].neuron.kl == pytest.approx(apart[j].neuron.kl)
+        assert [c.token for c in together[j].range.up] == [c.token for c in apart[j].range.up]

@@ -6,8 +6,8 @@ salience rank; ties: higher ranking score), masked as the run's erasure masks (i
 positions, mode and scale; ``zero`` / ``all`` / ``hard`` without an erasure stage), on up to
 ``N_TEXTS`` texts of the run's test split, which the headline ranges were not fitted on
 (interleaved across concepts, the first ``MAX_LENGTH`` tokens of each). Shown: the tokens whose
-average probability rises and falls most, the total variation between the base and edited average
-distributions and the mean per-position KL(base ‖ edited), the share of held-out tokens on which the
+average probability rises and falls most, the total variation and the KL divergence KL(base ‖
+edited) between the base and edited average distributions, the share of held-out tokens on which the
 neuron lies in the range, and as a reference the same neuron's whole-neuron mask
 (:class:`~rangelens.intervene.NeuronMask`), so range against neuron is visible.
 
@@ -105,7 +105,7 @@ class TokenChange:
 @dataclass
 class Shift:
     """The change one mask causes: the ``k`` tokens up and down most, the total variation of the
-    average distributions and the mean per-position KL(base ‖ edited) in nats."""
+    average distributions and their KL divergence KL(base ‖ edited) in nats."""
 
     up: list[TokenChange]
     down: list[TokenChange]
@@ -208,18 +208,17 @@ def _head_path(model: nn.Module) -> tuple[str, nn.Module]:
 
 class _Accumulator:
     """Sums over the real positions of every batch: the base distribution, and per mask the change
-    of the distribution and the KL."""
+    of the distribution."""
 
     def __init__(self, vocab: int, n_masks: int) -> None:
         self.base = torch.zeros(vocab, dtype=torch.float64)
         self.delta = torch.zeros(n_masks, vocab, dtype=torch.float64)
-        self.kl = torch.zeros(n_masks, dtype=torch.float64)
         self.positions = 0
 
 
 class _Forwards:
     """The forward run by :func:`run_conditions` for the base (first call per batch) and then each
-    mask: the base keeps its (log-)probabilities and final hidden states;
+    mask: the base keeps its probabilities and final hidden states;
     a mask adds its change at the positions whose hidden state differs from the base's."""
 
     def __init__(self, lm: LoadedModel, site: NeuronSite, acc: _Accumulator) -> None:
@@ -231,8 +230,7 @@ class _Forwards:
         self.index = -1
         self.real = torch.zeros(0, dtype=torch.bool)
         self.hidden = torch.zeros(0)
-        self.logp = torch.zeros(0)  # (batch, seq, vocab) base log-probabilities
-        self.prob = torch.zeros(0)  # and their exp
+        self.prob = torch.zeros(0)  # (batch * seq, vocab) base probabilities
         self.site_values = torch.zeros(0)
 
     def start(self, real: torch.Tensor) -> None:
@@ -255,11 +253,9 @@ class _Forwards:
         else:
             changed = self.real
             logits = self.model(**inputs).logits[changed]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        base = self.prob[changed]
-        m = self.index - 1
-        self.acc.delta[m] += (logp.exp().sum(0) - base.sum(0)).double().cpu()
-        self.acc.kl[m] += float((base * (self.logp[changed] - logp)).sum())
+        edited = torch.softmax(logits.float(), dim=-1).sum(0)
+        base = changed.reshape(1, -1).to(self.prob.dtype) @ self.prob  # summed, no copy
+        self.acc.delta[self.index - 1] += (edited - base[0]).double().cpu()
 
     def _base(self, inputs: dict[str, torch.Tensor]) -> None:
         is_input = self.site.hook == "input"
@@ -272,18 +268,18 @@ class _Forwards:
         if self.direct is None:  # compare at the last column: cheap, and any transform shows
             mine = self.head(head.value[:, -1:]).float()
             self.direct = bool(torch.allclose(mine, logits[:, -1:], rtol=1e-4, atol=1e-4))
-        self.logp = torch.log_softmax(logits, dim=-1)
-        self.hidden, self.prob = head.value, self.logp.exp()
+        self.hidden = head.value
+        self.prob = torch.softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
         self.site_values = site.value.reshape(*self.real.shape, site.value.shape[-1])
-        self.acc.base += self.prob[self.real].sum(0).double().cpu()
+        self.acc.base += self.prob[self.real.reshape(-1)].sum(0).double().cpu()
         self.acc.positions += int(self.real.sum())
 
 
-def _shift(
-    base: torch.Tensor, delta: torch.Tensor, kl: float, k: int, decode: Any, n: int
-) -> Shift:
+def _shift(base: torch.Tensor, delta: torch.Tensor, k: int, decode: Any, n: int) -> Shift:
     base, delta = base / n, delta / n
     edited = base + delta
+    tiny = torch.finfo(torch.float64).tiny  # rounding must not turn a probability into log(0)
+    kl = torch.xlogy(base, base) - torch.xlogy(base, edited.clamp_min(tiny))
 
     def changes(order: torch.Tensor) -> list[TokenChange]:
         return [
@@ -294,7 +290,7 @@ def _shift(
         changes(torch.topk(delta, k).indices),
         changes(torch.topk(-delta, k).indices),
         float(delta.abs().sum() / 2),
-        kl / n,
+        float(kl.sum()),
     )
 
 
@@ -306,18 +302,19 @@ def range_shifts(
     k: int = 10,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
+    chunk: int = CHUNK,
 ) -> dict[int, NeuronShift]:
     """The next-token shift of each target's range mask and whole-neuron mask on ``plan.texts``
-    (see the module docstring), ``CHUNK`` neurons per pass over the texts."""
+    (see the module docstring), ``chunk`` neurons per pass over the texts."""
     if plan.targets and not plan.texts:
         raise RangelensError("no held-out texts: the next-token shift needs some")
     masks = _masks(plan, site)
     batches = tokenize(lm, plan.texts, batch_size=batch_size, max_length=max_length)
     order = list(masks)
     out: dict[int, NeuronShift] = {}
-    for first in range(0, len(order), CHUNK):
-        chunk = {j: masks[j] for j in order[first : first + CHUNK]}
-        out.update(_chunk_shifts(lm, site, plan, chunk, batches, k))
+    for first in range(0, len(order), chunk):
+        some = {j: masks[j] for j in order[first : first + chunk]}
+        out.update(_chunk_shifts(lm, site, plan, some, batches, k))
     return out
 
 
@@ -358,7 +355,7 @@ def _chunk_shifts(
             band=list(plan.range_map.ranges(t.concept)[t.rank].intervals),
             in_range=float(inside[i] / n),
             positions=n,
-            range=_shift(acc.base, acc.delta[2 * i], float(acc.kl[2 * i]), k, decode, n),
-            neuron=_shift(acc.base, acc.delta[2 * i + 1], float(acc.kl[2 * i + 1]), k, decode, n),
+            range=_shift(acc.base, acc.delta[2 * i], k, decode, n),
+            neuron=_shift(acc.base, acc.delta[2 * i + 1], k, decode, n),
         )
     return out
