@@ -73,7 +73,7 @@ def test_atlas_neuron_pages_show_the_next_token_shift(small_run: Path, tmp_path:
     from markupsafe import escape
 
     from rangelens.report.contents import load_run, shift_plan
-    from rangelens.report.token_shift import range_shifts
+    from rangelens.report.shift_forwards import range_shifts
 
     atlas = rangelens.build_atlas(small_run, tmp_path / "atlas")
     run = load_run(small_run)

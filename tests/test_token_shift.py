@@ -10,13 +10,8 @@ import torch
 
 from rangelens.activations.sites import resolve_site
 from rangelens.ranges.maps import RangeMap
-from rangelens.report.token_shift import (
-    ShiftPlan,
-    choose_targets,
-    first_targets,
-    held_out_rows,
-    range_shifts,
-)
+from rangelens.report.shift_forwards import range_shifts
+from rangelens.report.token_shift import ShiftPlan, choose_targets, first_targets, held_out_rows
 
 
 def _hand(lm, site, texts, edit=None):

@@ -100,7 +100,7 @@ def compute_output_side(
     from rangelens.activations.models import load_model
     from rangelens.activations.sites import resolve_site
     from rangelens.intervene.logits import neuron_logits
-    from rangelens.report.token_shift import range_shifts
+    from rangelens.report.shift_forwards import range_shifts
 
     try:
         lm = load_model(model)
