@@ -4,6 +4,7 @@ neuron's output side, on a real run of a tiny Llama saved as a local model folde
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,72 @@ def test_atlas_neuron_pages_show_the_output_side(small_run: Path, tmp_path: Path
     assert 'id="output-side"' not in (off / "neurons" / f"{j}.html").read_text(encoding="utf-8")
 
 
+def test_atlas_neuron_pages_show_the_next_token_shift(small_run: Path, tmp_path: Path) -> None:
+    from markupsafe import escape
+
+    from rangelens.report.contents import load_run, shift_plan
+    from rangelens.report.shift_forwards import range_shifts
+
+    atlas = rangelens.build_atlas(small_run, tmp_path / "atlas")
+    run = load_run(small_run)
+    plan = shift_plan(run)
+    assert not isinstance(plan, str)
+    # Held-out texts only: the run's test split, which the headline ranges were not fitted on.
+    assert set(plan.texts) <= {run.texts.texts[i] for i in run.capture.test}
+    assert not set(plan.texts) & {run.texts.texts[i] for i in run.capture.train}
+    lm = load_model(str(run.config["model"]))
+    site = rangelens.resolve_site(lm.model, "resid", -1)
+    shifts = range_shifts(lm, site, plan)
+    assert set(shifts) == set(plan.targets) and shifts  # every salient page neuron
+    for j in list(shifts)[:3]:
+        page = (atlas / "neurons" / f"{j}.html").read_text(encoding="utf-8")
+        section = page[page.index('id="next-token-shift"') :]
+        shift = shifts[j]
+        assert f"salience rank {shift.rank}" in section and "test split" in section
+        assert f"{shift.positions} tokens" in section
+        changed = [t for t in shift.range.up if t.delta != 0]
+        if changed:
+            assert str(escape(changed[0].token.replace(" ", "␣"))) in section
+        else:
+            assert "changed no next-token prediction" in section
+        assert re.search(r"\bnan\b", section, re.IGNORECASE) is None
+    off = rangelens.build_atlas(small_run, tmp_path / "plain", output_side="off")
+    plain = (off / "neurons" / f"{next(iter(shifts))}.html").read_text(encoding="utf-8")
+    assert 'id="next-token-shift"' not in plain
+    assert "Output side and next-token shift: not computed (output_side off)" in plain
+
+
+def test_encoder_atlas_says_it_has_no_next_token_distribution(
+    tmp_path: Path, encoder_tokenizer
+) -> None:
+    from conftest import tiny_model
+
+    model_dir = tmp_path / "tiny-bert"
+    tiny_model("bert", len(encoder_tokenizer)).save_pretrained(model_dir)
+    encoder_tokenizer.save_pretrained(model_dir)
+    rows = [
+        {"text": f"{t} ({i})", "topic": c}
+        for c, ts in TOPICS.items()
+        for i in range(10)
+        for t in ts
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "topics.csv", index=False)
+    config = AnalysisConfig(
+        model=str(model_dir),
+        dataset=str(tmp_path / "topics.csv"),
+        label_column="topic",
+        p=0.2,
+        max_length=16,
+    )
+    run_pipeline(RunConfig(out=tmp_path / "run", analysis=config, erasure=None), progress=False)
+    atlas = rangelens.build_atlas(tmp_path / "run", tmp_path / "atlas")
+    j = int(rangelens.RangeMap.load(tmp_path / "run" / "ranges").neurons[0, 0])
+    page = (atlas / "neurons" / f"{j}.html").read_text(encoding="utf-8")
+    assert 'id="next-token-shift"' not in page and 'id="output-side"' not in page
+    assert "an encoder has no unembedding and no next-token distribution" in page
+    assert re.search(r"\bnan\b", page, re.IGNORECASE) is None
+
+
 def test_export_round_trips_through_a_folder(small_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "shared"
     res = CliRunner().invoke(app, ["export", str(small_run), str(out)])
@@ -86,6 +153,9 @@ def test_export_round_trips_through_a_folder(small_run: Path, tmp_path: Path) ->
     j = int(original.neurons[0, 0])
     neuron = shared.neurons[j]
     assert neuron["index"] == j and len(neuron["pos_str"]) == 10 and neuron["ranges"]
+    shift = neuron["next_token_shift"]
+    assert "test split" in shift["texts"] and shift["concept"] in original.concepts
+    assert len(shift["range"]["up"]) == 10 and shift["neuron"]["total_variation"] >= 0
     # Per-text activations stay private unless asked for; the run inside loads as a run.
     analysis = rangelens.load_analysis(shared.run_dir)
     assert analysis.capture.features is None

@@ -37,7 +37,7 @@ from rangelens.errors import RangelensError
 from rangelens.explain.results import Explained, load_explained
 from rangelens.pipeline.tables import effects
 from rangelens.ranges.maps import RangeMap
-from rangelens.report.contents import RunContents, load_run, page_neurons
+from rangelens.report.contents import RunContents, load_run, page_neurons, shift_plan
 from rangelens.report.output_side import OutputSide, compute_output_side
 from rangelens.rundir import EXPORTED_RUN, STAGES, RunDir, run_root
 
@@ -96,7 +96,8 @@ def neuron_json(run: RunContents, neuron: int, side: OutputSide) -> dict[str, An
     ``index``, ``explanations``, ``activations`` (top exemplars: ``tokens``, ``values``),
     ``pos_str`` / ``pos_values`` and ``neg_str`` / ``neg_values`` (top promoted / suppressed
     tokens), ``density`` (the share of texts of each concept inside its range) and the concept
-    ranges and statistics rangelens adds."""
+    ranges and statistics rangelens adds, with ``next_token_shift`` (what masking the neuron's
+    range does to the next-token distribution on held-out text, when computed)."""
     config = run.config
     out: dict[str, Any] = {
         "modelId": str(config.get("model")),
@@ -137,6 +138,9 @@ def neuron_json(run: RunContents, neuron: int, side: OutputSide) -> dict[str, An
         out["pos_values"] = [v for _, v in tokens["promoted"]]
         out["neg_str"] = [t for t, _ in tokens["suppressed"]]
         out["neg_values"] = [v for _, v in tokens["suppressed"]]
+    shift = side.shift_of(neuron)
+    if shift is not None:
+        out["next_token_shift"] = {**side.shift_about, **shift.as_dict()}
     if run.ranges is not None:
         rmap = run.ranges.range_map
         for c, name in enumerate(rmap.concepts):
@@ -232,8 +236,8 @@ def export_run(
     force: bool = False,
 ) -> Path:
     """Write a shareable, self-describing folder of a run to ``out`` (layout in the module
-    docstring) and return it. ``output_side``: top promoted / suppressed tokens per neuron
-    (``auto``: when the model is cheap to load); ``features``: include the pooled per-text
+    docstring) and return it. ``output_side``: top promoted / suppressed tokens per neuron and
+    the next-token shift of its range mask (``auto``: when the model is cheap to load); ``features``: include the pooled per-text
     activations. An existing ``out`` is replaced only if it is an earlier export (or empty)::
 
         export_run("runs/demo", "shared/demo")
@@ -242,7 +246,8 @@ def export_run(
     source = RunDir(run_dir)
     source.require()
     run = load_run(source.root)
-    side = compute_output_side(run.config, page_neurons(run), mode=output_side)
+    plan = shift_plan(run) if output_side != "off" else None
+    side = compute_output_side(run.config, page_neurons(run), mode=output_side, shifts=plan)
     with atomic_dir(Path(out), EXPORT, force=force, keep=[source.root]) as tmp:
         files: list[str] = []
         write_json(tmp / "config.json", run.config)

@@ -21,6 +21,7 @@ from rangelens.report.contents import (
     default_explanations,
     load_run,
     page_neurons,
+    shift_plan,
     source_fingerprint,
 )
 from rangelens.report.output_side import compute_output_side
@@ -54,8 +55,9 @@ def build_atlas(
     replaced only if it is an atlas or empty (``force``: also explanations, but never a stage or
     anything inside a run; see :func:`rangelens.artifacts.check_output_dir`). ``output_side``
     (``auto`` / ``on`` / ``off``): whether each neuron page shows the tokens the neuron promotes
-    and suppresses, which loads the model's weights (``auto``: only when cheap; see
-    :mod:`rangelens.report.output_side`). An export folder (``rangelens export``) is read as the
+    and suppresses and what masking its range does to the next-token distribution on held-out
+    text, which loads the model (``auto``: only when cheap; see
+    :mod:`rangelens.report.output_side` and :mod:`rangelens.report.token_shift`). An export folder (``rangelens export``) is read as the
     run it holds::
 
         build_atlas("runs/demo")            # runs/demo/atlas/index.html
@@ -67,7 +69,10 @@ def build_atlas(
     explained = Path(explanations) if explanations is not None else default_explanations(run_path)
     check_output_dir(out, ATLAS, force=force, keep=[run_path])
     run = load_run(run_path, explained)
-    run.output_side = compute_output_side(run.config, page_neurons(run), mode=output_side)
+    plan = shift_plan(run) if output_side != "off" else None
+    run.output_side = compute_output_side(
+        run.config, page_neurons(run), mode=output_side, shifts=plan
+    )
     with atomic_dir(out, ATLAS, force=force, keep=[run_path]) as tmp:
         pages = Site(run, tmp).render()
         write_json(

@@ -23,6 +23,16 @@ from rangelens.ranges.distribution import bhattacharyya
 from rangelens.ranges.fit import FittedRanges, load_ranges
 from rangelens.ranges.maps import RangeMap
 from rangelens.report.output_side import OutputSide
+from rangelens.report.token_shift import (
+    DEFAULT_MASK,
+    MASK_OPTIONS,
+    N_NEURONS,
+    N_TEXTS,
+    ShiftPlan,
+    choose_targets,
+    first_targets,
+    held_out_rows,
+)
 from rangelens.rundir import RunDir
 
 ERASURE_FIGURES = ("erasure_bars.png", "tau_tradeoff.png", "pareto.png")
@@ -186,17 +196,58 @@ def _load_erasure(directory: Path) -> Erasure:
 
 def _load_texts(run: RunContents) -> TextExemplars | None:
     """The analysed texts in capture order, or None (with a note) when they cannot be re-loaded."""
+    found = _read_texts(run)
+    if isinstance(found, str):
+        run.missing.append(f"exemplar texts are unavailable: {found}")
+        return None
+    return found
+
+
+def _read_texts(run: RunContents) -> TextExemplars | str:
+    """The analysed texts in capture order, or why they cannot be re-loaded."""
     assert run.capture is not None
     cfg = run.config
     try:
         data = load_texts(cfg["dataset"], **{k: cfg[k] for k in LOADER_KEYS if k in cfg})
     except (RangelensError, OSError, KeyError) as err:
-        run.missing.append(f"exemplar texts are unavailable: {str(err).splitlines()[0]}")
-        return None
+        return str(err).splitlines()[0]
     if len(data) != len(run.capture.labels) or not np.array_equal(data.labels, run.capture.labels):
-        run.missing.append("exemplar texts are unavailable: the dataset no longer matches the run")
-        return None
+        return "the dataset no longer matches the run"
     return TextExemplars(data.texts, data.labels)
+
+
+def shift_plan(run: RunContents, n_texts: int = N_TEXTS) -> ShiftPlan | str:
+    """What the next-token shift of each page neuron's range mask is computed from (see
+    :mod:`rangelens.report.token_shift`): up to ``n_texts`` texts of the test split, which the
+    headline ranges were not fitted on, masked as the erasure masked; or why it cannot be."""
+    if run.ranges is None or run.capture is None:
+        return "not computed: the run has no ranges"
+    texts = run.texts if run.texts is not None else _read_texts(run)
+    if isinstance(texts, str):
+        return f"not computed: the held-out texts are unavailable ({texts})"
+    rows = held_out_rows(run.capture.test, run.capture.labels, n_texts)
+    if not rows:
+        return "not computed: the run's test split is empty"
+    erased = run.erasure.result.config if run.erasure is not None else {}
+    mask = {k: erased.get(k, DEFAULT_MASK[k]) for k in MASK_OPTIONS}
+    range_map = run.ranges.range_map
+    targets = choose_targets(range_map, run.ranges.scores, page_neurons(run))
+    found = run.explanations
+    explained = sorted(found.explanations) if found is not None and run.explained_here() else []
+    picked = first_targets(range_map, targets, explained, N_NEURONS)
+    return ShiftPlan(
+        range_map,
+        picked,
+        [texts.texts[i] for i in rows],
+        f"{len(rows)} texts of the run's test split (not used to fit the ranges)",
+        mask,
+        run.capture.stats,
+        f"not computed for this neuron: the atlas computes it for {N_NEURONS} neurons (the "
+        f"explained ones, then the most salient, round-robin over concepts) to stay quick; "
+        f"rangelens.next_token_shift gives it for any mask"
+        if len(picked) < len(targets)
+        else None,
+    )
 
 
 def salient_overlap(range_map: RangeMap) -> np.ndarray:

@@ -394,4 +394,16 @@ class Site:
         side = self.run.output_side
         detail["output"] = side.of(page.neuron) if side is not None and page.at_site else None
         detail["output_note"] = side.note if side is not None else None
+        detail["shift"] = side.shift_of(page.neuron) if side is not None and page.at_site else None
+        detail["shift_about"] = side.shift_about if side is not None else {}
+        shift = detail["shift"]
+        detail["shift_concept"] = self.concepts.index(shift.concept) if shift else None
+        detail["shift_band"] = figures.band_text(shift.band) if shift else None
+        detail["shift_note"] = None
+        if side is not None and detail["shift"] is None and side.note is None:
+            detail["shift_note"] = side.shift_note or (
+                side.shift_skipped
+                if page.concepts
+                else "the neuron is not salient for any concept: no range to mask"
+            )
         return detail
