@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,7 +93,7 @@ def score(
 ) -> dict[str, float]:
     """Simulation correlation over the tokens of ``n_sim`` held-out texts simulated successfully
     (skipped when 0), detection on ``n_judge`` held-out texts and fuzzing on their activating
-    ones; failures counted."""
+    ones (skipped when 0); failures counted."""
     nan = float("nan")
     out: dict[str, float] = {}
     if n_sim:
@@ -108,6 +109,8 @@ def score(
         )
         out["sim_failed"] = float(len(preds) - len(ok))
         out["sim_listed"], out["sim_absent"] = float(simulator.listed), float(simulator.absent)
+    if not n_judge:
+        return out
     items = subset(record, n_judge)
     labels = np.array([r.max_activation >= record.threshold for r in items])
     verdicts = LLMJudge(llm).judge(explanation, [r.tokens for r in items], None, trace)
@@ -226,6 +229,8 @@ def main() -> None:
         "explanations": explanations,
         "sim_texts": args.sim_texts,
         "judge_texts": args.judge_texts,
+        "no_lexical_llm_scores": args.no_lexical_llm_scores,
+        "command": "python benchmarks/explain_llm.py " + " ".join(sys.argv[1:]),
     }
     judge = SemanticJudge()
     llm_scored = ("llm", "mismatched") if args.no_lexical_llm_scores else tuple(explanations)
@@ -273,14 +278,25 @@ def write_report(result: dict, args: argparse.Namespace) -> None:
             "activating, 1 non-activating and hard-negative exemplars), the lexical baseline's "
             "single-pass explanation, and a mismatched control (the next neuron's LLM "
             f"explanation). Scored by the same LLM from the text alone on {result['sim_texts']} "
-            f"held-out texts (simulation, list format) and {result['judge_texts']} held-out texts "
-            "(detection; fuzzing on their activating ones). Intervals: 95% bootstrap over "
-            "neurons; paired for differences. Failed steps are left out of a score and counted, "
-            "never scored as zero.",
+            "held-out texts (simulation, list format)"
+            + (
+                f" and {result['judge_texts']} held-out texts (detection; fuzzing on their "
+                "activating ones)"
+                if result["judge_texts"]
+                else " (detection and fuzzing not run: `--judge-texts 0`)"
+            )
+            + (
+                "; the lexical explanation is not scored by the LLM (`--no-lexical-llm-scores`)"
+                if result.get("no_lexical_llm_scores")
+                else ""
+            )
+            + ". Every explanation is also scored by the embedding judge (all-MiniLM-L6-v2: AUC "
+            "of its similarity to the activating vs other held-out texts; no LLM). Intervals: "
+            "95% bootstrap over neurons; paired for differences. Failed steps are left out of a "
+            "score and counted, never scored as zero.",
             "",
-            "Reproduce: `python benchmarks/explain_llm.py --base-url http://127.0.0.1:8765/v1` "
-            "(see the module docstring); `--report` rewrites this file from "
-            "`benchmarks/explain_llm.json`.",
+            f"Reproduce: `{result.get('command', 'python benchmarks/explain_llm.py')}` against "
+            "the server of the module docstring; `--report` rewrites this file from `--out`.",
             "",
             table(result),
             "",
@@ -330,6 +346,8 @@ def table(result: dict) -> str:
     ]
     for m in METRICS:
         cells = [interval(col(k, m)) for k in ("llm", "lexical", "mismatched")]
+        if all(c == "n/a" for c in cells):
+            continue  # not run (e.g. --judge-texts 0)
         lines.append(
             f"| {NAMES[m]} | {' | '.join(cells)} | "
             f"{paired_interval(col('llm', m), col('lexical', m))} | "
