@@ -13,16 +13,19 @@ exemplars. Offline implementations live in :mod:`rangelens.explain.offline` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
+from rangelens.explain.clients import parallel_map
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.scoring import CorrelationScorer
 
 ComponentKind = Literal["token", "bigram", "after", "phrase"]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def normalize(token: str) -> str:
@@ -92,6 +95,26 @@ class FailureLog:
 
     def fail(self, role: str, target: str, error: str, attempts: int) -> None:
         self.failures.append(StepFailure(role, target, error, attempts))
+
+
+def traced_map(
+    concurrency: int,
+    fn: Callable[[T, FailureLog], R],
+    items: Sequence[T],
+    trace: FailureLog,
+) -> list[R]:
+    """``fn(item, log)`` over ``items`` in parallel (:func:`parallel_map`, results in order), each
+    item's failures added to ``trace`` in item order: the log does not depend on which reply
+    came back first."""
+
+    def one(item: T) -> tuple[R, FailureLog]:
+        log = FailureLog()
+        return fn(item, log), log
+
+    out: list[Any] = parallel_map(concurrency, one, items)
+    for _, log in out:
+        trace.failures += log.failures
+    return [value for value, _ in out]
 
 
 def explanation_text(modes: Sequence[Mode]) -> str:

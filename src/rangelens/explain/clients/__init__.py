@@ -11,6 +11,7 @@ from rangelens.explain.clients.base import (
     Message,
     ReplyError,
     TokenLogprobs,
+    Usage,
     parallel_map,
 )
 from rangelens.explain.clients.cache import ResponseCache
@@ -38,6 +39,7 @@ __all__ = [
     "ResponseCache",
     "TokenLogprobs",
     "TransformersClient",
+    "Usage",
     "load_chat_model",
     "parallel_map",
 ]

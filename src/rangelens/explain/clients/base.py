@@ -43,11 +43,29 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Tokens one request cost: as the server counted them (its ``usage``), or, where it sends
+    none, estimated as characters / 4 (``estimated``)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+    @classmethod
+    def guess(cls, messages: Sequence[Message], reply: str) -> Usage:
+        """The characters / 4 estimate of a request and its reply."""
+        sent = sum(len(m.get("content", "")) for m in messages)
+        return cls(-(-sent // 4), -(-len(reply) // 4), estimated=True)
+
+
+@dataclass(frozen=True)
 class Completion:
-    """A reply's text; ``logprobs`` per generated token when requested and returned, else None."""
+    """A reply's text; ``logprobs`` per generated token when requested and returned, else None;
+    ``usage`` its token counts where the backend reports them (never part of a cache key)."""
 
     text: str
     logprobs: list[TokenLogprobs] | None = None
+    usage: Usage | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +73,12 @@ class Completion:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Completion:
         lps = data.get("logprobs")
-        return cls(str(data["text"]), None if lps is None else [TokenLogprobs(**t) for t in lps])
+        usage = data.get("usage")
+        return cls(
+            str(data["text"]),
+            None if lps is None else [TokenLogprobs(**t) for t in lps],
+            None if usage is None else Usage(**usage),
+        )
 
 
 class LLMClient(Protocol):
@@ -66,7 +89,9 @@ class LLMClient(Protocol):
     def identity(self) -> str: ...
 
     @property
-    def max_concurrency(self) -> int: ...
+    def max_concurrency(self) -> int:
+        """Requests the backend serves at once (the most :class:`LLM` keeps in flight)."""
+        ...
 
     @property
     def supports_prefill(self) -> bool:
@@ -86,7 +111,7 @@ def parallel_map(concurrency: int, fn: Callable[[T], object], items: Sequence[T]
     exception cancels the items not yet started and is raised."""
     if concurrency <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
-    pool = ThreadPoolExecutor(max_workers=concurrency)
+    pool = ThreadPoolExecutor(max_workers=min(concurrency, len(items)))
     try:
         return list(pool.map(fn, items))
     finally:

@@ -1,7 +1,10 @@
-"""The validated-reply runner every LLM role calls: retries, failure counts by kind, the cache.
+"""The validated-reply runner every LLM role calls: retries, failure counts by kind, the cache, and
+the one limit on requests in flight.
 
 :class:`LLM` retries a :class:`ReplyError`, counts it, and caches only replies that validated, so a
-re-run after fixing the server asks again.
+re-run after fixing the server asks again. Every request of every role and every neuron passes
+through :meth:`LLM.ask`, where a semaphore keeps at most ``client.max_concurrency`` in flight: the
+roles may fan out freely (up to :data:`FAN_OUT` threads a step) without overloading the server.
 """
 
 from __future__ import annotations
@@ -19,22 +22,34 @@ from rangelens.explain.clients.base import (
     LLMUnavailable,
     Message,
     ReplyError,
+    Usage,
 )
 from rangelens.explain.clients.cache import ResponseCache
 
 T = TypeVar("T")
+FAN_OUT = 8  # threads one role step fans out to at most; the semaphore bounds what is in flight
 
 
 @dataclass
 class LLMStats:
     """What an :class:`LLM` did: steps (one validated answer wanted each), failed steps, requests
-    sent, cache hits, and failed attempts by kind (timeout, http, malformed, empty, invalid)."""
+    sent, cache hits, failed attempts by kind (timeout, http, malformed, empty, invalid), and the
+    tokens of the replies received (``estimated_requests`` of them counted as characters / 4, the
+    server having sent no ``usage``)."""
 
     steps: int = 0
     failed_steps: int = 0
     requests: int = 0
     cache_hits: int = 0
     failed_attempts: Counter[str] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_requests: int = 0
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts of every kind."""
+        return sum(self.failed_attempts.values())
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.failed_attempts.items())) or "none"
@@ -71,13 +86,21 @@ class LLM:
         self.attempts = attempts
         self.give_up_after = give_up_after
         self.stats = LLMStats()
+        self.in_flight = 0  # requests sent and not yet answered
+        self._slots = threading.BoundedSemaphore(self.concurrency)
         self._lock = threading.Lock()
         self._server_failures = 0  # consecutive steps lost to the server (not to the model)
         self._last_error = ""
 
     @property
+    def concurrency(self) -> int:
+        """The most requests in flight at once, across every role and neuron."""
+        return max(1, self.client.max_concurrency)
+
+    @property
     def max_concurrency(self) -> int:
-        return self.client.max_concurrency
+        """How wide one role step fans out (what is in flight is bounded in :meth:`ask`)."""
+        return min(self.concurrency, FAN_OUT)
 
     @property
     def supports_prefill(self) -> bool:
@@ -123,9 +146,7 @@ class LLM:
             self._count(requests=1)
             reply: Completion | None = None
             try:
-                reply = self.client.complete(
-                    convo + start, top_logprobs=top_logprobs, max_tokens=max_tokens
-                )
+                reply = self._send(convo + start, top_logprobs, max_tokens)
                 value = validate(reply)
             except ReplyError as err:
                 error, kind = f"{err.kind}: {err}", err.kind
@@ -151,6 +172,27 @@ class LLM:
             self._last_error = error
         self._check_alive()
         return None, error
+
+    def _send(
+        self, messages: list[Message], top_logprobs: int, max_tokens: int | None
+    ) -> Completion:
+        """One request, once a slot is free; its tokens counted."""
+        with self._slots:
+            with self._lock:
+                self.in_flight += 1
+            try:
+                reply = self.client.complete(
+                    messages, top_logprobs=top_logprobs, max_tokens=max_tokens
+                )
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+        usage = reply.usage or Usage.guess(messages, reply.text)
+        with self._lock:
+            self.stats.prompt_tokens += usage.prompt_tokens
+            self.stats.completion_tokens += usage.completion_tokens
+            self.stats.estimated_requests += usage.estimated
+        return reply
 
     def _check_alive(self) -> None:
         if self._server_failures >= self.give_up_after:
