@@ -14,12 +14,16 @@ The estimate counts the distinct requests one neuron makes when every step succe
 - the equal-budget single-pass baseline: one explainer request and a validation pass per candidate
   (as many candidates as the loop scored); the no-feedback control: its blind edits (one explainer
   request per mode of three edits and one refiner request per round) and a validation pass each;
-- the final scores of five methods: the feedback and held-out pools simulated, and the judge asked
-  once per held-out text (detection) and twice per activating held-out text (fuzzing).
+- the final scores of up to five methods (iterative, single-pass, its first candidate, the two
+  controls; the same text is scored once): the feedback and held-out pools simulated, and the judge
+  asked once per held-out text (detection) and twice per activating held-out text (fuzzing); each
+  kept mode's own score: the activating explain-set texts simulated too.
 
-It is a range, not a count: the low end assumes one mode and a plateau after ``patience`` rounds, the
-high end ``modes_high`` modes and every round; failed tries (retries) come on top. Tokens use the
-texts' mean length in tokens and each prompt's fixed part (also an estimate).
+It is a range, not a count: the low end assumes one mode, a plateau after ``patience`` rounds and
+three distinct final texts (the controls often end where the loop did), the high end ``modes_high``
+modes, every round and five; failed tries (retries) come on top, and repeats across neurons (the
+same explanation of the same text) come from the cache. Tokens use the texts' mean length in
+tokens and each prompt's fixed part (also an estimate).
 """
 
 from __future__ import annotations
@@ -69,16 +73,19 @@ def _neuron(
     rounds: int,
     patience: int,
     modes: int,
-    every_round: bool,
+    high: bool,
     n_exemplars: int,
 ) -> tuple[float, float, float]:
-    """Requests, prompt tokens and reply tokens of one neuron with ``modes`` modes."""
+    """Requests, prompt tokens and reply tokens of one neuron with ``modes`` modes (``high``:
+    every round, five distinct final texts)."""
     texts = [r for pool in (record.validation, record.feedback, record.held_out) for r in pool]
     t = sum(len(r.tokens) for r in texts) / max(len(texts), 1)
     v, f, h = len(record.validation), len(record.feedback), len(record.held_out)
     fuzz = 2 * sum(r.max_activation >= record.threshold for r in record.held_out)
     x = min(n_exemplars, sum(r.max_activation >= record.threshold for r in record.top))
-    r = rounds if every_round else min(rounds, patience)
+    e = sum(r.max_activation >= record.threshold for r in record.explain_set)
+    r = rounds if high else min(rounds, patience)
+    finals = 5 if high else 3
     per_round = 1 + (2 if modes > 1 else 1)  # proposals: the revision (and the modes without it)
     refined = r * (per_round - 1)
     n_candidates = 2 + refined
@@ -89,10 +96,10 @@ def _neuron(
         + r * (worst + (per_round - 1) * v)  # the random-feedback control
         + (n_candidates - 1) * v  # single-pass candidates
         + refined * v  # no-feedback control
-        + 5 * (f + h)  # final scores of five methods
-        + (2 * modes + 1) * (f + v + h) * (modes > 1)  # each mode's own score
+        + finals * (f + h)  # final scores
+        + (2 * modes + 1) * (e + (f + v + h) * (modes > 1))  # each kept mode's own score
     )
-    judged = 5 * (h + fuzz)
+    judged = finals * (h + fuzz)
     nofeedback_rounds = math.ceil(refined / 4)
     explains = modes + 1 + (n_candidates - 1) + nofeedback_rounds * 3 * modes
     refines = 2 * r + nofeedback_rounds

@@ -141,7 +141,7 @@ class LLMDecomposer:
             return comps
 
         merged: dict[str, Component] = {}
-        for comps in traced_map(self.llm.max_concurrency, one, recs, trace):
+        for comps in traced_map(self.llm.fan_out, one, recs, trace):
             for c in comps:
                 if c.key in merged:
                     merged[c.key].sources += c.sources
@@ -254,7 +254,7 @@ class LLMExplainer:
                 phrase_components([c.text for c in mode.components] + keywords, text),
             )
 
-        return traced_map(self.llm.max_concurrency, one, modes, trace)
+        return traced_map(self.llm.fan_out, one, modes, trace)
 
     def explain_top(self, record: NeuronRecord, k: int, trace: FailureLog) -> Mode:
         shown, _, _ = contrast_sets(record, min(k, self.n_shown + 2), self.n_negative)

@@ -279,7 +279,7 @@ class LLMSimulator:
                 log.fail("simulator", f"text {index}", error, self.llm.attempts)
             return got
 
-        out = traced_map(self.llm.max_concurrency, one, list(enumerate(texts)), trace)
+        out = traced_map(self.llm.fan_out, one, list(enumerate(texts)), trace)
         return [o if isinstance(o, np.ndarray) else None for o in out]
 
 
@@ -357,5 +357,5 @@ class LLMJudge:
                 log.fail(role, f"text {index}", error, self.llm.attempts)
             return got
 
-        out = traced_map(self.llm.max_concurrency, one, list(enumerate(bodies)), trace)
+        out = traced_map(self.llm.fan_out, one, list(enumerate(bodies)), trace)
         return [o if isinstance(o, float) else None for o in out]

@@ -19,7 +19,6 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from rangelens.explain.clients import parallel_map
 from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.scoring import CorrelationScorer
 
@@ -97,21 +96,24 @@ class FailureLog:
         self.failures.append(StepFailure(role, target, error, attempts))
 
 
+FanOut = Callable[[Callable[[T], Any], Sequence[T]], list[Any]]
+
+
 def traced_map(
-    concurrency: int,
+    fan_out: FanOut[T],
     fn: Callable[[T, FailureLog], R],
     items: Sequence[T],
     trace: FailureLog,
 ) -> list[R]:
-    """``fn(item, log)`` over ``items`` in parallel (:func:`parallel_map`, results in order), each
-    item's failures added to ``trace`` in item order: the log does not depend on which reply
-    came back first."""
+    """``fn(item, log)`` over ``items`` through ``fan_out`` (in parallel, results in order, e.g.
+    :meth:`rangelens.explain.clients.LLM.fan_out`), each item's failures added to ``trace`` in
+    item order: the log does not depend on which reply came back first."""
 
     def one(item: T) -> tuple[R, FailureLog]:
         log = FailureLog()
         return fn(item, log), log
 
-    out: list[Any] = parallel_map(concurrency, one, items)
+    out = fan_out(one, items)
     for _, log in out:
         trace.failures += log.failures
     return [value for value, _ in out]

@@ -56,15 +56,13 @@ class Schedule:
 def roles_identity(roles: Roles) -> list[Any]:
     """What decides the roles' answers: their names and kinds, and for LLM roles the client
     (backend, model, generation settings) and attempts."""
-    out: list[Any] = [roles.name]
-    for role in (roles.decomposer, roles.clusterer, roles.explainer, roles.simulator):
+    out: list[Any] = [roles.name, getattr(roles.simulator, "name", "")]
+    every: list[object] = [roles.decomposer, roles.clusterer, roles.explainer, roles.simulator]
+    for role in [*every, roles.refiner, roles.scorer, roles.judge]:
         out.append(type(role).__qualname__)
         llm = getattr(role, "llm", None)
         if isinstance(llm, LLM):
             out.append([llm.client.identity, llm.attempts])
-    for role in (roles.refiner, roles.scorer, roles.judge):
-        out.append(type(role).__qualname__)
-    out.append(getattr(roles.simulator, "name", ""))
     return out
 
 

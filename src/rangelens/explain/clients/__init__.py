@@ -12,7 +12,6 @@ from rangelens.explain.clients.base import (
     ReplyError,
     TokenLogprobs,
     Usage,
-    parallel_map,
 )
 from rangelens.explain.clients.cache import ResponseCache
 from rangelens.explain.clients.runner import LLM, LLMStats
@@ -41,5 +40,4 @@ __all__ = [
     "TransformersClient",
     "Usage",
     "load_chat_model",
-    "parallel_map",
 ]

@@ -8,15 +8,13 @@ caller's schema, an oversized reply) is a :class:`ReplyError` with a ``kind``; a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from rangelens.errors import RangelensError
 
 Message = dict[str, str]
-T = TypeVar("T")
 FailureKind = Literal["timeout", "http", "malformed", "empty", "too_large", "invalid"]
 
 
@@ -68,7 +66,12 @@ class Completion:
     usage: Usage | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        lps = self.logprobs
+        return {  # by hand: asdict deep-copies every log-probability, per request
+            "text": self.text,
+            "logprobs": None if lps is None else [{"token": t.token, "top": t.top} for t in lps],
+            "usage": None if self.usage is None else asdict(self.usage),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Completion:
@@ -104,15 +107,3 @@ class LLMClient(Protocol):
         """One request; raises :class:`ReplyError` (counted, retried by :class:`LLM`) or
         :class:`LLMUnavailable` (fatal)."""
         ...
-
-
-def parallel_map(concurrency: int, fn: Callable[[T], object], items: Sequence[T]) -> list[object]:
-    """``fn`` over ``items`` with at most ``concurrency`` in flight, results in order; the first
-    exception cancels the items not yet started and is raised."""
-    if concurrency <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    pool = ThreadPoolExecutor(max_workers=min(concurrency, len(items)))
-    try:
-        return list(pool.map(fn, items))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

@@ -3,15 +3,16 @@ the one limit on requests in flight.
 
 :class:`LLM` retries a :class:`ReplyError`, counts it, and caches only replies that validated, so a
 re-run after fixing the server asks again. Every request of every role and every neuron passes
-through :meth:`LLM.ask`, where a semaphore keeps at most ``client.max_concurrency`` in flight: the
-roles may fan out freely (up to :data:`FAN_OUT` threads a step) without overloading the server.
+through :meth:`LLM.ask`, where a semaphore keeps at most ``client.max_concurrency`` in flight; a
+role step fans out on the LLM's shared threads (:meth:`LLM.fan_out`), made once, not per step.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from rangelens.explain.clients.base import (
 from rangelens.explain.clients.cache import ResponseCache
 
 T = TypeVar("T")
-FAN_OUT = 8  # threads one role step fans out to at most; the semaphore bounds what is in flight
+R = TypeVar("R")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class LLM:
         self.stats = LLMStats()
         self.in_flight = 0  # requests sent and not yet answered
         self._slots = threading.BoundedSemaphore(self.concurrency)
+        self._threads: ThreadPoolExecutor | None = None  # made on the first fan-out
         self._lock = threading.Lock()
         self._server_failures = 0  # consecutive steps lost to the server (not to the model)
         self._last_error = ""
@@ -97,10 +99,22 @@ class LLM:
         """The most requests in flight at once, across every role and neuron."""
         return max(1, self.client.max_concurrency)
 
-    @property
-    def max_concurrency(self) -> int:
-        """How wide one role step fans out (what is in flight is bounded in :meth:`ask`)."""
-        return min(self.concurrency, FAN_OUT)
+    def fan_out(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items``, results in order, on this LLM's shared threads (``concurrency``
+        of them, made once): the requests of a role step queue for the same slots as every other
+        neuron's. ``fn`` asks, it must not fan out again (it would wait for threads it holds).
+        The first error is raised; items not yet started are dropped."""
+        if self.concurrency <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.concurrency, "rangelens-llm")
+        futures = [self._threads.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
 
     @property
     def supports_prefill(self) -> bool:
