@@ -256,6 +256,31 @@ def explain_at(
     return [e.to_dict() for e in out], llm, time.perf_counter() - start
 
 
+def offline_side_by_side(n: int, repeats: int = 2) -> dict[str, Any]:
+    """The offline backend (no LLM) on ``n`` neurons, one at a time vs two at once (2 cores),
+    alternating, best of ``repeats`` each; and whether the results are the same."""
+    from rangelens.explain.offline import offline_roles
+
+    records = synthetic_records(n, n_texts=80)
+    roles = offline_roles()
+    explain_records(records[:1], roles, rounds=1, semantic=False)  # load the embedder first
+    times: dict[int, list[float]] = {1: [], 2: []}
+    results: dict[int, list[dict[str, Any]]] = {}
+    for _ in range(repeats):
+        for c in (1, 2):
+            start = time.perf_counter()
+            out = explain_records(records, roles, rounds=2, semantic=False, schedule=Schedule(c))
+            times[c].append(time.perf_counter() - start)
+            results[c] = [e.to_dict() for e in out]
+    return {
+        "neurons": n,
+        "sequential_s": round(min(times[1]), 2),
+        "two_at_once_s": round(min(times[2]), 2),
+        "speedup": round(min(times[1]) / min(times[2]), 3),
+        "identical": results[1] == results[2],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neurons", type=int, default=1000, help="neurons at the largest level")
@@ -268,7 +293,13 @@ def main() -> None:
         "--seconds", type=float, default=60, help="target length of the smaller levels' runs"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument(
+        "--offline", type=int, default=0, help="only time the offline backend on this many neurons"
+    )
     args = parser.parse_args()
+    if args.offline:
+        print(json.dumps(offline_side_by_side(args.offline)))
+        return
     levels = [int(c) for c in args.levels.split(",")]
     server = StubServer(args.latency, args.capacity)
     work = Path(tempfile.mkdtemp(prefix="rangelens-throughput-"))

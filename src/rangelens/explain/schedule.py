@@ -25,7 +25,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rangelens import __version__
 from rangelens.artifacts import clean_stale_temps, read_json
 from rangelens.errors import RangelensError
 from rangelens.explain.budget import estimate, estimate_line, measured_line
@@ -77,7 +76,7 @@ class PartialResults:
 
     def __init__(self, directory: Path, context: str) -> None:
         self.directory = Path(directory)
-        self.context = f"{__version__}|{EXPLANATION_FORMAT}|{context}"
+        self.context = f"{EXPLANATION_FORMAT}|{context}"
         marker = self.directory / self.MARKER
         if self.directory.exists() and not marker.is_file() and any(self.directory.iterdir()):
             raise RangelensError(
