@@ -1,6 +1,6 @@
 """Explanations at a served LLM's throughput, with no GPU: a local OpenAI-compatible stub server.
 
-The stub (stdlib asyncio, HTTP/1.1 keep-alive) answers every request after a fixed ``--latency``,
+The stub (stdlib asyncio, HTTP/1.1 keep-alive, a process of its own) answers every request after a fixed ``--latency``,
 serving at most ``--capacity`` requests at once (more wait in its queue), so its ceiling is
 ``min(capacity, concurrency) / latency`` requests/s. Its replies are well-formed for every LLM role
 (decomposer, clusterer, explainer, refiner, echo simulator with log-probabilities, detection and
@@ -29,9 +29,11 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -155,47 +157,52 @@ def stub_reply(body: dict[str, Any]) -> tuple[str, str, list[Any] | None]:
 
 class StubServer:
     """An OpenAI-compatible chat-completions server on 127.0.0.1: every request is answered after
-    ``latency`` seconds, at most ``capacity`` at once (the others wait in its queue)."""
+    ``latency`` seconds, at most ``capacity`` at once (the others wait in its queue). ``GET
+    /stats`` answers what it served (``?reset``: and starts counting the peak and roles anew)."""
 
     def __init__(self, latency: float, capacity: int) -> None:
         self.latency, self.capacity = latency, capacity
         self.served = 0
         self.busy = self.peak = 0
         self.roles: Counter[str] = Counter()  # requests by the role that asked
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        ready.wait()
 
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.slots = asyncio.Semaphore(self.capacity)
-        server = self.loop.run_until_complete(
-            asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=1024)
-        )
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-        ready.set()
-        self.loop.run_forever()
+    def serve_forever(self) -> None:
+        """Serve until killed; the first line on stdout is the base URL."""
+
+        async def main() -> None:
+            self.slots = asyncio.Semaphore(self.capacity)
+            server = await asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=1024)
+            print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", flush=True)
+            await server.serve_forever()
+
+        asyncio.run(main())
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
-                body = json.loads(await reader.readexactly(length))
-                async with self.slots:
-                    self.busy += 1
-                    self.peak = max(self.peak, self.busy)
-                    await asyncio.sleep(self.latency)
-                    self.busy -= 1
-                payload = self._completion(body)
+                if head.startswith(b"GET /stats"):
+                    payload = json.dumps(
+                        {"served": self.served, "peak": self.peak, "roles": self.roles}
+                    ).encode()
+                    if head.startswith(b"GET /stats?reset"):
+                        self.peak, self.roles = 0, Counter()
+                else:
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                    body = json.loads(await reader.readexactly(length))
+                    async with self.slots:
+                        self.busy += 1
+                        self.peak = max(self.peak, self.busy)
+                        await asyncio.sleep(self.latency)
+                        self.busy -= 1
+                    payload = self._completion(body)
+                    self.served += 1
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                     + f"Content-Length: {len(payload)}\r\n\r\n".encode()
                     + payload
                 )
                 await writer.drain()
-                self.served += 1
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
@@ -214,8 +221,25 @@ class StubServer:
         reply = {"id": "stub", "object": "chat.completion", "created": 0, "model": body["model"]}
         return json.dumps({**reply, "choices": [choice], "usage": usage}).encode()
 
+
+class StubProcess:
+    """:class:`StubServer` in a process of its own, as a real server is (it does not share the
+    client's interpreter lock)."""
+
+    def __init__(self, latency: float, capacity: int) -> None:
+        serve = [sys.executable, __file__, "--serve", f"{latency},{capacity}"]
+        self.proc = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        root = self.url.removesuffix("/v1")
+        with urllib.request.urlopen(f"{root}/stats{'?reset' if reset else ''}") as reply:
+            return dict(json.loads(reply.read()))
+
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.proc.terminate()
+        self.proc.wait()
 
 
 # ---------------------------------------------------------------------------------- the neurons
@@ -296,12 +320,17 @@ def main() -> None:
     parser.add_argument(
         "--offline", type=int, default=0, help="only time the offline backend on this many neurons"
     )
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # LATENCY,CAPACITY: be the stub
     args = parser.parse_args()
+    if args.serve:
+        latency, capacity = args.serve.split(",")
+        StubServer(float(latency), int(capacity)).serve_forever()
+        return
     if args.offline:
         print(json.dumps(offline_side_by_side(args.offline)))
         return
     levels = [int(c) for c in args.levels.split(",")]
-    server = StubServer(args.latency, args.capacity)
+    server = StubProcess(args.latency, args.capacity)
     work = Path(tempfile.mkdtemp(prefix="rangelens-throughput-"))
     everything = synthetic_records(args.neurons)
     rows: list[dict[str, Any]] = []
@@ -317,10 +346,11 @@ def main() -> None:
                 n = max(2, min(n, c * 2))
             records = everything[:n]
             cache = work / f"cache-{c}"
-            served = server.served
+            served = server.stats(reset=True)["served"]
             results, llm, seconds = explain_at(records, server.url, c, cache)
+            seen = server.stats()
             stats = llm.stats
-            assert server.served - served == stats.requests, "every request reached the stub"
+            assert seen["served"] - served == stats.requests, "every request reached the stub"
             calls_per_neuron = stats.requests / n
             est = estimate(records, rounds=1)
             rate = stats.requests / seconds
@@ -340,24 +370,22 @@ def main() -> None:
                     "prompt_tokens": stats.prompt_tokens,
                     "completion_tokens": stats.completion_tokens,
                     "estimate_tokens": [est.prompt_tokens, est.completion_tokens],
-                    "stub_peak_busy": server.peak,
-                    "requests_by_role": dict(server.roles),
+                    "stub_peak_busy": seen["peak"],
+                    "requests_by_role": seen["roles"],
                 }
             )
-            server.peak = 0
-            server.roles.clear()
             print(json.dumps(rows[-1]), flush=True)
             last = (results, cache, records)
         assert last is not None
         results, cache, records = last
-        served = server.served
+        served = server.stats()["served"]
         again, llm, seconds = explain_at(records, server.url, 1, cache)
         identical = again == results
         replay = {
             "neurons": len(records),
             "identical": identical,
             "differing_neurons": sum(a != b for a, b in zip(again, results, strict=True)),
-            "requests_sent": server.served - served,
+            "requests_sent": server.stats()["served"] - served,
             "seconds": round(seconds, 1),
         }
         print(json.dumps({"replay_at_concurrency_1": replay}), flush=True)
