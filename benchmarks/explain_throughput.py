@@ -245,7 +245,9 @@ class StubProcess:
 # ---------------------------------------------------------------------------------- the neurons
 
 
-def synthetic_records(n_neurons: int, n_texts: int = 40, seed: int = 0) -> list[NeuronRecord]:
+def synthetic_records(
+    n_neurons: int, n_texts: int = 40, seed: int = 0, config: ExemplarConfig = CONFIG
+) -> list[NeuronRecord]:
     """``n_neurons`` neurons over one corpus of ``n_texts`` 10-word texts: each fires on 3 words of
     its own (plus noise)."""
     rng = np.random.default_rng(seed)
@@ -261,7 +263,7 @@ def synthetic_records(n_neurons: int, n_texts: int = 40, seed: int = 0) -> list[
         values[:, j] += np.isin(ids, likes[j]) * rng.uniform(1, 3)
     return records_from_activations(
         values, ids, tokens, np.array(offsets), list(range(n_neurons)),
-        model="synthetic", site="mlp", layer=0, config=CONFIG,
+        model="synthetic", site="mlp", layer=0, config=config,
     )  # fmt: skip
 
 
@@ -281,11 +283,13 @@ def explain_at(
 
 
 def offline_side_by_side(n: int, repeats: int = 2) -> dict[str, Any]:
-    """The offline backend (no LLM) on ``n`` neurons, one at a time vs two at once (2 cores),
-    alternating, best of ``repeats`` each; and whether the results are the same."""
+    """The offline backend (no LLM) on ``n`` neurons with the pipeline's pool sizes for 300 texts,
+    one at a time vs two at once (2 cores), alternating, best of ``repeats`` each; and whether
+    the results are the same."""
+    from rangelens.explain.exemplars import scaled_config
     from rangelens.explain.offline import offline_roles
 
-    records = synthetic_records(n, n_texts=80)
+    records = synthetic_records(n, n_texts=300, config=scaled_config(300))
     roles = offline_roles()
     explain_records(records[:1], roles, rounds=1, semantic=False)  # load the embedder first
     times: dict[int, list[float]] = {1: [], 2: []}
