@@ -170,9 +170,11 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling path to write ``final`` to (for writers that take a file name);
-    when the block succeeds it is flushed and renamed onto ``final``, else removed."""
+    when the block succeeds it is flushed (``durable``: to disk, fsync) and renamed onto
+    ``final``, else removed. Only a cache whose lost entries are simply recomputed skips the
+    fsync (a power cut may then leave an entry empty: it reads as absent)."""
     final = Path(final)
     parent = _make_dirs(final.parent)
     clean_stale_temps(parent, final.name)
@@ -180,7 +182,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         _follow_umask(tmp, _umask())
-        _fsync(tmp)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, final)
     except IsADirectoryError as err:
         raise RangelensError(f"cannot write {str(final)!r}: it is a directory") from err
@@ -188,17 +191,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise _cannot_write(final, err) from err
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync(parent)
+    if durable:
+        _fsync(parent)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write a file atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp, open(tmp, "xb") as fh:
+    with atomic_path(path, durable=durable) as tmp, open(tmp, "xb") as fh:
         fh.write(data)
 
 
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+def write_text(path: Path, text: str, *, durable: bool = True) -> None:
+    write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
 def write_json(path: Path, data: Any, *, allow_nan: bool = True) -> None:

@@ -27,10 +27,12 @@ def explain_command(given: dict[str, Any], *, force: bool = False, quiet: bool =
     if run_dir is not None and out is None:  # the run's explanations stage
         where = RunDir(run_dir).explanations
         check_output_dir(where, EXPLANATIONS, force=force, keep=[run_dir])
-        explained = explain_run(run_dir, config, read, report=None if quiet else stage_line)
+        explained = explain_run(
+            run_dir, config, read, report=None if quiet else stage_line, progress=not quiet
+        )
     else:
         where = Path(out) if out is not None else Path("explanations")
-        explained = explain_into(where, config, read, run_dir, force=force)
+        explained = explain_into(where, config, read, run_dir, force=force, progress=not quiet)
     print_explanations(explained, where)
     if explained.llm is not None:
         report_llm(explained.llm)

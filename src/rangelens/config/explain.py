@@ -46,6 +46,19 @@ class LLMOptions(Options):
     max_attempts: int = Field(
         3, ge=1, description="tries per LLM step (failed tries are counted, never cached)"
     )
+    concurrency: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="LLM requests in flight at once, across all neurons (neurons are explained "
+        "concurrently; results do not depend on it): a local server's parallel slots, e.g. "
+        "llama.cpp --parallel or OLLAMA_NUM_PARALLEL; 64 or more for vLLM or SGLang",
+    )
+    price_per_mtok: list[float] | None = Field(
+        None,
+        description="price per million tokens, input,output (one value: both), to print what "
+        "the explanations cost",
+    )
     simulator: SimulatorName = Field(
         "auto",
         description="what simulates explanations from their text: auto (lexical offline, llm with "
@@ -57,6 +70,14 @@ class LLMOptions(Options):
 
     @model_validator(mode="after")
     def _needs_llm(self) -> LLMOptions:
+        prices = self.price_per_mtok
+        if prices is not None and not (
+            len(prices) in (1, 2) and all(p >= 0 and p != float("inf") for p in prices)
+        ):
+            raise ValueError(
+                f"invalid price_per_mtok {prices}: give input,output prices per million tokens "
+                "(one or two numbers >= 0)"
+            )
         if self.simulator in ("llm", "llm-list") and self.backend == "offline":
             raise ValueError(
                 f"invalid simulator {self.simulator!r} with backend 'offline': it needs an LLM; "
@@ -68,6 +89,12 @@ class LLMOptions(Options):
                 f"never scored by word matching; use 'llm' or 'llm-list'"
             )
         return self
+
+    @property
+    def prices(self) -> tuple[float, float] | None:
+        """Input and output price per million tokens, when given."""
+        p = self.price_per_mtok
+        return None if p is None else (p[0], p[-1])
 
     @property
     def simulator_name(self) -> str:
@@ -93,6 +120,15 @@ class ExplainOptions(Options):
 
 class ExplainConfig(ExplainOptions, LLMOptions):
     """A run's ``explain:`` section and the ``explain`` command's options."""
+
+    def result_inputs(self) -> dict[str, object]:
+        """The options that decide the explanations (a stage's fingerprint, a neuron's resume
+        key): all but :data:`NOT_RESULTS`."""
+        return self.model_dump(exclude=set(NOT_RESULTS))
+
+
+# How fast explanations are made and what is printed about them, never what they are.
+NOT_RESULTS = ("concurrency", "price_per_mtok")
 
 
 class RunSource(Options):

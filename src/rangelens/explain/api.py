@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -19,6 +21,7 @@ from rangelens.explain.offline import offline_roles
 from rangelens.explain.records import NeuronRecord
 from rangelens.explain.results import Explained
 from rangelens.explain.roles import Roles
+from rangelens.explain.schedule import Schedule, roles_identity, run_neurons
 from rangelens.explain.semantic import JUDGE_NAME, SemanticJudge
 from rangelens.ranges.maps import ConceptRange
 
@@ -76,6 +79,7 @@ def roles_for(options: LLMOptions, lm: LoadedModel, cache_dir: Path) -> tuple[Ro
             api_key_env=options.api_key_env,
             timeout=options.timeout,
             max_reply_mb=options.max_reply_mb,
+            max_concurrency=options.concurrency,
         )
     else:
         from rangelens.explain.clients.local_model import TransformersClient, load_chat_model
@@ -102,11 +106,15 @@ def explain_site(
     cache_dir: Path,
     metadata: dict[str, Any] | None = None,
     concepts: Sequence[str] | None = None,
+    partial: Path | None = None,
+    progress: bool = False,
 ) -> Explained:
     """Explain ``neurons`` of ``site`` (or, with ``ranges``, each concept range: in-range tokens
     are the positive set) on ``texts``, with the exemplar pools sized to the texts, the loop run
     ``config.rounds`` times, and the roles ``config`` asks for; ``concepts[i]`` (text i's class)
-    lets the offline labels name a mode by the concept its exemplars share."""
+    lets the offline labels name a mode by the concept its exemplars share. With an LLM,
+    ``config.concurrency`` requests are in flight; finished neurons are kept in ``partial`` (a
+    killed run resumes from there); ``progress`` shows the estimate, a live bar and the usage."""
     exemplars = scaled_config(len(texts), seed)
     roles, llm = roles_for(config, lm, cache_dir)
     records: list[NeuronRecord] = []
@@ -127,12 +135,22 @@ def explain_site(
             batch_size=batch_size,
             concepts=concepts,
         )
-    results = explain_records(records, roles, rounds=config.rounds)
+    schedule = Schedule(
+        llm.concurrency if llm is not None else 1,  # offline: sequential (see explain_records)
+        partial,
+        json.dumps(config.result_inputs(), sort_keys=True),
+        progress,
+        config.prices,
+        llm,
+    )
+    results = explain_records(records, roles, rounds=config.rounds, schedule=schedule)
     shown = "offline (lexical baseline)" if config.backend == "offline" else config.backend
-    scored_by = {
+    scored_by: dict[str, Any] = {
         "simulator": getattr(roles.simulator, "name", config.simulator_name),
         "judges": [j for j in (getattr(roles.judge, "name", None), JUDGE_NAME) if j],
     }
+    if llm is not None:  # what this process asked (a resumed run: only the rest)
+        scored_by["llm_usage"] = llm.stats.to_dict()
     return Explained(
         {**(metadata or {}), "backend": shown, **scored_by},
         {e.neuron: e for e in results},
@@ -149,16 +167,23 @@ def explain_records(
     single_pass_k: int | None = None,
     on_result: Callable[[NeuronExplanation], None] | None = None,
     semantic: bool = True,
+    schedule: Schedule | None = None,
 ) -> list[NeuronExplanation]:
     """Run NeuronScope + the single-pass baseline (from the top ``single_pass_k`` exemplars; all
-    top exemplars by default) on each record; then (``semantic``) every method is scored by the
-    embedding judge with its mismatched control (:mod:`rangelens.explain.semantic`)."""
-    out = []
-    for record in records:
-        result = explain_record(record, roles, rounds=rounds, single_pass_k=single_pass_k)
-        if on_result is not None:
-            on_result(result)
-        out.append(result)
+    top exemplars by default) on each record, ``schedule.concurrency`` neurons at once (results
+    in the records' order and the same at any concurrency; see :mod:`.schedule`), ``on_result``
+    called as each finishes; then (``semantic``) every method is scored by the embedding judge
+    with its mismatched control (:mod:`rangelens.explain.semantic`). The offline roles run one
+    neuron at a time: on two cores, threads made them no faster (``benchmarks/RESULTS.md``)."""
+    schedule = schedule or Schedule()
+    context = json.dumps([schedule.context, roles_identity(roles), rounds, single_pass_k])
+    out = run_neurons(
+        records,
+        lambda record: explain_record(record, roles, rounds=rounds, single_pass_k=single_pass_k),
+        replace(schedule, context=context),
+        rounds=rounds,
+        on_result=on_result,
+    )
     if semantic and out:
         judge_semantics(out, records, SemanticJudge(getattr(roles.clusterer, "embedder", None)))
     return out

@@ -20,7 +20,7 @@ from typing import Any, get_args
 
 from rangelens.config.explain import SimulatorName
 from rangelens.errors import RangelensError, choices
-from rangelens.explain.clients import LLM, Message, ReplyError, parallel_map
+from rangelens.explain.clients import LLM, Message, ReplyError
 from rangelens.explain.lexical import plain_text
 from rangelens.explain.llm_scoring import LLMJudge, LLMSimulator
 from rangelens.explain.prompts import (
@@ -33,7 +33,7 @@ from rangelens.explain.prompts import (
     show_record,
 )
 from rangelens.explain.records import ActivationRecord, NeuronRecord
-from rangelens.explain.roles import Component, FailureLog, Mode, Roles
+from rangelens.explain.roles import Component, FailureLog, Mode, Roles, traced_map
 
 
 def phrase_components(phrases: Sequence[str], explanation: str = "") -> list[Component]:
@@ -120,7 +120,7 @@ class LLMDecomposer:
         scale = _scale(record)
         recs = [r for r in record.top if r.max_activation >= record.threshold][: self.n_exemplars]
 
-        def one(rec: ActivationRecord) -> list[Component]:
+        def one(rec: ActivationRecord, log: FailureLog) -> list[Component]:
             prompt = (
                 f"{show_record(rec, 'exemplar', scale)}\n\nWhich short words or phrases of this "
                 "text, around the marked tokens, make the neuron fire? Reply with a JSON object "
@@ -132,7 +132,7 @@ class LLMDecomposer:
                 lambda d: [check_phrase(s) for s in _strings(d, "components", 1, 6)],
                 role="decomposer",
                 target=f"text {rec.text_index}",
-                trace=trace,
+                trace=log,
                 prefill='{"components": ["',
             )
             comps = phrase_components(found or [])
@@ -141,8 +141,8 @@ class LLMDecomposer:
             return comps
 
         merged: dict[str, Component] = {}
-        for comps in parallel_map(self.llm.max_concurrency, one, recs):
-            for c in comps:  # type: ignore[attr-defined]
+        for comps in traced_map(self.llm.fan_out, one, recs, trace):
+            for c in comps:
                 if c.key in merged:
                     merged[c.key].sources += c.sources
                 else:
@@ -234,7 +234,7 @@ class LLMExplainer:
     def explain(self, modes: list[Mode], record: NeuronRecord, trace: FailureLog) -> list[Mode]:
         by_index = {r.text_index: r for r in record.explain_set}
 
-        def one(mode: Mode) -> Mode:
+        def one(mode: Mode, log: FailureLog) -> Mode:
             sources = dict.fromkeys(s for c in mode.components for s in c.sources)
             shown = [by_index[s] for s in sources if s in by_index][: self.n_shown]
             comps = ", ".join(c.text for c in mode.components)
@@ -244,7 +244,7 @@ class LLMExplainer:
                 + delimit(comps, "components")
                 + f"\nWhat does this group respond to? {_EXPLAIN_FORMAT}"
             )
-            got = self._ask(prompt, f"mode {mode.label!r}", trace)
+            got = self._ask(prompt, f"mode {mode.label!r}", log)
             if got is None:
                 return Mode(mode.label, comps, mode.components)
             text, keywords = got
@@ -254,8 +254,7 @@ class LLMExplainer:
                 phrase_components([c.text for c in mode.components] + keywords, text),
             )
 
-        out = parallel_map(self.llm.max_concurrency, one, modes)
-        return [m for m in out if isinstance(m, Mode)]
+        return traced_map(self.llm.fan_out, one, modes, trace)
 
     def explain_top(self, record: NeuronRecord, k: int, trace: FailureLog) -> Mode:
         shown, _, _ = contrast_sets(record, min(k, self.n_shown + 2), self.n_negative)

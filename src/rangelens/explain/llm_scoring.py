@@ -35,11 +35,10 @@ from rangelens.explain.clients import (
     Message,
     ReplyError,
     TokenLogprobs,
-    parallel_map,
 )
 from rangelens.explain.lexical import plain_text, render
 from rangelens.explain.prompts import delimit, mark_tokens
-from rangelens.explain.roles import FailureLog
+from rangelens.explain.roles import FailureLog, traced_map
 
 TOP_LOGPROBS = 10
 _WHITESPACE_SHOWN = ("⏎", "␣", "", "\\n", "\\n\\n", "\\t")
@@ -243,7 +242,7 @@ class LLMSimulator:
     def simulate(
         self, explanation: str, texts: Sequence[Sequence[str]], trace: FailureLog
     ) -> list[np.ndarray | None]:
-        def one(item: tuple[int, Sequence[str]]) -> np.ndarray | None:
+        def one(item: tuple[int, Sequence[str]], log: FailureLog) -> np.ndarray | None:
             index, tokens = item
 
             def validate(reply: Completion) -> np.ndarray:
@@ -277,10 +276,10 @@ class LLMSimulator:
                     max_tokens=8 * len(tokens) + 32,
                 )
             if got is None:
-                trace.fail("simulator", f"text {index}", error, self.llm.attempts)
+                log.fail("simulator", f"text {index}", error, self.llm.attempts)
             return got
 
-        out = parallel_map(self.llm.max_concurrency, one, list(enumerate(texts)))
+        out = traced_map(self.llm.fan_out, one, list(enumerate(texts)), trace)
         return [o if isinstance(o, np.ndarray) else None for o in out]
 
 
@@ -337,7 +336,7 @@ class LLMJudge:
             question, role = FUZZING_QUESTION, "fuzzing"
             bodies = [mark_tokens(t, m) for t, m in zip(texts, highlights, strict=True)]
 
-        def one(item: tuple[int, str]) -> float | None:
+        def one(item: tuple[int, str], log: FailureLog) -> float | None:
             index, body = item
             user = (
                 f"Explanation of the neuron:\n{delimit(explanation, 'explanation')}\n\n"
@@ -355,8 +354,8 @@ class LLMJudge:
                 feedback=False,
             )
             if got is None:
-                trace.fail(role, f"text {index}", error, self.llm.attempts)
+                log.fail(role, f"text {index}", error, self.llm.attempts)
             return got
 
-        out = parallel_map(self.llm.max_concurrency, one, list(enumerate(bodies)))
+        out = traced_map(self.llm.fan_out, one, list(enumerate(bodies)), trace)
         return [o if isinstance(o, float) else None for o in out]

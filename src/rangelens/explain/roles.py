@@ -13,9 +13,9 @@ exemplars. Offline implementations live in :mod:`rangelens.explain.offline` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from rangelens.explain.records import ActivationRecord, NeuronRecord
 from rangelens.explain.scoring import CorrelationScorer
 
 ComponentKind = Literal["token", "bigram", "after", "phrase"]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def normalize(token: str) -> str:
@@ -92,6 +94,29 @@ class FailureLog:
 
     def fail(self, role: str, target: str, error: str, attempts: int) -> None:
         self.failures.append(StepFailure(role, target, error, attempts))
+
+
+FanOut = Callable[[Callable[[T], Any], Sequence[T]], list[Any]]
+
+
+def traced_map(
+    fan_out: FanOut[T],
+    fn: Callable[[T, FailureLog], R],
+    items: Sequence[T],
+    trace: FailureLog,
+) -> list[R]:
+    """``fn(item, log)`` over ``items`` through ``fan_out`` (in parallel, results in order, e.g.
+    :meth:`rangelens.explain.clients.LLM.fan_out`), each item's failures added to ``trace`` in
+    item order: the log does not depend on which reply came back first."""
+
+    def one(item: T) -> tuple[R, FailureLog]:
+        log = FailureLog()
+        return fn(item, log), log
+
+    out = fan_out(one, items)
+    for _, log in out:
+        trace.failures += log.failures
+    return [value for value, _ in out]
 
 
 def explanation_text(modes: Sequence[Mode]) -> str:

@@ -25,6 +25,7 @@ from rangelens.erasure.outputs import ErasureResult
 from rangelens.erasure.protocol import check_protocol
 from rangelens.errors import RangelensError
 from rangelens.explain.results import Explained, save_results
+from rangelens.explain.schedule import PartialResults
 from rangelens.pipeline.runner import Runner, StageEvent
 from rangelens.pipeline.stages import (
     Inputs,
@@ -160,6 +161,7 @@ def explain_run(
     overrides: dict[str, Any] | None = None,
     *,
     report: Report | None = None,
+    progress: bool = False,
 ) -> Explained:
     """The explanations stage of an existing run (``RUN_DIR/explanations``), reused when current.
     ``overrides`` change what is read (model, dataset, site, ...; default: the run's)."""
@@ -177,7 +179,7 @@ def explain_run(
                     f"(`rangelens analyze --out {where.root}`)"
                 )
             runner.fingerprints[name] = fp
-        inputs = Inputs(where, analysis, None, progress=False)
+        inputs = Inputs(where, analysis, None, progress=progress)
         headline = RangeMap.load(where.ranges)  # only the map the neurons come from
         return runner(explanations_stage(inputs, headline, config))
 
@@ -189,9 +191,11 @@ def explain_into(
     run_dir: str | Path | None = None,
     *,
     force: bool = False,
+    progress: bool = False,
 ) -> Explained:
     """Explanations written to ``out`` (not a stage of a run): of any model and site given by
-    ``read``, or of a run's (``run_dir``: its recorded inputs, its salient neurons and ranges)."""
+    ``read``, or of a run's (``run_dir``: its recorded inputs, its salient neurons and ranges).
+    Finished neurons are kept in ``.OUT-partial`` beside it until ``out`` is written (resume)."""
     where = RunDir(run_dir) if run_dir is not None else None
     if where is not None:
         where.require()
@@ -202,7 +206,11 @@ def explain_into(
     lm = load_model(inputs.model, device=inputs.device, dtype=inputs.dtype)
     headline = RangeMap.load(where.ranges) if where is not None else None
     out = Path(out)
-    explained = explain_with(lm, inputs, config, headline, out.parent / f".{out.name}-llm-cache")
+    partial = out.parent / f".{out.name}-partial"
+    cache = out.parent / f".{out.name}-llm-cache"
+    explained = explain_with(
+        lm, inputs, config, headline, cache, partial=partial, progress=progress
+    )
     save_results(
         out,
         list(explained.records.values()),
@@ -210,6 +218,7 @@ def explain_into(
         explained.metadata,
         force=force,
     )
+    PartialResults.remove(partial)
     return explained
 
 

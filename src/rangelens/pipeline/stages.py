@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rangelens.activations.distributed import local_device
+from rangelens.activations.distributed import is_main, local_device
 from rangelens.activations.models import LoadedModel, load_model
 from rangelens.activations.sites import resolve_site
 from rangelens.config.analysis import AnalysisConfig
@@ -24,6 +24,7 @@ from rangelens.erasure.protocol import SPLIT_INPUTS, ErasureProtocol
 from rangelens.errors import RangelensError
 from rangelens.explain.api import explain_site
 from rangelens.explain.results import Explained, load_explained
+from rangelens.explain.schedule import PartialResults
 from rangelens.pipeline.runner import Stage
 from rangelens.ranges.captured import CaptureResult, load_capture, run_capture, save_capture
 from rangelens.ranges.fit import FeatureSource, FittedRanges, fit_rangeset, load_ranges
@@ -178,9 +179,13 @@ def explain_with(
     config: ExplainConfig,
     headline: RangeMap | None,
     cache_dir: Path,
+    *,
+    partial: Path | None = None,
+    progress: bool = False,
 ) -> Explained:
     """Explain ``config.neurons``, else a concept's ranges or the ``top_k`` most salient neurons of
-    ``headline`` (a run's map), at ``read``'s site on ``config.texts_per_class`` texts per class."""
+    ``headline`` (a run's map), at ``read``'s site on ``config.texts_per_class`` texts per class;
+    finished neurons are kept in ``partial`` until the caller saves the whole (resume)."""
     site = resolve_site(lm.model, read.site, read.layer)
     data = read.load_data(max_per_class=config.texts_per_class, balance=False)
     ranges = []
@@ -203,6 +208,8 @@ def explain_with(
         cache_dir=cache_dir,
         metadata={**meta, **({"concept": config.concept} if config.concept else {})},
         concepts=[data.label_names[int(i)] for i in data.labels],
+        partial=partial,
+        progress=progress,
     )
 
 
@@ -211,16 +218,22 @@ def explanations_stage(run: Inputs, headline: RangeMap, config: ExplainConfig) -
     ranges) explained at the analysed site (see :func:`explain_with`)."""
     a = run.analysis
     cache = run.run_dir.root / ".explanations-llm-cache"
+    # finished neurons, kept until the stage is saved (torchrun workers other than rank 0 keep none)
+    partial = run.run_dir.root / ".explanations-partial" if is_main() else None
 
     def compute() -> Explained:
-        return explain_with(run.lm, a, config, headline, cache)
+        return explain_with(
+            run.lm, a, config, headline, cache, partial=partial, progress=run.progress
+        )
 
     def save(explained: Explained, directory: Path) -> None:
         explained.save(directory)
+        if partial is not None:
+            PartialResults.remove(partial)
 
     read = {k: getattr(a, k) for k in FROM_RUN}
     read.update(model=input_digest(a.model), dataset=input_digest(a.dataset), seed=a.seed)
-    inputs = [config.model_dump(), read]
+    inputs = [config.result_inputs(), read]
     return Stage(
         "explanations", inputs, compute, save, load_explained, upstream=("capture", "ranges")
     )

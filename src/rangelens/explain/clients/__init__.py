@@ -11,7 +11,7 @@ from rangelens.explain.clients.base import (
     Message,
     ReplyError,
     TokenLogprobs,
-    parallel_map,
+    Usage,
 )
 from rangelens.explain.clients.cache import ResponseCache
 from rangelens.explain.clients.runner import LLM, LLMStats
@@ -38,6 +38,6 @@ __all__ = [
     "ResponseCache",
     "TokenLogprobs",
     "TransformersClient",
+    "Usage",
     "load_chat_model",
-    "parallel_map",
 ]

@@ -8,15 +8,13 @@ caller's schema, an oversized reply) is a :class:`ReplyError` with a ``kind``; a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from rangelens.errors import RangelensError
 
 Message = dict[str, str]
-T = TypeVar("T")
 FailureKind = Literal["timeout", "http", "malformed", "empty", "too_large", "invalid"]
 
 
@@ -43,19 +41,47 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Tokens one request cost: as the server counted them (its ``usage``), or, where it sends
+    none, estimated as characters / 4 (``estimated``)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+    @classmethod
+    def guess(cls, messages: Sequence[Message], reply: str) -> Usage:
+        """The characters / 4 estimate of a request and its reply."""
+        sent = sum(len(m.get("content", "")) for m in messages)
+        return cls(-(-sent // 4), -(-len(reply) // 4), estimated=True)
+
+
+@dataclass(frozen=True)
 class Completion:
-    """A reply's text; ``logprobs`` per generated token when requested and returned, else None."""
+    """A reply's text; ``logprobs`` per generated token when requested and returned, else None;
+    ``usage`` its token counts where the backend reports them (never part of a cache key)."""
 
     text: str
     logprobs: list[TokenLogprobs] | None = None
+    usage: Usage | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        lps = self.logprobs
+        return {  # by hand: asdict deep-copies every log-probability, per request
+            "text": self.text,
+            "logprobs": None if lps is None else [{"token": t.token, "top": t.top} for t in lps],
+            "usage": None if self.usage is None else asdict(self.usage),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Completion:
         lps = data.get("logprobs")
-        return cls(str(data["text"]), None if lps is None else [TokenLogprobs(**t) for t in lps])
+        usage = data.get("usage")
+        return cls(
+            str(data["text"]),
+            None if lps is None else [TokenLogprobs(**t) for t in lps],
+            None if usage is None else Usage(**usage),
+        )
 
 
 class LLMClient(Protocol):
@@ -66,7 +92,9 @@ class LLMClient(Protocol):
     def identity(self) -> str: ...
 
     @property
-    def max_concurrency(self) -> int: ...
+    def max_concurrency(self) -> int:
+        """Requests the backend serves at once (the most :class:`LLM` keeps in flight)."""
+        ...
 
     @property
     def supports_prefill(self) -> bool:
@@ -79,15 +107,3 @@ class LLMClient(Protocol):
         """One request; raises :class:`ReplyError` (counted, retried by :class:`LLM`) or
         :class:`LLMUnavailable` (fatal)."""
         ...
-
-
-def parallel_map(concurrency: int, fn: Callable[[T], object], items: Sequence[T]) -> list[object]:
-    """``fn`` over ``items`` with at most ``concurrency`` in flight, results in order; the first
-    exception cancels the items not yet started and is raised."""
-    if concurrency <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    pool = ThreadPoolExecutor(max_workers=concurrency)
-    try:
-        return list(pool.map(fn, items))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

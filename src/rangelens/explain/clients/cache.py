@@ -38,4 +38,6 @@ class ResponseCache:
             return None
 
     def put(self, key: str, identity: str, reply: Completion) -> None:
-        write_text(self._path(key), json.dumps({"client": identity, "reply": reply.to_dict()}))
+        """Keep ``reply`` (atomically, without fsync: an entry a power cut loses is asked again)."""
+        payload = json.dumps({"client": identity, "reply": reply.to_dict()})
+        write_text(self._path(key), payload, durable=False)

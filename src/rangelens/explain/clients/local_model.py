@@ -12,7 +12,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rangelens.activations.models import LoadedModel, load_model
 from rangelens.errors import RangelensError
-from rangelens.explain.clients.base import Completion, Message, ReplyError, TokenLogprobs
+from rangelens.explain.clients.base import Completion, Message, ReplyError, TokenLogprobs, Usage
 
 
 class _JSONComplete(StoppingCriteria):
@@ -99,8 +99,9 @@ class TransformersClient:
         text = prefix + str(tok.decode(ids, skip_special_tokens=True))
         if not text.strip():
             raise ReplyError("model generated an empty reply", "empty")
+        usage = Usage(int(start), len(ids))
         if not top_logprobs:
-            return Completion(text)
+            return Completion(text, usage=usage)
         steps = []
         special = set(tok.all_special_ids)
         for i, logits in zip(ids.tolist(), out.logits, strict=False):
@@ -114,7 +115,7 @@ class TransformersClient:
             steps.append(TokenLogprobs(chosen, top))
         if prefix:
             steps.insert(0, TokenLogprobs(prefix, {prefix: 0.0}))
-        return Completion(text, steps)
+        return Completion(text, steps, usage)
 
 
 def load_chat_model(name_or_path: str) -> LoadedModel:

@@ -24,7 +24,18 @@ from rangelens.explain.clients.base import (
     Message,
     ReplyError,
     TokenLogprobs,
+    Usage,
 )
+
+
+def _usage(reply: Any, messages: Sequence[Message], text: str) -> Usage:
+    """The reply's ``usage`` as the server counted it, else the characters / 4 estimate."""
+    usage = getattr(reply, "usage", None)
+    sent = getattr(usage, "prompt_tokens", None)
+    got = getattr(usage, "completion_tokens", None)
+    if isinstance(sent, int) and isinstance(got, int):
+        return Usage(sent, got)
+    return Usage.guess(messages, text)
 
 
 def _logprobs(choice: Any) -> list[TokenLogprobs] | None:
@@ -210,4 +221,6 @@ class OpenAIClient:
         text = getattr(message, "content", None)
         if not isinstance(text, str) or not text.strip():
             raise ReplyError("server returned an empty reply", "empty")
-        return Completion(text, _logprobs(choices[0]) if top_logprobs else None)
+        return Completion(
+            text, _logprobs(choices[0]) if top_logprobs else None, _usage(reply, messages, text)
+        )

@@ -1,14 +1,18 @@
-"""The validated-reply runner every LLM role calls: retries, failure counts by kind, the cache.
+"""The validated-reply runner every LLM role calls: retries, failure counts by kind, the cache, and
+the one limit on requests in flight.
 
 :class:`LLM` retries a :class:`ReplyError`, counts it, and caches only replies that validated, so a
-re-run after fixing the server asks again.
+re-run after fixing the server asks again. Every request of every role and every neuron passes
+through :meth:`LLM.ask`, where a semaphore keeps at most ``client.max_concurrency`` in flight; a
+role step fans out on the LLM's shared threads (:meth:`LLM.fan_out`), made once, not per step.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -19,22 +23,34 @@ from rangelens.explain.clients.base import (
     LLMUnavailable,
     Message,
     ReplyError,
+    Usage,
 )
 from rangelens.explain.clients.cache import ResponseCache
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
 class LLMStats:
     """What an :class:`LLM` did: steps (one validated answer wanted each), failed steps, requests
-    sent, cache hits, and failed attempts by kind (timeout, http, malformed, empty, invalid)."""
+    sent, cache hits, failed attempts by kind (timeout, http, malformed, empty, invalid), and the
+    tokens of the replies received (``estimated_requests`` of them counted as characters / 4, the
+    server having sent no ``usage``)."""
 
     steps: int = 0
     failed_steps: int = 0
     requests: int = 0
     cache_hits: int = 0
     failed_attempts: Counter[str] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_requests: int = 0
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts of every kind."""
+        return sum(self.failed_attempts.values())
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.failed_attempts.items())) or "none"
@@ -71,13 +87,34 @@ class LLM:
         self.attempts = attempts
         self.give_up_after = give_up_after
         self.stats = LLMStats()
+        self.in_flight = 0  # requests sent and not yet answered
+        self._slots = threading.BoundedSemaphore(self.concurrency)
+        self._threads: ThreadPoolExecutor | None = None  # made on the first fan-out
         self._lock = threading.Lock()
         self._server_failures = 0  # consecutive steps lost to the server (not to the model)
         self._last_error = ""
 
     @property
-    def max_concurrency(self) -> int:
-        return self.client.max_concurrency
+    def concurrency(self) -> int:
+        """The most requests in flight at once, across every role and neuron."""
+        return max(1, self.client.max_concurrency)
+
+    def fan_out(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items``, results in order, on this LLM's shared threads (``concurrency``
+        of them, made once): the requests of a role step queue for the same slots as every other
+        neuron's. ``fn`` asks, it must not fan out again (it would wait for threads it holds).
+        The first error is raised; items not yet started are dropped."""
+        if self.concurrency <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.concurrency, "rangelens-llm")
+        futures = [self._threads.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
 
     @property
     def supports_prefill(self) -> bool:
@@ -123,9 +160,7 @@ class LLM:
             self._count(requests=1)
             reply: Completion | None = None
             try:
-                reply = self.client.complete(
-                    convo + start, top_logprobs=top_logprobs, max_tokens=max_tokens
-                )
+                reply = self._send(convo + start, top_logprobs, max_tokens)
                 value = validate(reply)
             except ReplyError as err:
                 error, kind = f"{err.kind}: {err}", err.kind
@@ -151,6 +186,27 @@ class LLM:
             self._last_error = error
         self._check_alive()
         return None, error
+
+    def _send(
+        self, messages: list[Message], top_logprobs: int, max_tokens: int | None
+    ) -> Completion:
+        """One request, once a slot is free; its tokens counted."""
+        with self._slots:
+            with self._lock:
+                self.in_flight += 1
+            try:
+                reply = self.client.complete(
+                    messages, top_logprobs=top_logprobs, max_tokens=max_tokens
+                )
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+        usage = reply.usage or Usage.guess(messages, reply.text)
+        with self._lock:
+            self.stats.prompt_tokens += usage.prompt_tokens
+            self.stats.completion_tokens += usage.completion_tokens
+            self.stats.estimated_requests += usage.estimated
+        return reply
 
     def _check_alive(self) -> None:
         if self._server_failures >= self.give_up_after:
