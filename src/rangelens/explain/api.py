@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
+from rangelens.activations.capture import Activations
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import NeuronSite
 from rangelens.config.explain import Backend, ExplainConfig, LLMOptions
@@ -102,11 +103,13 @@ def explain_site(
     cache_dir: Path,
     metadata: dict[str, Any] | None = None,
     concepts: Sequence[str] | None = None,
+    activations: Activations | None = None,
 ) -> Explained:
     """Explain ``neurons`` of ``site`` (or, with ``ranges``, each concept range: in-range tokens
     are the positive set) on ``texts``, with the exemplar pools sized to the texts, the loop run
     ``config.rounds`` times, and the roles ``config`` asks for; ``concepts[i]`` (text i's class)
-    lets the offline labels name a mode by the concept its exemplars share."""
+    lets the offline labels name a mode by the concept its exemplars share. ``activations``: the
+    texts' per-token activations at ``site`` when already captured (else one capture pass)."""
     exemplars = scaled_config(len(texts), seed)
     roles, llm = roles_for(config, lm, cache_dir)
     records: list[NeuronRecord] = []
@@ -126,6 +129,7 @@ def explain_site(
             max_length=max_length,
             batch_size=batch_size,
             concepts=concepts,
+            activations=activations,
         )
     results = explain_records(records, roles, rounds=config.rounds)
     shown = "offline (lexical baseline)" if config.backend == "offline" else config.backend

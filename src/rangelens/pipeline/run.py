@@ -35,7 +35,7 @@ from rangelens.pipeline.stages import (
     ranges_stage,
     splits_stage,
 )
-from rangelens.ranges.captured import CaptureResult, load_capture
+from rangelens.ranges.captured import CaptureResult, load_capture, load_tokens
 from rangelens.ranges.fit import FittedRanges, load_ranges
 from rangelens.ranges.maps import RangeMap
 from rangelens.report.atlas import atlas_is_current, build_atlas
@@ -124,7 +124,7 @@ def run(
             erasure = runner(erasure_stage(inputs, cap, fitted, progress=progress))
         explained = None
         if config.explain is not None:
-            runner(explanations_stage(inputs, fitted.range_map, config.explain))
+            runner(explanations_stage(inputs, fitted.range_map, config.explain, cap.tokens))
             explained = run_dir.explanations
         built = _atlas(run_dir, runner) if atlas and writer else None
     return RunResult(
@@ -179,7 +179,8 @@ def explain_run(
             runner.fingerprints[name] = fp
         inputs = Inputs(where, analysis, None, progress=False)
         headline = RangeMap.load(where.ranges)  # only the map the neurons come from
-        return runner(explanations_stage(inputs, headline, config))
+        tokens = load_tokens(where.capture)
+        return runner(explanations_stage(inputs, headline, config, tokens))
 
 
 def explain_into(
@@ -202,7 +203,9 @@ def explain_into(
     lm = load_model(inputs.model, device=inputs.device, dtype=inputs.dtype)
     headline = RangeMap.load(where.ranges) if where is not None else None
     out = Path(out)
-    explained = explain_with(lm, inputs, config, headline, out.parent / f".{out.name}-llm-cache")
+    tokens = load_tokens(where.capture) if where is not None else None
+    cache = out.parent / f".{out.name}-llm-cache"
+    explained = explain_with(lm, inputs, config, headline, cache, tokens)
     save_results(
         out,
         list(explained.records.values()),

@@ -25,7 +25,14 @@ from rangelens.errors import RangelensError
 from rangelens.explain.api import explain_site
 from rangelens.explain.results import Explained, load_explained
 from rangelens.pipeline.runner import Stage
-from rangelens.ranges.captured import CaptureResult, load_capture, run_capture, save_capture
+from rangelens.ranges.captured import (
+    CaptureResult,
+    TokenSample,
+    load_capture,
+    run_capture,
+    sample_about,
+    save_capture,
+)
 from rangelens.ranges.fit import FeatureSource, FittedRanges, fit_rangeset, load_ranges
 from rangelens.ranges.maps import RangeMap
 from rangelens.ranges.splits import Splits, default_splits
@@ -178,11 +185,16 @@ def explain_with(
     config: ExplainConfig,
     headline: RangeMap | None,
     cache_dir: Path,
+    tokens: TokenSample | None = None,
 ) -> Explained:
     """Explain ``config.neurons``, else a concept's ranges or the ``top_k`` most salient neurons of
-    ``headline`` (a run's map), at ``read``'s site on ``config.texts_per_class`` texts per class."""
+    ``headline`` (a run's map), at ``read``'s site on ``config.texts_per_class`` texts per class.
+    Their per-token activations come from ``tokens`` (a run's capture) when it holds these texts
+    at this site, model, max_length and dtype; otherwise from a capture pass of their own."""
     site = resolve_site(lm.model, read.site, read.layer)
     data = read.load_data(max_per_class=config.texts_per_class, balance=False)
+    about = sample_about(input_digest(read.model), site.name, read.max_length, read.dtype)
+    stored = tokens.activations_for(data, about) if tokens is not None else None
     ranges = []
     if config.concept is not None and headline is not None:
         ranges = headline.ranges(config.concept)[: config.top_k]
@@ -203,17 +215,21 @@ def explain_with(
         cache_dir=cache_dir,
         metadata={**meta, **({"concept": config.concept} if config.concept else {})},
         concepts=[data.label_names[int(i)] for i in data.labels],
+        activations=stored,
     )
 
 
-def explanations_stage(run: Inputs, headline: RangeMap, config: ExplainConfig) -> Stage[Explained]:
+def explanations_stage(
+    run: Inputs, headline: RangeMap, config: ExplainConfig, tokens: TokenSample | None = None
+) -> Stage[Explained]:
     """The top salient neurons of the run's ``headline`` map (or ``config.neurons`` / a concept's
-    ranges) explained at the analysed site (see :func:`explain_with`)."""
+    ranges) explained at the analysed site (see :func:`explain_with`; ``tokens``: the capture's
+    sample, read instead of running the model again)."""
     a = run.analysis
     cache = run.run_dir.root / ".explanations-llm-cache"
 
     def compute() -> Explained:
-        return explain_with(run.lm, a, config, headline, cache)
+        return explain_with(run.lm, a, config, headline, cache, tokens)
 
     def save(explained: Explained, directory: Path) -> None:
         explained.save(directory)
