@@ -132,7 +132,9 @@ def test_explaining_another_layer_runs_its_own_capture(
     tmp_path: Path, corpus: Path, tiny_model_dir: Path
 ) -> None:
     lm = load_model(str(tiny_model_dir))
-    path = _config(tmp_path, corpus, tiny_model_dir, {"top_k": 1, "rounds": 0, "texts_per_class": 12})
+    path = _config(
+        tmp_path, corpus, tiny_model_dir, {"top_k": 1, "rounds": 0, "texts_per_class": 12}
+    )
     result = run(load_config(path), lm=lm, progress=False)
     tokens = load_capture(tmp_path / "run" / "capture").tokens
     config, headline = load_config(path).explain, result.analysis.range_map

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rangelens.activations.hooks import TraceDict, stop_forward
-from rangelens.activations.models import LoadedModel
+from rangelens.activations.models import LoadedModel, input_device
 from rangelens.activations.sites import NeuronSite
 from rangelens.errors import RangelensError, choices
 
@@ -157,10 +157,10 @@ def position_ids(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor
 
 
 def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]:
-    """Forward kwargs on the model's device, with position ids derived from the attention mask
+    """Forward kwargs on the device of the model's embedding, with position ids derived from the attention mask
     (see :func:`position_ids`); models without a ``position_ids`` argument get right-padded batches
     from :func:`tokenize`, where columns equal positions."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     kwargs = {
         "input_ids": batch.input_ids.to(device),
         "attention_mask": batch.attention_mask.to(device),

@@ -52,11 +52,27 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device the embedding runs on (see :func:`input_device`)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's input embedding runs on: where its inputs must be. On a model
+    dispatched by accelerate (``device_map``) that is the embedding's execution device, even when
+    its weights are offloaded (on ``meta`` until they are used)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is None:
+        return next(model.parameters()).device
+    hook = getattr(embedding, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    return next(embedding.parameters()).device
 
 
 def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
@@ -134,11 +150,15 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     kind: ModelKind | None = None,
+    device_map: str | dict[str, int | str] | None = None,
 ) -> LoadedModel:
     """Load a built-in model name, a local directory or a Hugging Face hub id, in eval mode.
 
     Decoders load with their LM head (needed for perplexity and prompted classification); encoders as
-    the bare encoder. Padding tokens are set for tokenizers that lack one.
+    the bare encoder. Padding tokens are set for tokenizers that lack one. ``device_map`` (an
+    accelerate strategy such as ``"auto"``, or module name -> device) spreads the model over
+    devices instead of moving it to ``device``; hooks work on it unchanged and inputs go to the
+    embedding's device.
     """
     if dtype not in DTYPES:
         raise RangelensError(f"unknown dtype {dtype!r}; valid: {choices(DTYPES)}")
@@ -167,13 +187,16 @@ def load_model(
     loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
     hf_logging.disable_progress_bar()  # loading local safetensors takes well under a second
     try:
-        model = loader.from_pretrained(path, dtype=DTYPES[dtype])
-    except OSError as err:  # e.g. a directory with config.json but no weights
+        placement: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
+        model = loader.from_pretrained(path, dtype=DTYPES[dtype], **placement)
+    except (OSError, ValueError) as err:  # no weights; a device map that cannot hold the model
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RangelensError(f"model {name_or_path!r} cannot be loaded: {first}") from err
     finally:
         hf_logging.enable_progress_bar()
-    cast(Any, model).to(torch_device).eval()
+    if device_map is None:
+        cast(Any, model).to(torch_device)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

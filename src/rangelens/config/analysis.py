@@ -21,6 +21,7 @@ Position = Literal["last", "first", "cls", "mean", "tokens"]
 Ranking = Literal["dprime", "mean_abs", "probeless", "probe"]
 RangeMethod = Literal["gaussian", "quantile", "density"]
 Dtype = Literal["float32", "bfloat16", "float16"]
+DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]  # accelerate's strategies
 
 
 class Runtime(Options):
@@ -33,6 +34,11 @@ class Runtime(Options):
     )
     device: str = Field("cpu", description="cpu | cuda | cuda:N")
     dtype: Dtype = Field("float32", description="weights and activations dtype")
+    device_map: DeviceMap | None = Field(
+        None,
+        description="spread the model's blocks over every GPU (then CPU) with accelerate, for "
+        "models larger than one device (replaces device)",
+    )
 
 
 class SiteOptions(Options):

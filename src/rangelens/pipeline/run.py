@@ -200,7 +200,9 @@ def explain_into(
     recorded = where.config() if where is not None else {}
     fields = {k: v for k, v in recorded.items() if k in ExplainInputs.model_fields and k != "seed"}
     inputs = ExplainInputs(**{**fields, **(read or {})})
-    lm = load_model(inputs.model, device=inputs.device, dtype=inputs.dtype)
+    lm = load_model(
+        inputs.model, device=inputs.device, dtype=inputs.dtype, device_map=inputs.device_map
+    )
     headline = RangeMap.load(where.ranges) if where is not None else None
     out = Path(out)
     tokens = load_tokens(where.capture) if where is not None else None

@@ -64,7 +64,8 @@ class Inputs:
     @cached_property
     def lm(self) -> LoadedModel:
         a = self.analysis
-        return load_model(a.model, device=local_device(a.device), dtype=a.dtype)
+        device = local_device(a.device)
+        return load_model(a.model, device=device, dtype=a.dtype, device_map=a.device_map)
 
     @cached_property
     def protocol(self) -> ErasureProtocol:
