@@ -30,7 +30,7 @@ def explain_command(given: dict[str, Any], *, force: bool = False, quiet: bool =
         explained = explain_run(run_dir, config, read, report=None if quiet else stage_line)
     else:
         where = Path(out) if out is not None else Path("explanations")
-        explained = explain_into(where, config, read, run_dir, force=force)
+        explained = explain_into(where, config, read, run_dir, force=force, progress=not quiet)
     print_explanations(explained, where)
     if explained.llm is not None:
         report_llm(explained.llm)

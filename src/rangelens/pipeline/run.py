@@ -177,7 +177,7 @@ def explain_run(
                     f"(`rangelens analyze --out {where.root}`)"
                 )
             runner.fingerprints[name] = fp
-        inputs = Inputs(where, analysis, None, progress=False)
+        inputs = Inputs(where, analysis, None, progress=report is not None)  # quiet: no report
         headline = RangeMap.load(where.ranges)  # only the map the neurons come from
         tokens = load_tokens(where.capture)
         return runner(explanations_stage(inputs, headline, config, tokens))
@@ -190,9 +190,11 @@ def explain_into(
     run_dir: str | Path | None = None,
     *,
     force: bool = False,
+    progress: bool = True,
 ) -> Explained:
     """Explanations written to ``out`` (not a stage of a run): of any model and site given by
-    ``read``, or of a run's (``run_dir``: its recorded inputs, its salient neurons and ranges)."""
+    ``read``, or of a run's (``run_dir``: its recorded inputs, its salient neurons and ranges;
+    ``progress``: say so while the model loads)."""
     where = RunDir(run_dir) if run_dir is not None else None
     if where is not None:
         where.require()
@@ -201,7 +203,11 @@ def explain_into(
     fields = {k: v for k, v in recorded.items() if k in ExplainInputs.model_fields and k != "seed"}
     inputs = ExplainInputs(**{**fields, **(read or {})})
     lm = load_model(
-        inputs.model, device=inputs.device, dtype=inputs.dtype, device_map=inputs.device_map
+        inputs.model,
+        device=inputs.device,
+        dtype=inputs.dtype,
+        device_map=inputs.device_map,
+        progress=progress,
     )
     headline = RangeMap.load(where.ranges) if where is not None else None
     out = Path(out)

@@ -65,7 +65,9 @@ class Inputs:
     def lm(self) -> LoadedModel:
         a = self.analysis
         device = local_device(a.device)
-        return load_model(a.model, device=device, dtype=a.dtype, device_map=a.device_map)
+        return load_model(
+            a.model, device=device, dtype=a.dtype, device_map=a.device_map, progress=self.progress
+        )
 
     @cached_property
     def protocol(self) -> ErasureProtocol:
