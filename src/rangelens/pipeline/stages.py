@@ -78,7 +78,8 @@ class Inputs:
 
 
 def capture_stage(run: Inputs, *, progress: bool) -> Stage[CaptureResult]:
-    """One forward per text (stopped after the site): statistics and pooled features."""
+    """One forward per text (stopped after the site): statistics, pooled features and the
+    per-token activations of the texts explanations draw (read by the explanations stage)."""
 
     def check() -> None:  # bad data or sites fail before anything is announced or written
         assert run.data is not None
