@@ -60,7 +60,17 @@ def one(src: Path, out: Path) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def block(results: dict[str, list[dict[str, float]]], old: str, new: str) -> str:
+def compared(runs: Path) -> str:
+    """The verdict of ``compare_runs.py`` on the first old and new runs (by content)."""
+    done = subprocess.run(
+        [sys.executable, str(HERE / "compare_runs.py"), str(runs / "old-0"), str(runs / "new-0")],
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def block(results: dict[str, list[dict[str, float]]], old: str, new: str, verdict: str) -> str:
     rows = []
     for stage in (*STAGES, "total"):
         o = [r.get(stage, 0.0) for r in results["old"]]
@@ -84,6 +94,9 @@ def block(results: dict[str, list[dict[str, float]]], old: str, new: str) -> str
             "| stage | old (s) | new (s) | old / new |",
             "|---|---|---|---|",
             *rows,
+            "",
+            f"`benchmarks/compare_runs.py` on the first old and new run: **{verdict}** (erasure "
+            "figures, every range map, every explanation).",
             END,
         ]
     )
@@ -118,7 +131,8 @@ def main() -> None:
             results[name].append(one(src, args.runs / f"{name}-{r}"))
             print(name, r, json.dumps(results[name][-1]), flush=True)
     (args.runs / "stages.json").write_text(json.dumps(results, indent=1))
-    write_block(args.results, block(results, str(args.old), str(args.new)))
+    verdict = compared(args.runs)
+    write_block(args.results, block(results, str(args.old), str(args.new), verdict))
 
 
 if __name__ == "__main__":

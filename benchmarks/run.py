@@ -45,6 +45,7 @@ from rangelens.provenance import library_versions
 from rangelens.ranges.captured import peak_rss_mb, run_capture
 
 HERE = Path(__file__).resolve().parent
+SECTIONS = ("capture", "intervene", "memory", "suffix", "explain")
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -368,6 +369,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer texts and repeats")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated sections to run; the others keep the figures of --out",
+    )
     args = parser.parse_args()
     if args.memory_child:
         bench_memory_child(args.memory_child)
@@ -377,21 +383,30 @@ def main() -> None:
     lm = load_model("smollm2-135m")
     texts = load_texts("bbc-news", max_per_class=8 if args.quick else 20, seed=0).texts
     middle, last = lm.n_layers // 2, lm.n_layers - 1
-    results = {
-        "capture": {
+    benches: dict[str, Callable[[], object]] = {
+        "capture": lambda: {
             f"block {middle} (middle)": bench_capture(lm, texts, repeats, middle),
             f"block {last} (last)": bench_capture(lm, texts, repeats, last),
         },
-        "intervene": bench_intervene(lm, texts, repeats),
-        "memory": bench_memory([10, 40] if args.quick else [20, 80, 200]),
-        "suffix": bench_suffix(lm, Path(tempfile.mkdtemp(prefix="rangelens-bench-"))),
-        "explain": bench_explain(lm, 3 if args.quick else 10),
+        "intervene": lambda: bench_intervene(lm, texts, repeats),
+        "memory": lambda: bench_memory([10, 40] if args.quick else [20, 80, 200]),
+        "suffix": lambda: bench_suffix(lm, Path(tempfile.mkdtemp(prefix="rangelens-bench-"))),
+        "explain": lambda: bench_explain(lm, 3 if args.quick else 10),
     }
+    chosen = args.sections.split(",")
+    earlier = earlier_results(args.out) if set(chosen) != set(SECTIONS) else {}
+    results = {k: benches[k]() if k in chosen else earlier[k] for k in SECTIONS}
     text = report(results)
     if args.out.exists():
         text += kept(args.out.read_text(), text)
     write_text(args.out, text)
     print(text)
+
+
+def earlier_results(path: Path) -> dict[str, object]:
+    """The figures embedded (as JSON) in an earlier ``RESULTS.md``."""
+    found = re.search(r"```json\n(.*?)\n```", path.read_text(), flags=re.S)
+    return json.loads(found.group(1)) if found else {}
 
 
 def kept(old: str, generated: str) -> str:
