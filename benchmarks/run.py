@@ -2,14 +2,17 @@
 
 Writes ``benchmarks/RESULTS.md`` with the machine, library versions and raw figures. Sections:
 
-- capture: rangelens capture vs a bare `transformers` forward on the same batches,
+- capture: rangelens capture at a middle and the last block vs a bare `transformers` forward on
+  the same batches, a hand-written hook that raises, nnsight and TransformerLens (when installed)
   and a module-tracing dict over the full forward (the NeuronLens reference code's approach);
 - memory: peak RSS of the streaming analysis at 1x, 4x and 10x the examples (separate processes);
 - intervene: hooked vs bare forward for a RangeMask;
 - suffix: the erasure experiment with vs without suffix-only evaluation;
 - explain: offline NeuronScope explanations per minute.
 
-Usage: ``python benchmarks/run.py [--quick]``.
+Usage: ``python benchmarks/run.py [--quick]``; with the peers, from a venv holding them:
+``PYTHONPATH=src /tmp/benchenv/bin/python benchmarks/run.py``. Sections it does not write
+(another benchmark's, ``demo_stages.py``'s marked block) are kept.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,6 +45,7 @@ from rangelens.provenance import library_versions
 from rangelens.ranges.captured import peak_rss_mb, run_capture
 
 HERE = Path(__file__).resolve().parent
+SECTIONS = ("capture", "intervene", "memory", "suffix", "explain")
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -57,7 +62,9 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 def peer_capturers(
     lm: LoadedModel, batches: list[TokenBatch], layer: int
 ) -> dict[str, Callable[[], object]]:
-    """The same last-token capture done with nnsight and TransformerLens, when installed."""
+    """The same last-token capture done with nnsight and TransformerLens, each stopping after
+    block ``layer`` (nnsight ``tracer.stop()``, TransformerLens ``stop_at_layer``), when installed
+    (they live in a separate venv, see :func:`main`)."""
     peers: dict[str, Callable[[], object]] = {}
     try:
         from nnsight import LanguageModel
@@ -67,11 +74,12 @@ def peer_capturers(
         def with_nnsight() -> None:
             for b in batches:
                 inputs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
-                with nn_model.trace(inputs):
+                with nn_model.trace(inputs) as tracer:
                     out = nn_model.model.layers[layer].output.save()
+                    tracer.stop()
                 pool(out[0] if isinstance(out, tuple) else out, b.attention_mask, "last")
 
-        peers["nnsight"] = with_nnsight
+        peers["nnsight (trace, tracer.stop())"] = with_nnsight
     except ImportError:
         pass
     try:
@@ -99,12 +107,20 @@ def peer_capturers(
     return peers
 
 
-def bench_capture(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, dict[str, float]]:
-    """Last-token capture of the last block: tokens/s of each method and its ratio to a bare forward."""
-    site = resolve_site(lm.model, "resid", -1)
+class _Stop(Exception):
+    pass
+
+
+def bench_capture(
+    lm: LoadedModel, texts: list[str], repeats: int, layer: int
+) -> dict[str, dict[str, float]]:
+    """Last-token capture of block ``layer``'s output: tokens/s of each method and its time as a
+    share of a bare full forward (the decoder stack without the LM head)."""
+    site = resolve_site(lm.model, "resid", layer)
     batches = tokenize(lm, texts, batch_size=16, max_length=64)
     n_tokens = sum(b.n_tokens for b in batches)
     base = lm.model.base_model  # the bare decoder stack, without the LM head
+    _, layers = blocks(lm.model)
 
     def bare() -> None:
         with torch.inference_mode():
@@ -114,17 +130,35 @@ def bench_capture(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, 
     def ours() -> None:
         capture(lm, texts, [site], position="last", batch_size=16, max_length=64, progress=False)
 
+    def hook_and_raise() -> None:
+        """By hand: a forward hook on the block that saves its output and raises to stop."""
+        saved: list[torch.Tensor] = []
+
+        def hook(_m: object, _a: object, out: object) -> None:
+            saved.append(out[0] if isinstance(out, tuple) else out)  # type: ignore[arg-type,index]
+            raise _Stop
+
+        handle = layers[site.layer or 0].register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                for b in batches:
+                    try:
+                        lm.model(**model_inputs(lm.model, b))
+                    except _Stop:
+                        pool(saved.pop(), b.attention_mask, "last")
+        finally:
+            handle.remove()
+
     def trace_all() -> None:
         """Reference-code style: a dict of every block's output over the full forward."""
         store: dict[str, torch.Tensor] = {}
-        _, layers = blocks(lm.model)
         handles = [
-            layer.register_forward_hook(
+            block.register_forward_hook(
                 lambda _m, _a, out, i=i: store.__setitem__(
                     str(i), out[0] if isinstance(out, tuple) else out
                 )
             )
-            for i, layer in enumerate(layers)
+            for i, block in enumerate(layers)
         ]
         try:
             with torch.inference_mode():
@@ -135,15 +169,16 @@ def bench_capture(lm: LoadedModel, texts: list[str], repeats: int) -> dict[str, 
                 h.remove()
 
     methods: dict[str, Callable[[], object]] = {
-        "bare transformers forward": bare,
+        "bare transformers forward (all blocks)": bare,
         "rangelens capture": ours,
-        "tracing dict over the full forward (reference code)": trace_all,
+        "hand-written hook and raise": hook_and_raise,
         **peer_capturers(lm, batches, site.layer or 0),
+        "tracing dict over the full forward (reference code)": trace_all,
     }
     seconds = {name: best_of(fn, repeats) for name, fn in methods.items()}
-    t_bare = seconds["bare transformers forward"]
+    t_bare = seconds["bare transformers forward (all blocks)"]
     return {
-        name: {"tokens": n_tokens, "tokens_per_s": n_tokens / t, "vs_bare": t_bare / t}
+        name: {"tokens": n_tokens, "tokens_per_s": n_tokens / t, "time_vs_bare": t / t_bare}
         for name, t in seconds.items()
     }
 
@@ -247,15 +282,16 @@ def table(header: list[str], rows: list[list[object]]) -> list[str]:
     return out + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
 
-def report(results: dict[str, object]) -> str:
-    """RESULTS.md text: environment, then one section per benchmark."""
+def report(results: dict[str, object], rerun: list[str]) -> str:
+    """RESULTS.md text: environment, then one section per benchmark (``rerun``: the sections
+    measured this time; the others are an earlier run's)."""
     env = {
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         **library_versions(),
     }
-    c: dict[str, dict[str, float]] = results["capture"]  # type: ignore[assignment]
+    captures: dict[str, dict[str, dict[str, float]]] = results["capture"]  # type: ignore[assignment]
     i: dict[str, float] = results["intervene"]  # type: ignore[assignment]
     memory: list[dict[str, float]] = results["memory"]  # type: ignore[assignment]
     sfx: dict[str, float] = results["suffix"]  # type: ignore[assignment]
@@ -264,18 +300,41 @@ def report(results: dict[str, object]) -> str:
         "# rangelens benchmarks",
         "",
         "Generated by `python benchmarks/run.py`; ratios are measured side by side in one run.",
+        *(
+            []
+            if set(rerun) == set(SECTIONS)
+            else [
+                "",
+                f"This run measured: {', '.join(rerun)}; the other sections keep the figures "
+                "of an earlier run (on the environment it recorded).",
+            ]
+        ),
         "",
         "## Environment",
         "",
         *(f"- {k}: {v}" for k, v in env.items()),
         "",
-        "## Capture throughput (smollm2-135m, resid -1, last token, batch 16, 64 tokens)",
+        "## Capture throughput (smollm2-135m, 30 blocks, resid at a middle and the last block)",
         "",
-        *table(
-            ["method", "tokens/s", "vs bare forward"],
-            [[name, r["tokens_per_s"], r["vs_bare"]] for name, r in c.items()],
+        "Last-token capture of a block's output, batch 16, 64 tokens, the fastest of the "
+        "repeats; time as a share of a bare forward through all blocks (below 1: faster, by "
+        "stopping after the block). nnsight and TransformerLens run from a separate venv "
+        "(`python -m venv --system-site-packages`, `pip install -c constraints nnsight "
+        "transformer-lens` pinned to this torch and transformers).",
+        "",
+        *(
+            line
+            for where, c in captures.items()
+            for line in [
+                f"### {where}",
+                "",
+                *table(
+                    ["method", "tokens/s", "time / bare forward"],
+                    [[name, r["tokens_per_s"], r["time_vs_bare"]] for name, r in c.items()],
+                ),
+                "",
+            ]
         ),
-        "",
         "## RangeMask overhead (30% of resid neurons at the middle layer, full forward)",
         "",
         f"- bare {i['bare_s']:.2f} s, hooked {i['hooked_s']:.2f} s: "
@@ -315,14 +374,16 @@ def report(results: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-KEPT = "## Explanations at server throughput"  # written from benchmarks/explain_throughput.py
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer texts and repeats")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated sections to run; the others keep the figures of --out",
+    )
     args = parser.parse_args()
     if args.memory_child:
         bench_memory_child(args.memory_child)
@@ -331,19 +392,44 @@ def main() -> None:
     repeats = 2 if args.quick else 3
     lm = load_model("smollm2-135m")
     texts = load_texts("bbc-news", max_per_class=8 if args.quick else 20, seed=0).texts
-    results = {
-        "capture": bench_capture(lm, texts, repeats),
-        "intervene": bench_intervene(lm, texts, repeats),
-        "memory": bench_memory([10, 40] if args.quick else [20, 80, 200]),
-        "suffix": bench_suffix(lm, Path(tempfile.mkdtemp(prefix="rangelens-bench-"))),
-        "explain": bench_explain(lm, 3 if args.quick else 10),
+    middle, last = lm.n_layers // 2, lm.n_layers - 1
+    benches: dict[str, Callable[[], object]] = {
+        "capture": lambda: {
+            f"block {middle} (middle)": bench_capture(lm, texts, repeats, middle),
+            f"block {last} (last)": bench_capture(lm, texts, repeats, last),
+        },
+        "intervene": lambda: bench_intervene(lm, texts, repeats),
+        "memory": lambda: bench_memory([10, 40] if args.quick else [20, 80, 200]),
+        "suffix": lambda: bench_suffix(lm, Path(tempfile.mkdtemp(prefix="rangelens-bench-"))),
+        "explain": lambda: bench_explain(lm, 3 if args.quick else 10),
     }
-    text = report(results)
-    kept = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
-    if KEPT in kept:  # a section another benchmark writes, kept as it is
-        text = text.rstrip("\n") + "\n\n" + kept[kept.index(KEPT) :]
+    chosen = args.sections.split(",")
+    earlier = earlier_results(args.out) if set(chosen) != set(SECTIONS) else {}
+    results = {k: benches[k]() if k in chosen else earlier[k] for k in SECTIONS}
+    text = report(results, chosen)
+    if args.out.exists():
+        text += kept(args.out.read_text(), text)
     write_text(args.out, text)
     print(text)
+
+
+def earlier_results(path: Path) -> dict[str, object]:
+    """The figures embedded (as JSON) in an earlier ``RESULTS.md``."""
+    found = re.search(r"```json\n(.*?)\n```", path.read_text(), flags=re.S)
+    return json.loads(found.group(1)) if found else {}
+
+
+def kept(old: str, generated: str) -> str:
+    """What this script does not write but an earlier ``RESULTS.md`` holds, kept as is: marked
+    blocks (``<!-- NAME:begin -->`` .. ``<!-- NAME:end -->``, e.g. demo_stages.py's) and
+    ``## `` sections whose heading it does not generate (written by other benchmarks)."""
+    marked = r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->"
+    blocks = [m.group(0) for m in re.finditer(marked, old, flags=re.S)]
+    rest = re.sub(marked, "", old, flags=re.S)
+    heads = {line for line in generated.splitlines() if line.startswith("## ")}
+    sections = re.split(r"(?m)^(?=## )", rest)[1:]
+    others = [x.rstrip("\n") for x in sections if x.splitlines()[0] not in heads]
+    return "".join(f"\n{x}\n" for x in [*others, *blocks])
 
 
 if __name__ == "__main__":

@@ -158,7 +158,8 @@ def test_export_round_trips_through_a_folder(small_run: Path, tmp_path: Path) ->
     assert len(shift["range"]["up"]) == 10 and shift["neuron"]["total_variation"] >= 0
     # Per-text activations stay private unless asked for; the run inside loads as a run.
     analysis = rangelens.load_analysis(shared.run_dir)
-    assert analysis.capture.features is None
+    assert analysis.capture.features is None and analysis.capture.tokens is None
+    assert (small_run / "capture" / "tokens.safetensors").is_file()  # the run itself keeps them
     np.testing.assert_array_equal(analysis.range_map.hi, original.hi)
     # `rangelens report OUT` reads the export as the run it holds.
     res = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "atlas")])

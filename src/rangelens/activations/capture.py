@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rangelens.activations.hooks import TraceDict, stop_forward
-from rangelens.activations.models import LoadedModel
+from rangelens.activations.models import LoadedModel, input_device
 from rangelens.activations.sites import NeuronSite
 from rangelens.errors import RangelensError, choices
 
@@ -157,10 +157,10 @@ def position_ids(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor
 
 
 def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]:
-    """Forward kwargs on the model's device, with position ids derived from the attention mask
+    """Forward kwargs on the device of the model's embedding, with position ids derived from the attention mask
     (see :func:`position_ids`); models without a ``position_ids`` argument get right-padded batches
     from :func:`tokenize`, where columns equal positions."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     kwargs = {
         "input_ids": batch.input_ids.to(device),
         "attention_mask": batch.attention_mask.to(device),
@@ -205,11 +205,31 @@ class CaptureBatch:
     n_tokens: int
     token_ids: torch.Tensor | None = None  # (n_tokens,) for tokens
     token_text: np.ndarray | None = None  # (n_tokens,) text index of each token row
+    sampled: CaptureBatch | None = None  # per-token activations of the batch's sampled texts
 
     @property
     def rows(self) -> np.ndarray:
         """Text index of every activation row (one per text, or one per token)."""
         return self.index if self.token_text is None else self.token_text
+
+
+def _per_token(
+    store: Recorded, sites: Sequence[NeuronSite], batch: TokenBatch, keep: np.ndarray
+) -> CaptureBatch:
+    """The activations of every real token of the batch rows ``keep`` (in batch order): the
+    ``tokens`` pooling of those rows alone, from the forward that already ran."""
+    mask = batch.attention_mask[keep]
+    acts = {}
+    for s in sites:
+        hidden = store[s.name]
+        if hidden.ndim == 2 and hidden.shape[0] == batch.attention_mask.numel():  # flattened
+            hidden = hidden.reshape(*batch.attention_mask.shape, hidden.shape[-1])
+        rows = torch.from_numpy(keep).to(hidden.device)
+        acts[s.name] = pool(hidden[rows], mask, "tokens").float().cpu()
+    real = mask.bool()
+    index = batch.index[keep]
+    text = np.repeat(index, real.sum(1).numpy())
+    return CaptureBatch(index, acts, int(mask.sum()), batch.input_ids[keep][real], text)
 
 
 def iter_activations(
@@ -222,8 +242,12 @@ def iter_activations(
     max_length: int = 128,
     padding_side: str | None = None,
     progress: bool = True,
+    sample: np.ndarray | None = None,
 ) -> Iterator[CaptureBatch]:
-    """Yield activations batch by batch (length-grouped order); memory stays one batch."""
+    """Yield activations batch by batch (length-grouped order); memory stays one batch.
+
+    ``sample``: indices of texts whose per-token activations are also yielded
+    (``CaptureBatch.sampled``), read from the same forward whatever ``position`` pools."""
     if position not in POSITIONS:
         raise RangelensError(f"unknown position {position!r}; valid: {choices(POSITIONS)}")
     if not sites:
@@ -232,6 +256,9 @@ def iter_activations(
         lm, texts, batch_size=batch_size, max_length=max_length, padding_side=padding_side
     )
     bar = tqdm(total=len(texts), desc="capture", unit="text", disable=not progress, leave=False)
+    sampled = np.zeros(len(texts), dtype=bool)
+    if sample is not None:
+        sampled[sample] = True
     with torch.inference_mode(), record(lm.model, sites) as store:
         for batch in batches:
             store.clear()
@@ -246,8 +273,10 @@ def iter_activations(
                 real = batch.attention_mask.bool()
                 token_ids = batch.input_ids[real]
                 token_text = np.repeat(batch.index, real.sum(1).numpy())
+            keep = np.flatnonzero(sampled[batch.index])
+            extra = _per_token(store, sites, batch, keep) if len(keep) else None
             bar.update(len(batch.index))
-            yield CaptureBatch(batch.index, acts, batch.n_tokens, token_ids, token_text)
+            yield CaptureBatch(batch.index, acts, batch.n_tokens, token_ids, token_text, extra)
     bar.close()
 
 
@@ -296,11 +325,18 @@ def capture(
         order = np.argsort(np.concatenate([c.index for c in chunks]))
         acts = {n: torch.cat([c.acts[n] for c in chunks]).numpy()[order] for n in names}
         return Activations(acts, position)
-    # Re-order token rows so texts appear in input order, each text's tokens contiguous.
+    return by_text(chunks, names, np.arange(len(texts)))
+
+
+def by_text(chunks: Sequence[CaptureBatch], names: Sequence[str], order: np.ndarray) -> Activations:
+    """Token-level ``chunks`` as :class:`Activations` of the texts ``order`` (text indices, each
+    present in the chunks), in that order, each text's tokens contiguous."""
     text_of = np.concatenate([c.rows for c in chunks])
-    perm = np.argsort(text_of, kind="stable")
-    lengths = np.bincount(text_of, minlength=len(texts))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    rank = np.full(int(max(text_of.max(), order.max())) + 1, -1, dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    key = rank[text_of]
+    perm = np.argsort(key, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=len(order)))])
     acts = {n: torch.cat([c.acts[n] for c in chunks]).numpy()[perm] for n in names}
     ids = torch.cat([c.token_ids for c in chunks if c.token_ids is not None]).numpy()[perm]
-    return Activations(acts, position, ids, offsets)
+    return Activations(acts, "tokens", ids, offsets)

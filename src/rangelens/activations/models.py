@@ -9,11 +9,15 @@ same conversion, cached under a key of the file's content hash.
 from __future__ import annotations
 
 import struct
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast, get_args
 
 import torch
+from rich.markup import escape
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -52,11 +56,52 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device the embedding runs on (see :func:`input_device`)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+@contextmanager
+def working(text: str, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """Say on stderr that a long step is running: a spinner with the elapsed time on a terminal,
+    else one line; yields a function that changes the text. Silent when not ``enabled``."""
+    if not enabled:
+        yield lambda _text: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log: one unwrapped line per step
+
+        def line(new: str) -> None:
+            print(f"{new} ...", file=sys.stderr, flush=True)
+
+        line(text)
+        yield line
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(escape(text), total=None)
+        yield lambda new: progress.update(task, description=escape(new))
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's input embedding runs on: where its inputs must be. On a model
+    dispatched by accelerate (``device_map``) that is the embedding's execution device, even when
+    its weights are offloaded (on ``meta`` until they are used)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is None:
+        return next(model.parameters()).device
+    hook = getattr(embedding, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    return next(embedding.parameters()).device
 
 
 def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
@@ -72,14 +117,16 @@ def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def builtin_model_dir(name: str) -> Path:
-    """Local directory holding the built-in model ``name`` in plain `transformers` format."""
+def builtin_model_dir(name: str, say: Callable[[str], None] = lambda _text: None) -> Path:
+    """Local directory holding the built-in model ``name`` in plain `transformers` format
+    (``say`` hears when a GGUF file is dequantised, a one-time step of a minute or more)."""
     spec = BUILTIN_MODELS[name]
     pkg = package_dir(spec.package, f"built-in model {name!r}")
     if spec.gguf_file is None:
         return pkg / spec.subdir
     dest = cache_dir() / "models" / name
     if not (dest / "config.json").exists():
+        say(f"dequantising {spec.gguf_file} (once; cached in {dest.parent})")
         _convert_gguf(pkg, spec.gguf_file, dest)
     return dest
 
@@ -100,11 +147,12 @@ def gguf_file(path: Path) -> Path | None:
     return found[0] if found else None
 
 
-def gguf_model_dir(file: Path) -> Path:
+def gguf_model_dir(file: Path, say: Callable[[str], None] = lambda _text: None) -> Path:
     """A GGUF checkpoint converted once (dequantised) into the cache, keyed by its content hash."""
     digest = file_digest(file, memo=cache_dir() / "digests.json")
     dest = cache_dir() / "models" / f"gguf-{digest[:16]}"
     if not (dest / "config.json").exists():
+        say(f"dequantising {file.name} (once; cached in {dest.parent})")
         try:
             _convert_gguf(file.parent, file.name, dest)
         except (struct.error, EOFError, IndexError, OverflowError) as err:  # reading past the end
@@ -134,11 +182,16 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     kind: ModelKind | None = None,
+    device_map: str | dict[str, int | str] | None = None,
+    progress: bool = True,
 ) -> LoadedModel:
     """Load a built-in model name, a local directory or a Hugging Face hub id, in eval mode.
 
     Decoders load with their LM head (needed for perplexity and prompted classification); encoders as
-    the bare encoder. Padding tokens are set for tokenizers that lack one.
+    the bare encoder. Padding tokens are set for tokenizers that lack one. ``device_map`` (an
+    accelerate strategy such as ``"auto"``, or module name -> device) spreads the model over
+    devices instead of moving it to ``device``; hooks work on it unchanged and inputs go to the
+    embedding's device. With ``progress``, stderr says it is loading (see :func:`working`).
     """
     if dtype not in DTYPES:
         raise RangelensError(f"unknown dtype {dtype!r}; valid: {choices(DTYPES)}")
@@ -148,12 +201,24 @@ def load_model(
         raise RangelensError(f"unknown device {device!r}; valid: 'cpu', 'cuda', 'cuda:N'") from err
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise RangelensError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    with working(f"loading model {name_or_path}", progress) as say:
+        return _load(name_or_path, torch_device, dtype, kind, device_map, say)
+
+
+def _load(
+    name_or_path: str,
+    torch_device: torch.device,
+    dtype: str,
+    kind: ModelKind | None,
+    device_map: str | dict[str, int | str] | None,
+    say: Callable[[str], None],
+) -> LoadedModel:
     gguf = None if name_or_path in BUILTIN_MODELS else gguf_file(Path(name_or_path))
     if name_or_path in BUILTIN_MODELS:
-        path: str | Path = builtin_model_dir(name_or_path)
+        path: str | Path = builtin_model_dir(name_or_path, say)
         kind = kind or BUILTIN_MODELS[name_or_path].kind
     elif gguf is not None:
-        path, kind = gguf_model_dir(gguf), kind or "decoder"
+        path, kind = gguf_model_dir(gguf, say), kind or "decoder"
     else:
         path = name_or_path
     try:
@@ -167,13 +232,16 @@ def load_model(
     loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
     hf_logging.disable_progress_bar()  # loading local safetensors takes well under a second
     try:
-        model = loader.from_pretrained(path, dtype=DTYPES[dtype])
-    except OSError as err:  # e.g. a directory with config.json but no weights
+        placement: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
+        model = loader.from_pretrained(path, dtype=DTYPES[dtype], **placement)
+    except (OSError, ValueError) as err:  # no weights; a device map that cannot hold the model
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RangelensError(f"model {name_or_path!r} cannot be loaded: {first}") from err
     finally:
         hf_logging.enable_progress_bar()
-    cast(Any, model).to(torch_device).eval()
+    if device_map is None:
+        cast(Any, model).to(torch_device)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

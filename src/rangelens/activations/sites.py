@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rangelens.activations.hooks import Trace, get_module, stop_forward
+from rangelens.activations.models import input_device
 from rangelens.errors import RangelensError, choices
 
 SITE_KINDS = ("resid", "mlp", "attn")
@@ -153,9 +154,8 @@ def probe_width(model: nn.Module, path: str, hook: HookKind) -> int:
     One-line errors when the path is empty/unknown, the module does not run, or the value is not a
     tensor; the forward stops as soon as the module has fired.
     """
-    param = next(model.parameters())
     vocab = int(getattr(_config(model), "vocab_size", 3) or 3)
-    ids = torch.tensor([[min(2, vocab - 1), min(3, vocab - 1)]], device=param.device)
+    ids = torch.tensor([[min(2, vocab - 1), min(3, vocab - 1)]], device=input_device(model))
     trace = Trace(model, path, input=hook == "input", stop=True)
     with torch.inference_mode(), trace, stop_forward():
         model(input_ids=ids, attention_mask=torch.ones_like(ids))

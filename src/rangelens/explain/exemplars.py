@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rangelens.activations.capture import capture
+from rangelens.activations.capture import Activations, capture
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import NeuronSite
 from rangelens.errors import RangelensError
@@ -189,15 +189,17 @@ def build_records(
     batch_size: int = 16,
     progress: bool = False,
     concepts: Sequence[str] | None = None,
+    activations: Activations | None = None,
 ) -> list[NeuronRecord]:
-    """Capture ``site`` once at every token and build one :class:`NeuronRecord` per neuron
-    (``concepts``: each text's class, see :func:`records_from_activations`)."""
+    """Capture ``site`` once at every token (unless ``activations`` holds that capture of
+    ``texts`` already) and build one :class:`NeuronRecord` per neuron (``concepts``: each text's
+    class, see :func:`records_from_activations`)."""
     bad = [n for n in neurons if not 0 <= n < site.width]
     if bad:
         raise RangelensError(
             f"neuron {bad[0]} out of range for site {site.name} (0..{site.width - 1})"
         )
-    acts = capture(
+    acts = activations or capture(
         lm,
         texts,
         [site],

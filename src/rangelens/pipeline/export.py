@@ -44,6 +44,7 @@ from rangelens.rundir import EXPORTED_RUN, STAGES, RunDir, run_root
 EXPORT_FORMAT = "rangelens.export/1"
 RUN_FILES = ("run.json",)
 FEATURES = "capture/features.safetensors"  # also holds labels and splits; "features" is optional
+TOKENS = "capture/tokens.safetensors"  # per-token activations: exported only with "features"
 
 
 def _frame_file(tmp: Path, name: str, frame: pd.DataFrame) -> str:
@@ -63,6 +64,8 @@ def _copy_run(run_dir: Path, dest: Path, features: bool) -> None:
         arrays = load_file(str(dest / FEATURES))
         arrays.pop("features", None)
         save_file(arrays, str(dest / FEATURES))
+    if not features:  # and per-token ones (explanations of the run then capture their own)
+        (dest / TOKENS).unlink(missing_ok=True)
 
 
 def _explanation_rows(found: Explained) -> pd.DataFrame:
@@ -237,8 +240,9 @@ def export_run(
 ) -> Path:
     """Write a shareable, self-describing folder of a run to ``out`` (layout in the module
     docstring) and return it. ``output_side``: top promoted / suppressed tokens per neuron and
-    the next-token shift of its range mask (``auto``: when the model is cheap to load); ``features``: include the pooled per-text
-    activations. An existing ``out`` is replaced only if it is an earlier export (or empty)::
+    the next-token shift of its range mask (``auto``: when the model is cheap to load);
+    ``features``: include the pooled per-text activations and the capture's per-token sample. An
+    existing ``out`` is replaced only if it is an earlier export (or empty)::
 
         export_run("runs/demo", "shared/demo")
         # huggingface_hub.upload_folder(folder_path="shared/demo", repo_id=..., repo_type="dataset")

@@ -36,7 +36,7 @@ from rangelens.pipeline.stages import (
     ranges_stage,
     splits_stage,
 )
-from rangelens.ranges.captured import CaptureResult, load_capture
+from rangelens.ranges.captured import CaptureResult, load_capture, load_tokens
 from rangelens.ranges.fit import FittedRanges, load_ranges
 from rangelens.ranges.maps import RangeMap
 from rangelens.report.atlas import atlas_is_current, build_atlas
@@ -125,7 +125,7 @@ def run(
             erasure = runner(erasure_stage(inputs, cap, fitted, progress=progress))
         explained = None
         if config.explain is not None:
-            runner(explanations_stage(inputs, fitted.range_map, config.explain))
+            runner(explanations_stage(inputs, fitted.range_map, config.explain, cap.tokens))
             explained = run_dir.explanations
         built = _atlas(run_dir, runner) if atlas and writer else None
     return RunResult(
@@ -181,7 +181,8 @@ def explain_run(
             runner.fingerprints[name] = fp
         inputs = Inputs(where, analysis, None, progress=progress)
         headline = RangeMap.load(where.ranges)  # only the map the neurons come from
-        return runner(explanations_stage(inputs, headline, config))
+        tokens = load_tokens(where.capture)
+        return runner(explanations_stage(inputs, headline, config, tokens))
 
 
 def explain_into(
@@ -194,8 +195,9 @@ def explain_into(
     progress: bool = False,
 ) -> Explained:
     """Explanations written to ``out`` (not a stage of a run): of any model and site given by
-    ``read``, or of a run's (``run_dir``: its recorded inputs, its salient neurons and ranges).
-    Finished neurons are kept in ``.OUT-partial`` beside it until ``out`` is written (resume)."""
+    ``read``, or of a run's (``run_dir``: its recorded inputs, its salient neurons and ranges;
+    ``progress``: bars and load lines). Finished neurons are kept in ``.OUT-partial`` beside it
+    until ``out`` is written (resume)."""
     where = RunDir(run_dir) if run_dir is not None else None
     if where is not None:
         where.require()
@@ -203,13 +205,20 @@ def explain_into(
     recorded = where.config() if where is not None else {}
     fields = {k: v for k, v in recorded.items() if k in ExplainInputs.model_fields and k != "seed"}
     inputs = ExplainInputs(**{**fields, **(read or {})})
-    lm = load_model(inputs.model, device=inputs.device, dtype=inputs.dtype)
+    lm = load_model(
+        inputs.model,
+        device=inputs.device,
+        dtype=inputs.dtype,
+        device_map=inputs.device_map,
+        progress=progress,
+    )
     headline = RangeMap.load(where.ranges) if where is not None else None
     out = Path(out)
+    tokens = load_tokens(where.capture) if where is not None else None
     partial = out.parent / f".{out.name}-partial"
     cache = out.parent / f".{out.name}-llm-cache"
     explained = explain_with(
-        lm, inputs, config, headline, cache, partial=partial, progress=progress
+        lm, inputs, config, headline, cache, tokens, partial=partial, progress=progress
     )
     save_results(
         out,

@@ -26,7 +26,14 @@ from rangelens.explain.api import explain_site
 from rangelens.explain.results import Explained, load_explained
 from rangelens.explain.schedule import PartialResults
 from rangelens.pipeline.runner import Stage
-from rangelens.ranges.captured import CaptureResult, load_capture, run_capture, save_capture
+from rangelens.ranges.captured import (
+    CaptureResult,
+    TokenSample,
+    load_capture,
+    run_capture,
+    sample_about,
+    save_capture,
+)
 from rangelens.ranges.fit import FeatureSource, FittedRanges, fit_rangeset, load_ranges
 from rangelens.ranges.maps import RangeMap
 from rangelens.ranges.splits import Splits, default_splits
@@ -58,7 +65,10 @@ class Inputs:
     @cached_property
     def lm(self) -> LoadedModel:
         a = self.analysis
-        return load_model(a.model, device=local_device(a.device), dtype=a.dtype)
+        device = local_device(a.device)
+        return load_model(
+            a.model, device=device, dtype=a.dtype, device_map=a.device_map, progress=self.progress
+        )
 
     @cached_property
     def protocol(self) -> ErasureProtocol:
@@ -69,7 +79,8 @@ class Inputs:
 
 
 def capture_stage(run: Inputs, *, progress: bool) -> Stage[CaptureResult]:
-    """One forward per text (stopped after the site): statistics and pooled features."""
+    """One forward per text (stopped after the site): statistics, pooled features and the
+    per-token activations of the texts explanations draw (read by the explanations stage)."""
 
     def check() -> None:  # bad data or sites fail before anything is announced or written
         assert run.data is not None
@@ -179,15 +190,20 @@ def explain_with(
     config: ExplainConfig,
     headline: RangeMap | None,
     cache_dir: Path,
+    tokens: TokenSample | None = None,
     *,
     partial: Path | None = None,
     progress: bool = False,
 ) -> Explained:
     """Explain ``config.neurons``, else a concept's ranges or the ``top_k`` most salient neurons of
-    ``headline`` (a run's map), at ``read``'s site on ``config.texts_per_class`` texts per class;
-    finished neurons are kept in ``partial`` until the caller saves the whole (resume)."""
+    ``headline`` (a run's map), at ``read``'s site on ``config.texts_per_class`` texts per class.
+    Their per-token activations come from ``tokens`` (a run's capture) when it holds these texts
+    at this site, model, max_length and dtype; otherwise from a capture pass of their own.
+    Finished neurons are kept in ``partial`` until the caller saves the whole (resume)."""
     site = resolve_site(lm.model, read.site, read.layer)
     data = read.load_data(max_per_class=config.texts_per_class, balance=False)
+    about = sample_about(input_digest(read.model), site.name, read.max_length, read.dtype)
+    stored = tokens.activations_for(data, about) if tokens is not None else None
     ranges = []
     if config.concept is not None and headline is not None:
         ranges = headline.ranges(config.concept)[: config.top_k]
@@ -210,12 +226,16 @@ def explain_with(
         concepts=[data.label_names[int(i)] for i in data.labels],
         partial=partial,
         progress=progress,
+        activations=stored,
     )
 
 
-def explanations_stage(run: Inputs, headline: RangeMap, config: ExplainConfig) -> Stage[Explained]:
+def explanations_stage(
+    run: Inputs, headline: RangeMap, config: ExplainConfig, tokens: TokenSample | None = None
+) -> Stage[Explained]:
     """The top salient neurons of the run's ``headline`` map (or ``config.neurons`` / a concept's
-    ranges) explained at the analysed site (see :func:`explain_with`)."""
+    ranges) explained at the analysed site (see :func:`explain_with`; ``tokens``: the capture's
+    sample, read instead of running the model again)."""
     a = run.analysis
     cache = run.run_dir.root / ".explanations-llm-cache"
     # finished neurons, kept until the stage is saved (torchrun workers other than rank 0 keep none)
@@ -223,7 +243,7 @@ def explanations_stage(run: Inputs, headline: RangeMap, config: ExplainConfig) -
 
     def compute() -> Explained:
         return explain_with(
-            run.lm, a, config, headline, cache, partial=partial, progress=run.progress
+            run.lm, a, config, headline, cache, tokens, partial=partial, progress=run.progress
         )
 
     def save(explained: Explained, directory: Path) -> None:

@@ -36,6 +36,7 @@ def run_steers(
             str(config["model"]),
             device=str(config.get("device", "cpu")),
             dtype=str(config.get("dtype", "float32")),
+            device_map=config.get("device_map"),
         )
     site = resolve_site(lm.model, str(config.get("site", "resid")), config.get("layer", -1))
     ranges = RangeMap.load(where.ranges)
