@@ -105,8 +105,22 @@ def test_truncated_gguf_is_a_one_line_error_naming_the_file(
     assert not out.exists()
 
 
-def test_loading_says_so_on_stderr_unless_quiet(tiny_model_dir: Path, capsys) -> None:
-    load_model(str(tiny_model_dir))
-    assert f"loading model {tiny_model_dir} ..." in capsys.readouterr().err
+def test_loading_says_so_on_stderr_unless_quiet(
+    tiny_model_dir: Path, capsys, monkeypatch
+) -> None:
+    import time
+
+    from rangelens.activations import models
+
+    monkeypatch.setattr(models, "LOG_AFTER", 0.05)
+    with models.working("loading model x") as say:  # slow: the log hears of it, and of updates
+        time.sleep(0.3)
+        say("dequantising x")
+    assert capsys.readouterr().err.splitlines() == ["loading model x ...", "dequantising x ..."]
+    monkeypatch.setattr(models, "LOG_AFTER", 60.0)
+    load_model(str(tiny_model_dir))  # fast: nothing before a result or a one-line error
+    assert "loading model" not in capsys.readouterr().err
+    monkeypatch.setattr(models, "LOG_AFTER", 0.0)
     load_model(str(tiny_model_dir), progress=False)
+    time.sleep(0.1)
     assert "loading model" not in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,10 +65,15 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
 
+LOG_AFTER = 2.0  # seconds a step runs before a log (not a terminal) is told about it
+
+
 @contextmanager
 def working(text: str, enabled: bool = True) -> Iterator[Callable[[str], None]]:
     """Say on stderr that a long step is running: a spinner with the elapsed time on a terminal,
-    else one line; yields a function that changes the text. Silent when not ``enabled``."""
+    else one line per step once it has run ``LOG_AFTER`` seconds (a fast step, or a bad input
+    that fails at once, leaves a log with nothing but its result or its one-line error); yields a
+    function that changes the text. Silent when not ``enabled``."""
     if not enabled:
         yield lambda _text: None
         return
@@ -75,13 +81,29 @@ def working(text: str, enabled: bool = True) -> Iterator[Callable[[str], None]]:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    if not console.is_terminal:  # a log: one unwrapped line per step
+    if not console.is_terminal:  # a log: one unwrapped line per step that takes a while
+        current = [text]
+        lock = threading.Lock()
+        shown = threading.Event()
+
+        def show() -> None:
+            with lock:
+                shown.set()
+                print(f"{current[0]} ...", file=sys.stderr, flush=True)
 
         def line(new: str) -> None:
-            print(f"{new} ...", file=sys.stderr, flush=True)
+            with lock:
+                current[0] = new
+                if shown.is_set():
+                    print(f"{new} ...", file=sys.stderr, flush=True)
 
-        line(text)
-        yield line
+        timer = threading.Timer(LOG_AFTER, show)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield line
+        finally:
+            timer.cancel()
         return
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
