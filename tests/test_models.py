@@ -105,9 +105,7 @@ def test_truncated_gguf_is_a_one_line_error_naming_the_file(
     assert not out.exists()
 
 
-def test_loading_says_so_on_stderr_unless_quiet(
-    tiny_model_dir: Path, capsys, monkeypatch
-) -> None:
+def test_loading_says_so_on_stderr_unless_quiet(tiny_model_dir: Path, capsys, monkeypatch) -> None:
     import time
 
     from rangelens.activations import models
