@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from functools import partial
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--stack-rows", type=int, default=None, help="new path (default: config)")
     args = parser.parse_args()
     clock = time.perf_counter()
+    load = os.getloadavg()[0]
     s = prepared(args.work)
     setup = time.perf_counter() - clock
     lm, a, e, task = s["lm"], s["analysis"], s["erasure"], s["task"]
@@ -185,7 +187,8 @@ def main() -> None:
             diffs.append(float(np.max(np.abs(o - n) / np.maximum(np.abs(o), 1e-12))))
         agree[name] = {"max_rel_diff": max(diffs), "same": same_pred, "masks": len(diffs)}
 
-    report(args, s, setup, new_rows, evaluations, forwards, seconds, agree, overhead)
+    loads = (load, os.getloadavg()[0])
+    report(args, s, setup, new_rows, evaluations, forwards, seconds, agree, overhead, loads)
 
 
 def report(
@@ -198,6 +201,7 @@ def report(
     seconds: dict[str, dict[str, list[float]]],
     agree: dict[str, dict[str, Any]],
     overhead: float,
+    loads: tuple[float, float],
 ) -> None:
     a = s["analysis"]
     k = masks_per_forward(new_rows, a.batch_size)
@@ -258,15 +262,28 @@ def report(
         f"(not run): OLD ≈ {full['old'] / 60:.0f} min, NEW ≈ {full['new'] / 60:.0f} min "
         f"(plus probes, LEACE fits and bootstrap, the same in both).",
         "",
-        f"The floor: a suffix forward of a one-text batch (\"Hi there\"; its fixed cost: hooks, "
-        f"Python, the stock forward's mask and rotary set-up) takes {overhead * 1000:.0f} ms; the "
-        f"rest of a forward is compute that grows with its rows, so a forward of {k} masks × "
-        f"{a.batch_size} texts costs about {k}× one of {a.batch_size}. Stacking saves only the "
-        f"fixed cost of the forwards it removes: ({total_old} − {total_new}) × "
-        f"{overhead * 1000:.0f} ms ≈ {(total_old - total_new) * overhead:.0f} s of the whole "
-        f"stage's ≈ {full['old'] / 60:.0f} min, a bound of "
-        f"{full['old'] / max(full['old'] - (total_old - total_new) * overhead, 1e-9):.3f}× on "
-        f"this CPU, whatever the stacking.",
+        "Floor arithmetic (forwards needed × seconds per forward, medians of the subset; the "
+        "subset's one prefix run is charged to its forwards, which flatters OLD slightly):",
+    ]
+    for name in ("classify", "perplexity"):
+        per_old = statistics.median(seconds[name]["old"]) / args.masks
+        per_new = statistics.median(seconds[name]["new"]) / -(-args.masks // k)
+        lines.append(
+            f"- {name}: OLD {forwards['old'][name]} × {per_old:.2f} s ≈ "
+            f"{forwards['old'][name] * per_old / 60:.0f} min; NEW {forwards['new'][name]} × "
+            f"{per_new:.2f} s ≈ {forwards['new'][name] * per_new / 60:.0f} min. A forward of {k} "
+            f"masks × {a.batch_size} texts cost {per_new / per_old:.2f}× one of {a.batch_size} "
+            f"texts (it holds {k}× the rows)."
+        )
+    need = total_old / (3 * total_new)
+    lines += [
+        "",
+        f"Stacking cuts the forwards {total_old / total_new:.2f}×, so 3× needs a stacked forward to "
+        f"cost at most {need:.2f}× an unstacked one. The compute grows with the rows; what stacking "
+        f"removes is the fixed cost per forward and per operation (a suffix forward of one short "
+        f'text, "Hi there", took {overhead * 1000:.0f} ms here), which a CPU shared by other '
+        f"jobs inflates (load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end, on "
+        f"{os.cpu_count()} cores). On an idle machine or a GPU the ratio differs: re-measure there.",
     ]
     print("\n".join(lines))
     path = args.work / "midlayer_benchmark.json"
@@ -282,6 +299,7 @@ def report(
                 "subset_masks": args.masks,
                 "setup_seconds": setup,
                 "overhead_seconds_per_forward": overhead,
+                "load_average": loads,
             },
             indent=1,
         )
