@@ -159,7 +159,9 @@ def main() -> None:
         n: {"old": [], "new": []} for n in ("classify", "perplexity")
     }
     outputs: dict[str, dict[str, Any]] = {n: {} for n in seconds}
+    rep_loads = []
     for _ in range(args.reps):
+        rep_loads.append(os.getloadavg()[0])
         for path, rows in (("old", 1), ("new", new_rows)):
             for name, (texts, group, forward, start, tok) in subsets.items():
                 t, out = timed(lm, texts, group, forward, start, rows, **tok)
@@ -187,7 +189,7 @@ def main() -> None:
             diffs.append(float(np.max(np.abs(o - n) / np.maximum(np.abs(o), 1e-12))))
         agree[name] = {"max_rel_diff": max(diffs), "same": same_pred, "masks": len(diffs)}
 
-    loads = (load, os.getloadavg()[0])
+    loads = (load, *rep_loads, os.getloadavg()[0])
     report(args, s, setup, new_rows, evaluations, forwards, seconds, agree, overhead, loads)
 
 
@@ -201,7 +203,7 @@ def report(
     seconds: dict[str, dict[str, list[float]]],
     agree: dict[str, dict[str, Any]],
     overhead: float,
-    loads: tuple[float, float],
+    loads: tuple[float, ...],
 ) -> None:
     a = s["analysis"]
     k = masks_per_forward(new_rows, a.batch_size)
@@ -257,7 +259,9 @@ def report(
         "",
         f"Subset, both parts: OLD {', '.join(f'{x:.1f}' for x in old_all)} s, NEW "
         f"{', '.join(f'{x:.1f}' for x in new_all)} s; ratio OLD / NEW per repetition "
-        f"{', '.join(f'{r:.2f}' for r in ratios)} (range {min(ratios):.2f}–{max(ratios):.2f}).",
+        f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}, range "
+        f"{min(ratios):.2f}–{max(ratios):.2f}); 1-minute load average at each repetition's start "
+        f"{', '.join(f'{x:.1f}' for x in loads[1:-1])} ({os.cpu_count()} cores).",
         f"Whole stage's forwards, EXTRAPOLATED from the subset's median seconds per mask×batch "
         f"(not run): OLD ≈ {full['old'] / 60:.0f} min, NEW ≈ {full['new'] / 60:.0f} min "
         f"(plus probes, LEACE fits and bootstrap, the same in both).",
@@ -282,7 +286,7 @@ def report(
         f"cost at most {need:.2f}× an unstacked one. The compute grows with the rows; what stacking "
         f"removes is the fixed cost per forward and per operation (a suffix forward of one short "
         f'text, "Hi there", took {overhead * 1000:.0f} ms here), which a CPU shared by other '
-        f"jobs inflates (load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end, on "
+        f"jobs inflates (load average {loads[0]:.1f} at the start, {loads[-1]:.1f} at the end, on "
         f"{os.cpu_count()} cores). On an idle machine or a GPU the ratio differs: re-measure there.",
     ]
     print("\n".join(lines))
