@@ -159,6 +159,9 @@ def main() -> None:
         n: {"old": [], "new": []} for n in ("classify", "perplexity")
     }
     outputs: dict[str, dict[str, Any]] = {n: {} for n in seconds}
+    for rows in (1, new_rows):  # warm-up, untimed: first calls allocate
+        for texts, group, forward, start, tok in subsets.values():
+            timed(lm, texts, group, forward, start, rows, **tok)
     rep_loads = []
     for _ in range(args.reps):
         rep_loads.append(os.getloadavg()[0])
@@ -219,7 +222,8 @@ def report(
         f"{n_masks['classify']}; for perplexity: {n_masks['perplexity'][0]}. OLD: one forward "
         f"per mask (`stack_rows 1`); NEW: `stack_rows {new_rows}` = {k} masks × "
         f"{a.batch_size} texts per forward. Setup (capture, ranges, head features, LEACE fits; "
-        f"untimed): {setup:.0f} s. {args.reps} interleaved repetitions (old, new, old, new, …) "
+        f"untimed): {setup:.0f} s. One untimed warm-up of each path, then {args.reps} interleaved "
+        f"repetitions (old, new, old, new, …) "
         f"on a 2-core CPU shared with other jobs.\n",
         "| part | mask×batch evaluations (whole stage) | suffix forwards OLD | suffix forwards NEW |",
         "|:---|---:|---:|---:|",
