@@ -258,7 +258,7 @@ def run_erasure(
     concepts = protocol.concepts
     sites = _sites(lm, analysis, ranges)
     seconds: dict[str, float] = {}
-    bar = tqdm(total=0, desc="erasure", unit="forward", disable=not progress, leave=False)
+    bar = tqdm(total=0, desc="erasure", unit="mask×batch", disable=not progress, leave=False)
     with torch.inference_mode(), bar:
         clock = time.perf_counter()
         task = protocol.task(cap)
