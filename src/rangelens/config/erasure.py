@@ -78,6 +78,12 @@ class ErasureConfig(Options):
         "MLP; [] skips",
     )
     suffix: bool = Field(True, description="re-run only the blocks after the mask site")
+    stack_rows: int = Field(
+        64,
+        ge=1,
+        description="most rows (texts x masks) in one masked forward: masks on the same texts are "
+        "stacked into one batched forward up to this (at most batch_size: one forward per mask)",
+    )
 
     def __init__(self, **data: Any) -> None:
         try:

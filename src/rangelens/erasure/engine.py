@@ -3,9 +3,11 @@
 A mask at block L cannot change anything before L, so each batch runs the network prefix once and
 caches the hidden state entering the first block that must run; every condition then re-runs the
 stock forward with the prefix blocks swapped for pass-through modules returning that cache
-(:func:`skip_blocks`). Model code is never forked; the stock forward still builds its masks and
-rotary tables. Hooks go through the one primitive, :class:`rangelens.activations.hooks.Trace` (here, in
-:meth:`rangelens.intervene.RangeMask.attach` and in capture).
+(:func:`skip_blocks`). Several masks share one suffix forward: the batch (and the cache) is stacked
+K times and mask k edits only the k-th copy (:func:`rangelens.intervene.attach_stacked`); the
+outputs are split back per mask. Model code is never forked; the stock forward still builds its
+masks and rotary tables. Hooks go through the one primitive,
+:class:`rangelens.activations.hooks.Trace` (here, in the masks' ``attach`` and in capture).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import FAMILIES, NeuronSite, blocks
 from rangelens.erasure.metrics import Key
 from rangelens.errors import RangelensError
-from rangelens.intervene import Edit
+from rangelens.intervene import Edit, attach_stacked
 
 T = TypeVar("T")
 
@@ -96,6 +98,38 @@ def _prefix(model: nn.Module, inputs: dict[str, torch.Tensor], n: int) -> tuple[
     return trace.value, isinstance(trace.output, tuple | list)
 
 
+def stacked(inputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Forward kwargs for ``k`` copies of the batch, one after the other along the batch axis."""
+    if k == 1:
+        return inputs
+    rows = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)}
+    if len(rows) > 1:
+        raise RangelensError(
+            f"forward arguments have different batch sizes {sorted(rows)}; stacking masks needs "
+            f"one row per text in every tensor argument (use stack_rows = batch_size)"
+        )
+    return {
+        name: v.repeat(k, *(1,) * (v.ndim - 1)) if isinstance(v, torch.Tensor) else v
+        for name, v in inputs.items()
+    }
+
+
+def split_rows(out: Any, k: int) -> list[Any]:
+    """A stacked forward's output as ``k`` outputs, one per row slice: tensors and arrays split
+    along their first axis, tuples and lists element by element."""
+    if isinstance(out, torch.Tensor | np.ndarray) and out.ndim > 0 and out.shape[0] % k == 0:
+        n = out.shape[0] // k
+        return [out[i * n : (i + 1) * n] for i in range(k)]
+    if isinstance(out, tuple | list):
+        parts = [split_rows(x, k) for x in out]
+        return [type(out)(p[i] for p in parts) for i in range(k)]
+    raise RangelensError(
+        f"cannot split a forward output of type {type(out).__name__} (shape "
+        f"{getattr(out, 'shape', None)}) into {k} masks' rows; return tensors or arrays with "
+        f"one row per text, or tuples of them"
+    )
+
+
 def run_conditions(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -103,23 +137,37 @@ def run_conditions(
     forward: Callable[[dict[str, torch.Tensor]], T],
     *,
     start: int = 0,
+    stack: int = 1,
 ) -> list[T]:
-    """``forward(inputs)`` once per mask (None: no mask), in order.
+    """``forward(inputs)`` under each mask (None: no mask), in order.
 
     With ``start > 0`` (see :func:`suffix_start`) blocks ``0..start-1`` run once for all masks and
     only the suffix runs per mask; ``start = 0`` runs full forwards. Masks are attached inside the
-    swap, so a mask on a skipped block's output edits the cached value.
+    swap, so a mask on a skipped block's output edits the cached value. ``stack`` masks share one
+    forward of ``stack`` copies of the batch, mask k on copy k, and ``forward``'s output (tensors
+    or arrays with one row per text, or tuples of them) is split back per mask; ``stack = 1``
+    runs one forward per mask.
     """
+    if stack < 1:
+        raise RangelensError(f"stack must be >= 1 masks per forward, not {stack}")
     cached = _prefix(model, inputs, start) if start > 0 else None
-    results = []
-    for mask in masks:
-        with ExitStack() as stack:
+    results: list[T] = []
+    for first in range(0, len(masks), stack):
+        chunk = masks[first : first + stack]
+        k = len(chunk)
+        with ExitStack() as context:
             if cached is not None:
-                stack.enter_context(skip_blocks(model, start, cached[0], as_tuple=cached[1]))
-            if mask is not None:
-                stack.enter_context(mask.attach(model))
-            results.append(forward(inputs))
+                hidden = cached[0] if k == 1 else cached[0].repeat(k, *(1,) * (cached[0].ndim - 1))
+                context.enter_context(skip_blocks(model, start, hidden, as_tuple=cached[1]))
+            context.enter_context(attach_stacked(model, chunk))
+            out = forward(stacked(inputs, k))
+        results.extend([out] if k == 1 else split_rows(out, k))
     return results
+
+
+def masks_per_forward(stack_rows: int, batch_size: int) -> int:
+    """How many masks one stacked forward holds: as many batches as fit in ``stack_rows`` rows."""
+    return max(1, stack_rows // batch_size)
 
 
 @dataclass
@@ -141,8 +189,10 @@ def run_groups(
     max_length: int,
     padding_side: str | None,
     bar: Any,
+    stack_rows: int = 1,
 ) -> dict[Key, list[tuple[np.ndarray, T]]]:
-    """Every mask of ``groups`` on every batch of ``texts`` (group g skips ``starts[g]`` blocks):
+    """Every mask of ``groups`` on every batch of ``texts`` (group g skips ``starts[g]`` blocks),
+    masks stacked into forwards of at most ``stack_rows`` rows (see :func:`masks_per_forward`):
     per condition the ``(text index, output)`` of each batch."""
     results: dict[Key, list[tuple[np.ndarray, T]]] = {k: [] for g in groups for k in g.masks}
     if not groups or not texts:
@@ -157,7 +207,12 @@ def run_groups(
         for group, start in zip(groups, starts, strict=True):
             keys = list(group.masks)
             outputs = run_conditions(
-                lm.model, kwargs, [group.masks[k] for k in keys], forward, start=start
+                lm.model,
+                kwargs,
+                [group.masks[k] for k in keys],
+                forward,
+                start=start,
+                stack=masks_per_forward(stack_rows, len(batch.index)),
             )
             for key, out in zip(keys, outputs, strict=True):
                 results[key].append((batch.index, out))
@@ -190,11 +245,15 @@ def forecast(
     batch_size: int,
     max_length: int,
     padding_side: str | None,
+    stack_rows: int = 1,
 ) -> tuple[int, float]:
-    """How many suffix forwards (one batch each) the masks of ``groups`` need over ``n_texts``
-    texts, and about how many seconds, from one timed full forward of a batch of ``texts``."""
+    """How many suffix forwards (each of up to :func:`masks_per_forward` masks on one batch) the
+    masks of ``groups`` need over ``n_texts`` texts, and about how many seconds, from one timed
+    full forward of a batch of ``texts`` (a stacked forward costing as many unstacked ones as it
+    holds masks: the compute is the same)."""
     n_batches = -(-n_texts // batch_size)
-    n_forwards = sum(len(g.masks) for g in groups) * n_batches
+    k = masks_per_forward(stack_rows, batch_size)
+    n_forwards = sum(-(-len(g.masks) // k) for g in groups) * n_batches
     if not texts or not groups:
         return n_forwards, 0.0
     batch = tokenize(

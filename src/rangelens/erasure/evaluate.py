@@ -14,7 +14,14 @@ from rangelens.activations.models import LoadedModel
 from rangelens.config.analysis import AnalysisConfig
 from rangelens.config.erasure import ErasureConfig
 from rangelens.data import general_text
-from rangelens.erasure.engine import Group, forecast, run_groups, skipping, starts_for
+from rangelens.erasure.engine import (
+    Group,
+    forecast,
+    masks_per_forward,
+    run_groups,
+    skipping,
+    starts_for,
+)
 from rangelens.erasure.metrics import Key, Perplexities
 from rangelens.erasure.tasks import ClassificationTask, Classifier, has_lm_head, token_nll
 from rangelens.errors import choices
@@ -53,12 +60,15 @@ def classify(
             batch_size=batch_size,
             max_length=task.max_length,
             padding_side=task.padding_side,
+            stack_rows=config.stack_rows,
         )
         reads = task.info.get("site", "the task's readout")
+        k = masks_per_forward(config.stack_rows, batch_size)
         notices.append(
             f"masks at {choices([g.site.name for g in run])} are not at the site the head reads "
             f"({reads}): every masked condition re-runs the model from block "
-            f"{min(starts)} on, about {n} suffix forwards of {batch_size} texts, ~"
+            f"{min(starts)} on, about {n} suffix forwards of {batch_size} texts × up to {k} "
+            f"masks, ~"
             f"{seconds / 60:.1f} min here (estimated from one timed forward). That answers the "
             f"behavioural question (the final representation's head); to ask about the masked "
             f"site itself, set erasure.head_site / head_layer to it (no forward then)"
@@ -74,6 +84,7 @@ def classify(
         max_length=task.max_length,
         padding_side=task.padding_side,
         bar=bar,
+        stack_rows=config.stack_rows,
     )
     for key, pairs in outputs.items():
         logps[key] = np.zeros((len(rows), pairs[0][1].shape[1]))
@@ -109,6 +120,7 @@ def perplexity(
         max_length=config.ppl_max_length,
         padding_side=None,
         bar=bar,
+        stack_rows=config.stack_rows,
     )
     nll: dict[Key, np.ndarray] = {}
     tokens = np.zeros(len(general))

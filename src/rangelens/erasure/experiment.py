@@ -73,14 +73,16 @@ def _groups(
     split: str,
     concepts: list[int],
     config: ErasureConfig,
-    seed: int,
+    analysis: AnalysisConfig,
     points: list[tuple[float, float]] | None = None,
     features: dict[str, np.ndarray] | None = None,
     labels: np.ndarray | None = None,
 ) -> list[Group]:
     """Every condition's mask at every site, (tau, p) (default: every saved point) and concept,
     built from the split's maps; fitted edits (LEACE) from the split's training rows of
-    ``features`` (per site, pooled features of every data row) and ``labels``."""
+    ``features`` (per site, pooled features of every data row) and ``labels``. Per-ratio masks
+    (density bands) only where a figure reads them: the headline ratio everywhere, the other
+    ratios (the ratio sweep) at the headline site and p."""
     index = list(ranges.splits).index(split)
     train = ranges.splits[split].train
     groups = []
@@ -101,16 +103,17 @@ def _groups(
                     config.positions,
                     config.mode,
                     config.scale,
-                    (seed, index, s, c, round(p * 1e6)),
+                    (analysis.seed, index, s, c, round(p * 1e6)),
                     features=fit_x,
                     labels=fit_y,
                 )
                 for name in config.conditions:
                     condition = CONDITIONS[name]
                     if condition.per_ratio:  # one mask per saved likelihood ratio
+                        swept = s == 0 and p == analysis.p
                         for ratio in _ratios(ranges, name):
                             at: Key = (name, c, site.name, ratio, p)
-                            if at not in masks:
+                            if at not in masks and (swept or ratio == analysis.density_ratio):
                                 bands = ranges.band_map(site.name, split, ratio, p)
                                 masks[at] = condition.build(replace(spec, bands=bands))
                         continue
@@ -163,7 +166,7 @@ def _classify_folds(
             split.name,
             protocol.concepts,
             config,
-            a.seed,
+            a,
             None,
             features,
             data.labels,
@@ -255,7 +258,7 @@ def run_erasure(
     concepts = protocol.concepts
     sites = _sites(lm, analysis, ranges)
     seconds: dict[str, float] = {}
-    bar = tqdm(total=0, desc="erasure", unit="forward", disable=not progress, leave=False)
+    bar = tqdm(total=0, desc="erasure", unit="mask×batch", disable=not progress, leave=False)
     with torch.inference_mode(), bar:
         clock = time.perf_counter()
         task = protocol.task(cap)
@@ -269,9 +272,7 @@ def run_erasure(
         seconds["classify"] = time.perf_counter() - clock
         clock = time.perf_counter()
         at = None if config.ppl_sweep else [(float(analysis.tau), float(analysis.p))]
-        full = _groups(
-            ranges, sites, FULL, concepts, config, analysis.seed, at, features, data.labels
-        )
+        full = _groups(ranges, sites, FULL, concepts, config, analysis, at, features, data.labels)
         ppl, ppl_how = perplexity(lm, full, config, analysis, bar)
         seconds["perplexity"] = time.perf_counter() - clock
     estimator = EffectEstimator(outcomes, ppl, config.bootstrap, analysis.seed)

@@ -13,13 +13,16 @@ over several concepts::
     with mask.attach(lm.model):
         logits = lm.model(**model_inputs(lm.model, batch)).logits
 
-:func:`apply_ranges` is the pure tensor function the hooks run, for use on cached activations.
+:func:`apply_ranges` is the pure tensor function the hooks run, for use on cached activations;
+:func:`attach_stacked` runs several edits in one forward, each on its own row slice of a batch that
+stacks copies of the same texts.
 """
 
 from rangelens.intervene.apply import apply_ranges
 from rangelens.intervene.leace import LeaceEdit
 from rangelens.intervene.masks import NeuronMask, RangeMask
+from rangelens.intervene.stack import attach_stacked
 
 Edit = RangeMask | LeaceEdit  # an edit of a forward at one site (erasure conditions build these)
 
-__all__ = ["Edit", "LeaceEdit", "NeuronMask", "RangeMask", "apply_ranges"]
+__all__ = ["Edit", "LeaceEdit", "NeuronMask", "RangeMask", "apply_ranges", "attach_stacked"]

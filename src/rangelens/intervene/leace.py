@@ -23,6 +23,7 @@ from rangelens.activations.hooks import ForwardContext, Trace
 from rangelens.activations.sites import NeuronSite
 from rangelens.errors import RangelensError, choices
 from rangelens.intervene.apply import MASK_POSITIONS, at_last
+from rangelens.intervene.stack import check_width, forward_mask, site_module
 
 if TYPE_CHECKING:
     from concept_erasure import LeaceEraser
@@ -98,21 +99,22 @@ class LeaceEdit:
     def __repr__(self) -> str:
         return f"LeaceEdit(site={self.site.name!r}, rank={self.rank}, positions={self.positions!r})"
 
+    def edit_batch(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the hook does to the site's value ``x`` in a forward (``attention_mask``: the
+        forward's, read for ``positions="last"``; None means no padding)."""
+        check_width(self.site, x)
+        return self.apply(x) if self.positions == "all" else at_last(x, attention_mask, self.apply)
+
     @contextmanager
     def attach(self, model: nn.Module) -> Iterator[LeaceEdit]:
         """Hook the edit into ``model`` for a ``with`` block (always removed)."""
+        site_module(model, self.site)
         last = self.positions == "last"
 
         def edit(x: torch.Tensor, forward: ForwardContext | None = None) -> torch.Tensor:
-            if x.shape[-1] != self.site.width:
-                raise RangelensError(
-                    f"site {self.site.name} has width {x.shape[-1]} in this forward, not the "
-                    f"resolved {self.site.width}; resolve the site on this model"
-                )
-            if not last:
-                return self.apply(x)
-            mask = forward.tensor("attention_mask") if forward is not None else None
-            return at_last(x, mask, self.apply)
+            return self.edit_batch(x, forward_mask(forward))
 
         path, is_input = self.site.module_path, self.site.hook == "input"
         with Trace(model, path, input=is_input, edit=edit, retain=False, context=last):

@@ -13,7 +13,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from rangelens.activations.hooks import ForwardContext, Trace, get_module
+from rangelens.activations.hooks import ForwardContext, Trace
 from rangelens.activations.sites import NeuronSite
 from rangelens.errors import RangelensError, choices
 from rangelens.intervene.apply import (
@@ -25,6 +25,7 @@ from rangelens.intervene.apply import (
     _Ranges,
     _replacement_values,
 )
+from rangelens.intervene.stack import check_width, forward_mask, site_module
 from rangelens.ranges.maps import RangeMap
 from rangelens.ranges.stats import ConceptStats
 
@@ -150,35 +151,27 @@ class RangeMask:
             scale=scale,
         )
 
+    def edit_batch(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the hook does to the site's value ``x`` in a forward (``attention_mask``: the
+        forward's, read for ``positions="last"``; None means no padding)."""
+        check_width(self.site, x)
+        return self._ranges.apply(x, self.mode, self.scale, self.positions, attention_mask)
+
     @contextmanager
     def attach(self: _M, model: nn.Module) -> Iterator[_M]:
         """Hook the mask into ``model`` for the duration of a ``with`` block (always removed).
 
         ``hook="input"`` sites (MLP neurons) edit the module's input through a forward pre-hook;
-        ``hook="output"`` sites edit its output (element 0 of a tuple output).
+        ``hook="output"`` sites edit its output (element 0 of a tuple output). Several masks on
+        row slices of one stacked batch: :func:`~rangelens.intervene.stack.attach_stacked`.
         """
-        try:
-            get_module(model, self.site.module_path)
-        except RangelensError as err:
-            raise RangelensError(
-                f"site {self.site.name} ({self.site.module_path!r}) is not in this model; "
-                f"resolve the site on the model you attach to"
-            ) from err
+        site_module(model, self.site)
         last = self.positions == "last"  # needs the forward's attention mask: its context
 
         def edit(x: torch.Tensor, forward: ForwardContext | None = None) -> torch.Tensor:
-            if x.shape[-1] != self.site.width:
-                raise RangelensError(
-                    f"site {self.site.name} has width {x.shape[-1]} in this forward, not the "
-                    f"resolved {self.site.width}; resolve the site on this model"
-                )
-            if forward is not None and not forward.active:
-                raise RangelensError(
-                    "positions 'last' reads attention_mask from the forward of the model the "
-                    "mask is attached to; call that model, not one of its submodules"
-                )
-            mask = forward.tensor("attention_mask") if forward is not None else None
-            return self._ranges.apply(x, self.mode, self.scale, self.positions, mask)
+            return self.edit_batch(x, forward_mask(forward))
 
         path, is_input = self.site.module_path, self.site.hook == "input"
         with Trace(model, path, input=is_input, edit=edit, retain=False, context=last):

@@ -178,7 +178,8 @@ def erasure_stage(
     def save(result: ErasureResult, directory: Path) -> None:
         write_erasure(directory, result, e)
 
-    inputs = [e.model_dump(), {"padding_side": run.analysis.padding_side}]
+    # stack_rows changes how many forwards run, not what they compute: a finished stage is reused
+    inputs = [e.model_dump(exclude={"stack_rows"}), {"padding_side": run.analysis.padding_side}]
     return Stage(
         "erasure", inputs, compute, save, load_erasure, upstream=("capture", "splits", "ranges")
     )
