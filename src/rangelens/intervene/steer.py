@@ -24,33 +24,16 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from rangelens.activations.hooks import Trace, get_module
+from rangelens.activations.hooks import Trace
 from rangelens.activations.models import LoadedModel
 from rangelens.activations.sites import NeuronSite
 from rangelens.errors import RangelensError, choices
 from rangelens.intervene.apply import Values, _floats, _numpy
+from rangelens.intervene.stack import check_width, site_module
 from rangelens.ranges.maps import RangeMap
 from rangelens.ranges.stats import ConceptStats
 
 STEER_VALUES = ("mean", "quantile")
-
-
-def _check_site(model: nn.Module, site: NeuronSite) -> None:
-    try:
-        get_module(model, site.module_path)
-    except RangelensError as err:
-        raise RangelensError(
-            f"site {site.name} ({site.module_path!r}) is not in this model; resolve the site on "
-            f"the model you attach to"
-        ) from err
-
-
-def _check_width(site: NeuronSite, x: torch.Tensor) -> None:
-    if x.shape[-1] != site.width:
-        raise RangelensError(
-            f"site {site.name} has width {x.shape[-1]} in this forward, not the resolved "
-            f"{site.width}; resolve the site on this model"
-        )
 
 
 class RangeSteer:
@@ -120,7 +103,7 @@ class RangeSteer:
 
     def edit(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the steered neurons set (the pure function the hook runs)."""
-        _check_width(self.site, x)
+        check_width(self.site, x)
         out = x.clone()
         index = torch.as_tensor(self.neurons, device=x.device)
         out[..., index] = torch.as_tensor(self.values, dtype=x.dtype, device=x.device)
@@ -129,7 +112,7 @@ class RangeSteer:
     @contextmanager
     def attach(self, model: nn.Module) -> Iterator[RangeSteer]:
         """Hook the steer into ``model`` for a ``with`` block (always removed)."""
-        _check_site(model, self.site)
+        site_module(model, self.site)
         path, is_input = self.site.module_path, self.site.hook == "input"
         with Trace(model, path, input=is_input, edit=self.edit, retain=False):
             yield self
@@ -164,12 +147,12 @@ class DirectionSteer:
         return cls(site, np.asarray(stats.mean)[c] - np.asarray(rest), alpha)
 
     def edit(self, x: torch.Tensor) -> torch.Tensor:
-        _check_width(self.site, x)
+        check_width(self.site, x)
         return x + self.alpha * torch.as_tensor(self.vector, dtype=x.dtype, device=x.device)
 
     @contextmanager
     def attach(self, model: nn.Module) -> Iterator[DirectionSteer]:
-        _check_site(model, self.site)
+        site_module(model, self.site)
         path, is_input = self.site.module_path, self.site.hook == "input"
         with Trace(model, path, input=is_input, edit=self.edit, retain=False):
             yield self
