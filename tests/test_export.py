@@ -26,22 +26,27 @@ TOPICS = {
 }
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: LoadedModel) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    model_dir = root / "tiny-llama"
-    tiny_llama.model.save_pretrained(model_dir)
-    tiny_llama.tokenizer.save_pretrained(model_dir)
+def topics_csv(directory: Path) -> str:
+    """``directory/topics.csv``: each TOPICS text ten times (numbered), labelled by its topic."""
     rows = [
         {"text": f"{t} ({i})", "topic": label}
         for label, texts in TOPICS.items()
         for i in range(10)
         for t in texts
     ]
-    pd.DataFrame(rows).to_csv(root / "topics.csv", index=False)
+    pd.DataFrame(rows).to_csv(directory / "topics.csv", index=False)
+    return str(directory / "topics.csv")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: LoadedModel) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    model_dir = root / "tiny-llama"
+    tiny_llama.model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
     config = AnalysisConfig(
         model=str(model_dir),
-        dataset=str(root / "topics.csv"),
+        dataset=topics_csv(root),
         label_column="topic",
         p=0.2,
         max_length=32,
@@ -112,16 +117,9 @@ def test_encoder_atlas_says_it_has_no_next_token_distribution(
     model_dir = tmp_path / "tiny-bert"
     tiny_model("bert", len(encoder_tokenizer)).save_pretrained(model_dir)
     encoder_tokenizer.save_pretrained(model_dir)
-    rows = [
-        {"text": f"{t} ({i})", "topic": c}
-        for c, ts in TOPICS.items()
-        for i in range(10)
-        for t in ts
-    ]
-    pd.DataFrame(rows).to_csv(tmp_path / "topics.csv", index=False)
     config = AnalysisConfig(
         model=str(model_dir),
-        dataset=str(tmp_path / "topics.csv"),
+        dataset=topics_csv(tmp_path),
         label_column="topic",
         p=0.2,
         max_length=16,

@@ -116,37 +116,25 @@ def fold_information(
     """Refit every probe on each edit's training rows; predict its test rows (see module doc)."""
     out = FoldInformation()
     with threadpool_limits(1):  # small fits: BLAS threads only contend (20x slower on 2 cores)
-        _fill(out, features, labels, train, test, masks, probes, n_classes, C, seed)
+        for key, mask in masks.items():
+            train_x = edited(features[train], mask).numpy()
+            test_raw = features[test]
+            test_x = edited(test_raw, mask).numpy()
+            out.norm[key] = np.linalg.norm(test_x.astype(np.float64) - test_raw, axis=1)
+            out.dims[key] = 0 if mask is None else mask.dimensions
+            for kind in probes:
+                for probe, at in _probes(kind, key, n_classes):
+                    out.pred[(kind, at)] = probe_predict(
+                        probe, train_x, labels[train], test_x, n_classes, C=C, seed=seed
+                    )
     return out
 
 
-def _fill(
-    out: FoldInformation,
-    features: np.ndarray,
-    labels: np.ndarray,
-    train: np.ndarray,
-    test: np.ndarray,
-    masks: dict[Key, Edit | None],
-    probes: list[str],
-    n_classes: int,
-    C: float,
-    seed: int,
-) -> None:
-    for key, mask in masks.items():
-        train_x = edited(features[train], mask).numpy()
-        test_raw = features[test]
-        test_x = edited(test_raw, mask).numpy()
-        out.norm[key] = np.linalg.norm(test_x.astype(np.float64) - test_raw, axis=1)
-        out.dims[key] = 0 if mask is None else mask.dimensions
-        for kind in probes:
-            if kind == "binary":  # one probe per concept: the key's, or every concept at base
-                concepts = range(n_classes) if key[1] is None else [int(key[1])]
-                for c in concepts:
-                    at = key if key[1] is not None else base_key(c)
-                    out.pred[(kind, at)] = probe_predict(
-                        f"binary:{c}", train_x, labels[train], test_x, n_classes, C=C
-                    )
-                continue
-            out.pred[(kind, key)] = probe_predict(
-                kind, train_x, labels[train], test_x, n_classes, C=C, seed=seed
-            )
+def _probes(kind: str, key: Key, n_classes: int) -> list[tuple[str, Key]]:
+    """The probes ``kind`` fits for ``key`` and the key each one's predictions are kept under:
+    ``binary`` is one concept-vs-rest probe per concept (the key's, or every concept at base)."""
+    if kind != "binary":
+        return [(kind, key)]
+    if key[1] is not None:
+        return [(f"binary:{int(key[1])}", key)]
+    return [(f"binary:{c}", base_key(c)) for c in range(n_classes)]
